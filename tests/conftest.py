@@ -1,0 +1,66 @@
+"""Shared fixtures: a small real FL lineage on digits, built once per session and copied per test."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from umig.demo import build_fl_digits
+from umig.store import Store
+from umig.train import Recipe
+
+REPO = Path(__file__).resolve().parents[1]
+FAST_RECIPE = Recipe(optimizer="adam", lr=0.01, epochs=3, batch_size=64, seed=0)
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def fl_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3-client x 2-round FedAvg lineage on sklearn digits (9 nodes), built once."""
+    root = tmp_path_factory.mktemp("template") / "store"
+    store = Store.init(root)
+    build_fl_digits(store, clients=3, rounds=2, recipe=FAST_RECIPE)
+    store.close()
+    return root
+
+
+@pytest.fixture
+def fl_store(fl_template: Path, tmp_path: Path) -> Store:
+    """A private copy of the FL lineage store (tests may change it freely)."""
+    root = tmp_path / "store"
+    shutil.copytree(fl_template, root)
+    store = Store.open(root)
+    yield store
+    store.close()
+
+
+def umig_cli(*args: str, store: Path | None = None, check: bool = False, timeout: float = 300,
+             env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the real `umig` command line in a subprocess."""
+    cmd = [sys.executable, "-m", "cli.main", *args]
+    if store is not None:
+        cmd += ["--store", str(store)]
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200", **(env or {})}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"umig {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def store_state(root: Path) -> dict:
+    """A comparable snapshot of a store: every DB row and every blob file name."""
+    import sqlite3
+
+    db = sqlite3.connect(root / "umig.db")
+    tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table' ORDER BY name")]
+    rows = {t: sorted(map(tuple, db.execute(f"SELECT * FROM {t}").fetchall()), key=repr) for t in tables}
+    db.close()
+    blobs = sorted(p.name for p in (root / "blobs").glob("??/*.safetensors"))
+    return {"rows": rows, "blobs": blobs}

@@ -1,0 +1,513 @@
+"""Diagonal Fisher information of a classifier's last layer (FIUn Eqs. 3-5), storage-agnostic.
+
+For a linear head ``z = W h + b`` with softmax ``p`` the per-sample gradient of the
+cross-entropy is ``(p - e) h^T`` (``e`` the one-hot target), so the diagonal Fisher has a
+closed form that needs only the head's input and output, taken from ONE forward pass:
+
+* empirical: ``F_W = ((e - p)^2).T @ h^2 / N``, ``F_b = mean((e - p)^2)``
+* true:      replace ``(e - p)^2`` by ``p (1 - p)`` (the expectation over ``y ~ p``)
+
+Rows are tied to label ids through ``classes`` (row r <-> label ``classes[r]``), and every
+merge aligns rows by label id, never by row index, because heads in incremental and
+transfer lineages differ in size and order.
+
+``autograd_fisher`` is the slow reference the closed form is validated against.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from umig.errors import ArchError, UmigError
+
+__all__ = [
+    "FIM",
+    "FisherError",
+    "FisherShapeError",
+    "FisherDataError",
+    "head_fisher",
+    "weighted_mean",
+    "merge_max",
+    "autograd_fisher",
+    "resolve_head",
+    "label_rows",
+    "eval_mode",
+    "input_dtype",
+    "move_input",
+]
+
+KINDS = ("empirical", "true")
+
+
+class FisherError(UmigError):
+    """FIMs that cannot be combined (different kind or temperature), or malformed FIM tensors."""
+
+
+class FisherShapeError(FisherError):
+    """FIMs whose feature widths (or bias presence) differ, so no merged FIM can be formed."""
+
+
+class FisherDataError(UmigError, ValueError):
+    """Data that cannot give a FIM: no samples, or a label the head has no row for."""
+
+
+# --------------------------------------------------------------------------- FIM
+
+
+@dataclass(frozen=True, eq=False)
+class FIM:
+    """Diagonal last-layer Fisher information; row r belongs to label id ``classes[r]``.
+
+    Tensors are float32 on the CPU. ``samples`` is the number of samples behind it,
+    ``kind`` is ``"empirical"`` or ``"true"``, ``temperature`` the softmax temperature used.
+    """
+
+    weight: Tensor
+    bias: Tensor | None
+    classes: tuple[int, ...]
+    samples: int
+    kind: str = "empirical"
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        classes = tuple(int(c) for c in self.classes)
+        _check_unique(classes, "FIM classes")
+        weight = self.weight.detach().to(torch.float32)
+        if weight.dim() != 2 or weight.shape[0] != len(classes):
+            raise FisherShapeError(
+                f"FIM weight has shape {tuple(weight.shape)}; expected ({len(classes)}, d) for {len(classes)} classes"
+            )
+        bias = self.bias
+        if bias is not None:
+            bias = bias.detach().to(torch.float32)
+            if tuple(bias.shape) != (len(classes),):
+                raise FisherShapeError(f"FIM bias has shape {tuple(bias.shape)}; expected ({len(classes)},)")
+        if self.kind not in KINDS:
+            raise FisherError(f"FIM kind must be one of {KINDS}, got {self.kind!r}")
+        if not self.temperature > 0:
+            raise FisherError(f"FIM temperature must be > 0, got {self.temperature}")
+        if int(self.samples) < 0:
+            raise FisherError(f"FIM samples must be >= 0, got {self.samples}")
+        # Frozen dataclass: normalise in place once, so every consumer sees the same types.
+        object.__setattr__(self, "classes", classes)
+        object.__setattr__(self, "weight", weight)
+        object.__setattr__(self, "bias", bias)
+        object.__setattr__(self, "samples", int(self.samples))
+        object.__setattr__(self, "temperature", float(self.temperature))
+
+    @property
+    def feature_dim(self) -> int:
+        """Width d of the head's input features."""
+        return int(self.weight.shape[1])
+
+    def to_tensors(self) -> dict[str, Tensor]:
+        """Contiguous CPU tensors ready for ``safetensors.torch.save_file``."""
+        out = {
+            "weight": self.weight.detach().cpu().contiguous(),
+            "classes": torch.tensor(self.classes, dtype=torch.int64),
+        }
+        if self.bias is not None:
+            out["bias"] = self.bias.detach().cpu().contiguous()
+        return out
+
+    def metadata(self) -> dict[str, str]:
+        """String metadata (safetensors only stores str -> str)."""
+        return {"samples": str(self.samples), "kind": self.kind, "temperature": repr(self.temperature)}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> FIM:
+        """Inverse of ``to_tensors`` / ``metadata``; missing metadata means 0 samples, empirical, T=1."""
+        if "weight" not in tensors or "classes" not in tensors:
+            raise FisherError(f"FIM tensors need 'weight' and 'classes', got {sorted(tensors)}")
+        meta = metadata or {}
+        try:
+            samples = int(meta.get("samples", "0"))
+            temperature = float(meta.get("temperature", "1.0"))
+        except ValueError as exc:
+            raise FisherError(f"FIM metadata is malformed: {meta}") from exc
+        return cls(
+            weight=tensors["weight"],
+            bias=tensors.get("bias"),
+            classes=tuple(int(c) for c in tensors["classes"].reshape(-1).tolist()),
+            samples=samples,
+            kind=meta.get("kind", "empirical"),
+            temperature=temperature,
+        )
+
+    def aligned(self, classes: Sequence[int]) -> FIM:
+        """This FIM with rows re-ordered to ``classes``; labels it has no row for get zero rows.
+
+        Zero is the right fill: a head without a row for a label puts no probability
+        on it, so that row carries no information.
+        """
+        classes = tuple(int(c) for c in classes)
+        _check_unique(classes, "target classes")
+        if classes == self.classes:
+            return self
+        src = label_rows(torch.tensor(classes, dtype=torch.int64), self.classes, strict=False)
+        have = src >= 0
+        weight = self.weight.new_zeros((len(classes), self.feature_dim))
+        weight[have] = self.weight[src[have]]
+        bias = None
+        if self.bias is not None:
+            bias = self.bias.new_zeros(len(classes))
+            bias[have] = self.bias[src[have]]
+        return FIM(weight, bias, classes, self.samples, self.kind, self.temperature)
+
+    def __repr__(self) -> str:
+        return (
+            f"FIM(classes={len(self.classes)}, feature_dim={self.feature_dim}, bias={self.bias is not None}, "
+            f"samples={self.samples}, kind={self.kind!r}, temperature={self.temperature})"
+        )
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _check_unique(classes: tuple[int, ...], what: str) -> None:
+    if len(set(classes)) != len(classes):
+        dup = sorted({c for c in classes if classes.count(c) > 1})
+        raise FisherDataError(f"{what} list label ids more than once: {dup}")
+
+
+def label_rows(labels: Tensor, classes: Sequence[int], *, strict: bool = True) -> Tensor:
+    """Map label ids to head rows (``classes[row] == label``), vectorised, on ``labels``' device.
+
+    With ``strict`` a label absent from ``classes`` raises ``FisherDataError`` naming it;
+    otherwise its row is -1.
+    """
+    labels = labels.reshape(-1).to(torch.int64)
+    if len(classes) == 0:
+        rows = torch.full_like(labels, -1)
+    else:
+        table = torch.as_tensor(list(classes), dtype=torch.int64, device=labels.device)
+        sorted_cls, order = torch.sort(table)
+        pos = torch.searchsorted(sorted_cls, labels).clamp_(max=len(classes) - 1)
+        found = sorted_cls[pos] == labels
+        rows = torch.where(found, order[pos], torch.full_like(pos, -1))
+    if strict and labels.numel() and bool((rows < 0).any()):
+        missing = int(labels[rows < 0][0])
+        shown = list(classes) if len(classes) <= 20 else f"{len(classes)} labels"
+        raise FisherDataError(f"label {missing} is not among the head's classes ({shown})")
+    return rows
+
+
+def resolve_head(model: nn.Module, head: nn.Module | str) -> nn.Linear:
+    """The head module: ``head`` itself, or the submodule of ``model`` with that dotted name."""
+    if isinstance(head, str):
+        try:
+            head = model.get_submodule(head)
+        except AttributeError as exc:
+            raise ArchError(f"model has no module named {head!r}") from exc
+    if not isinstance(head, nn.Linear):
+        raise ArchError(f"head must be an nn.Linear, got {type(head).__name__}")
+    return head
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def input_dtype(model: nn.Module) -> torch.dtype | None:
+    """The model's floating dtype (float inputs are cast to it), or None if it has no float parameters."""
+    for t in model.parameters():
+        if t.is_floating_point():
+            return t.dtype
+    return None
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module, device: torch.device | str | None = None) -> Iterator[torch.device]:
+    """Put ``model`` in eval mode (on ``device`` if given) and restore both afterwards.
+
+    Training flags are restored per module, since callers may hold some submodules
+    (e.g. frozen BatchNorm) in eval while the model trains. Yields the device used.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    original = _model_device(model)
+    target = original if device is None else torch.device(device)
+    if target.type == original.type and target.index is None:
+        target = original  # "cuda" means the model's current CUDA device, not a move to cuda:0
+    moved = target != original
+    if moved:
+        model.to(target)
+    model.eval()
+    try:
+        yield target
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        if moved:
+            model.to(original)
+
+
+def move_input(x: Tensor, device: torch.device, dtype: torch.dtype | None) -> Tensor:
+    """``x`` on ``device``; floating inputs cast to ``dtype`` when given."""
+    # Data arrives as float32; a half-precision model needs its own dtype.
+    if dtype is not None and x.is_floating_point():
+        return x.to(device=device, dtype=dtype, non_blocking=True)
+    return x.to(device=device, non_blocking=True)
+
+
+def _check_kind(kind: str, temperature: float) -> None:
+    if kind not in KINDS:
+        raise FisherError(f"Fisher kind must be one of {KINDS}, got {kind!r}")
+    if not temperature > 0:
+        raise FisherError(f"softmax temperature must be > 0, got {temperature}")
+
+
+def _check_width(head: nn.Linear, classes: Sequence[int]) -> None:
+    if head.out_features != len(classes):
+        raise ArchError(f"head has {head.out_features} outputs but classes lists {len(classes)} labels")
+
+
+# --------------------------------------------------------------------------- closed form
+
+
+def head_fisher(
+    model: nn.Module,
+    head: nn.Module | str,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    classes: Sequence[int],
+    *,
+    kind: str = "empirical",
+    temperature: float = 1.0,
+    device: torch.device | str | None = None,
+) -> FIM:
+    """Closed-form diagonal Fisher of the head's weight and bias: one forward pass per batch.
+
+    ``y`` holds label ids, mapped to rows through ``classes``. ``temperature`` softens
+    ``p = softmax(z / T)``; the constant ``1/T^2`` of the tempered loss's gradient is left
+    out (it cancels in FIUn's ratios and keeps values comparable across temperatures).
+    Accumulates in float32 (float64 for a float64 model); returns CPU tensors.
+    """
+    _check_kind(kind, temperature)
+    classes = tuple(int(c) for c in classes)
+    _check_unique(classes, "classes")
+    lin = resolve_head(model, head)
+    _check_width(lin, classes)
+    x_dtype = input_dtype(model)
+    acc = torch.float64 if x_dtype == torch.float64 else torch.float32
+
+    captured: list[tuple[Tensor, Tensor]] = []
+
+    def hook(_mod: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        captured.append((inputs[0], output))
+
+    handle = lin.register_forward_hook(hook)
+    try:
+        with eval_mode(model, device) as dev, torch.no_grad():
+            f_w = torch.zeros(len(classes), lin.in_features, dtype=acc, device=dev)
+            f_b = torch.zeros(len(classes), dtype=acc, device=dev)
+            n = 0
+            for x, y in batches:
+                captured.clear()
+                model(move_input(x, dev, x_dtype))
+                if not captured:
+                    raise ArchError("the head was not called during the forward pass")
+                h = torch.cat([c[0].reshape(-1, lin.in_features) for c in captured]).to(acc)
+                z = torch.cat([c[1].reshape(-1, lin.out_features) for c in captured]).to(acc)
+                captured.clear()
+                y = y.to(dev).reshape(-1)
+                if y.numel() != z.shape[0]:
+                    raise FisherDataError(
+                        f"batch has {y.numel()} labels but the head produced {z.shape[0]} rows of logits"
+                    )
+                if y.numel() == 0:
+                    continue
+                rows = label_rows(y, classes)
+                p = torch.softmax(z / temperature, dim=1)
+                if kind == "empirical":
+                    # (e - p)^2 without materialising e: p^2 everywhere, (1 - p)^2 at the target.
+                    g = p.square()
+                    idx = torch.arange(p.shape[0], device=dev)
+                    g[idx, rows] = (1.0 - p[idx, rows]).square()
+                else:
+                    g = p * (1.0 - p)
+                f_w.addmm_(g.T, h.square())
+                f_b += g.sum(0)
+                n += int(y.numel())
+    finally:
+        handle.remove()
+    if n == 0:
+        raise FisherDataError("no samples to compute a Fisher information on")
+    return FIM(
+        weight=(f_w / n).to(torch.float32).cpu(),
+        bias=(f_b / n).to(torch.float32).cpu() if lin.bias is not None else None,
+        classes=classes,
+        samples=n,
+        kind=kind,
+        temperature=temperature,
+    )
+
+
+# --------------------------------------------------------------------------- merges
+
+
+def _check_compatible(fims: Sequence[FIM], op: str) -> None:
+    if not fims:
+        raise FisherError(f"{op} needs at least one FIM")
+    widths = sorted({f.feature_dim for f in fims})
+    if len(widths) > 1:
+        raise FisherShapeError(
+            f"{op}: FIMs have different feature widths {widths}; heads of different width cannot be merged"
+        )
+    if len({f.bias is None for f in fims}) > 1:
+        raise FisherShapeError(f"{op}: some FIMs have a bias term and some do not")
+    kinds = sorted({f.kind for f in fims})
+    if len(kinds) > 1:
+        raise FisherError(f"{op}: FIMs of different kinds {kinds} cannot be combined")
+    temps = sorted({f.temperature for f in fims})
+    if len(temps) > 1:
+        raise FisherError(f"{op}: FIMs computed at different temperatures {temps} cannot be combined")
+
+
+def weighted_mean(fims: Sequence[FIM], weights: Sequence[float], classes: Sequence[int] | None = None) -> FIM:
+    """Data-size-weighted mean of FIMs, aligned by label id onto ``classes``.
+
+    ``classes`` defaults to the sorted union of the inputs' classes. A FIM without a row
+    for some label contributes zero to it (its head puts no probability there).
+    Used for data-less nodes such as FL aggregates.
+    """
+    fims = list(fims)
+    _check_compatible(fims, "weighted_mean")
+    w = [float(v) for v in weights]
+    if len(w) != len(fims):
+        raise FisherError(f"weighted_mean: {len(fims)} FIMs but {len(w)} weights")
+    if any(v < 0 for v in w) or sum(w) <= 0:
+        raise FisherError(f"weighted_mean: weights must be >= 0 with a positive sum, got {w}")
+    if classes is None:
+        classes = sorted(set().union(*(f.classes for f in fims)))
+    classes = tuple(int(c) for c in classes)
+    total = sum(w)
+    aligned = [f.aligned(classes) for f in fims]
+    weight = sum(a.weight * (v / total) for a, v in zip(aligned, w))
+    bias = None
+    if aligned[0].bias is not None:
+        bias = sum(a.bias * (v / total) for a, v in zip(aligned, w))
+    return FIM(weight, bias, classes, sum(f.samples for f in fims), fims[0].kind, fims[0].temperature)
+
+
+def merge_max(fims: Sequence[FIM], classes: Sequence[int]) -> FIM:
+    """FIUn Eq. 5: element-wise max over unlearning FIMs, aligned by label id onto ``classes``.
+
+    Rows for labels a FIM does not have count as 0. ``samples`` is the total behind the inputs.
+    """
+    fims = list(fims)
+    _check_compatible(fims, "merge_max")
+    classes = tuple(int(c) for c in classes)
+    aligned = [f.aligned(classes) for f in fims]
+    weight = torch.stack([a.weight for a in aligned]).amax(0)
+    bias = None
+    if aligned[0].bias is not None:
+        bias = torch.stack([a.bias for a in aligned]).amax(0)
+    return FIM(weight, bias, classes, sum(f.samples for f in fims), fims[0].kind, fims[0].temperature)
+
+
+# --------------------------------------------------------------------------- reference
+
+
+@contextlib.contextmanager
+def _head_requires_grad(lin: nn.Linear) -> Iterator[list[Tensor]]:
+    params = [p for p in (lin.weight, lin.bias) if p is not None]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        yield params
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+
+
+def autograd_fisher(
+    model: nn.Module,
+    head: nn.Module | str,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    classes: Sequence[int],
+    *,
+    kind: str = "empirical",
+    temperature: float = 1.0,
+    per_batch: bool = False,
+    device: torch.device | str | None = None,
+) -> FIM:
+    """Reference Fisher by autograd (slow; for tests and the benchmark only).
+
+    Default: per sample (one forward per sample), the squared gradient of the CE loss
+    w.r.t. the head's weight and bias, averaged over samples. ``kind="true"`` takes the
+    expectation over ``y ~ p`` by differentiating the loss for every class. With a
+    temperature the loss is ``T * CE(z / T, y)`` so its gradient matches the closed form.
+
+    ``per_batch=True`` is what the FIUn authors' code does: the squared gradient of the
+    batch-mean loss, averaged over batches, with backward through ALL parameters
+    (so its cost is theirs). It is not equal to the per-sample Fisher.
+    """
+    _check_kind(kind, temperature)
+    if per_batch and kind != "empirical":
+        raise FisherError("per_batch autograd Fisher is only defined for kind='empirical'")
+    classes = tuple(int(c) for c in classes)
+    _check_unique(classes, "classes")
+    lin = resolve_head(model, head)
+    _check_width(lin, classes)
+    x_dtype = input_dtype(model)
+    k = len(classes)
+
+    def loss_of(z: Tensor, rows: Tensor) -> Tensor:
+        return temperature * nn.functional.cross_entropy(z.float() / temperature, rows, reduction="sum")
+
+    with eval_mode(model, device) as dev, _head_requires_grad(lin) as head_params, torch.enable_grad():
+        f_w = torch.zeros(k, lin.in_features, dtype=torch.float64, device=dev)
+        f_b = torch.zeros(k, dtype=torch.float64, device=dev)
+        n = 0
+        batches_seen = 0
+        for x, y in batches:
+            x = move_input(x, dev, x_dtype)
+            y = y.to(dev)
+            if per_batch:
+                z = model(x).reshape(-1, k)
+                rows = label_rows(y, classes)
+                if rows.numel() == 0:
+                    continue
+                others = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in head_params)]
+                grads = torch.autograd.grad(loss_of(z, rows) / rows.numel(), head_params + others)
+                f_w += grads[0].double().square()
+                if lin.bias is not None:
+                    f_b += grads[1].double().square()
+                n += rows.numel()
+                batches_seen += 1
+                continue
+            for i in range(x.shape[0]):
+                z = model(x[i : i + 1]).reshape(-1, k)
+                rows_i = label_rows(y[i : i + 1], classes)
+                for r in range(z.shape[0]):
+                    if kind == "empirical":
+                        targets = [(rows_i[r : r + 1], 1.0)]
+                    else:
+                        p = torch.softmax(z[r].detach().double() / temperature, dim=0)
+                        targets = [(torch.tensor([c], device=dev), float(p[c])) for c in range(k)]
+                    for target, prob in targets:
+                        grads = torch.autograd.grad(loss_of(z[r : r + 1], target), head_params, retain_graph=True)
+                        f_w += prob * grads[0].double().square()
+                        if lin.bias is not None:
+                            f_b += prob * grads[1].double().square()
+                    n += 1
+    if n == 0:
+        raise FisherDataError("no samples to compute a Fisher information on")
+    denom = batches_seen if per_batch else n
+    return FIM(
+        weight=(f_w / denom).float().cpu(),
+        bias=(f_b / denom).float().cpu() if lin.bias is not None else None,
+        classes=classes,
+        samples=n,
+        kind=kind,
+        temperature=temperature,
+    )

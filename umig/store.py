@@ -1,0 +1,937 @@
+"""The lineage store: SQLite metadata + content-addressed safetensors blobs.
+
+Layout of a store directory::
+
+    umig.db        SQLite: nodes, edges, versions, operations (schema-versioned)
+    blobs/         content-addressed safetensors files (sha256)
+    lock           advisory write lock shared by every umig process
+
+A node version is a row pointing at blobs: ``body`` (every tensor but the head),
+``head`` (the classifier's weight and bias), an optional sparse ``delta`` (what
+an adapter or channel fine-tuning changed) and the model ``fim``. Versions share
+every blob they do not change, so an FIUn update stores only a new head.
+
+Write discipline: blobs are written (temp + fsync + rename) first, metadata is
+committed after, in one transaction under the store lock. A failure anywhere
+rolls the transaction back and removes the blobs it created.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+import torch
+from torch import nn
+
+from umig import graph as G
+from umig.blobs import BlobStore
+from umig.errors import GraphError, LockTimeout, NotFoundError, UmigError
+
+DB_NAME = "umig.db"
+DEFAULT_STORE = ".umig"
+FRAMEWORKS = ("fl", "ddp", "il", "tl", "other")
+RELATIONS = ("aggregate", "sync", "finetune", "increment", "transfer", "copy")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:@/+-]{0,199}$")
+
+# Ordered migrations: index i brings the schema from version i to i + 1.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE nodes(
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        arch TEXT NOT NULL,
+        head TEXT NOT NULL,
+        classes TEXT NOT NULL,
+        input_shape TEXT,
+        data_ref TEXT,
+        data_fingerprint TEXT,
+        data_size INTEGER NOT NULL DEFAULT 0,
+        label_counts TEXT NOT NULL DEFAULT '{}',
+        framework TEXT NOT NULL,
+        meta TEXT NOT NULL DEFAULT '{}',
+        recipe TEXT,
+        created REAL NOT NULL,
+        version INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE edges(
+        parent INTEGER NOT NULL REFERENCES nodes(id) ON DELETE CASCADE,
+        child INTEGER NOT NULL REFERENCES nodes(id) ON DELETE CASCADE,
+        relation TEXT NOT NULL,
+        weight REAL,
+        PRIMARY KEY(parent, child)
+    );
+    CREATE INDEX edges_child ON edges(child);
+    CREATE TABLE versions(
+        node INTEGER NOT NULL REFERENCES nodes(id) ON DELETE CASCADE,
+        version INTEGER NOT NULL,
+        body TEXT NOT NULL,
+        head TEXT NOT NULL,
+        delta TEXT,
+        fim TEXT,
+        operation TEXT,
+        purged INTEGER NOT NULL DEFAULT 0,
+        created REAL NOT NULL,
+        PRIMARY KEY(node, version)
+    );
+    CREATE INDEX versions_operation ON versions(operation);
+    CREATE TABLE operations(
+        id TEXT PRIMARY KEY,
+        created REAL NOT NULL,
+        labels TEXT NOT NULL,
+        method TEXT NOT NULL,
+        params TEXT NOT NULL,
+        plan TEXT NOT NULL,
+        result TEXT NOT NULL,
+        wall_s REAL NOT NULL,
+        state TEXT NOT NULL,
+        reverted REAL,
+        purged REAL
+    );
+    CREATE TABLE operation_nodes(
+        operation TEXT NOT NULL REFERENCES operations(id),
+        node INTEGER NOT NULL REFERENCES nodes(id) ON DELETE CASCADE,
+        role TEXT NOT NULL,
+        version_before INTEGER NOT NULL,
+        version_after INTEGER NOT NULL,
+        metrics TEXT NOT NULL DEFAULT '{}',
+        PRIMARY KEY(operation, node)
+    );
+    CREATE INDEX operation_nodes_node ON operation_nodes(node);
+    CREATE TABLE operation_blobs(
+        operation TEXT NOT NULL REFERENCES operations(id),
+        digest TEXT NOT NULL,
+        kind TEXT NOT NULL
+    );
+    CREATE INDEX operation_blobs_op ON operation_blobs(operation);
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+@dataclass(frozen=True)
+class Version:
+    node: str
+    version: int
+    body: str
+    head: str
+    delta: str | None
+    fim: str | None
+    operation: str | None
+    purged: bool
+    created: float
+
+    def blobs(self) -> list[str]:
+        return [d for d in (self.body, self.head, self.delta, self.fim) if d]
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """Everything the store knows about one node (its current version unless asked)."""
+
+    name: str
+    arch: dict
+    head: str
+    classes: tuple[int, ...]
+    input_shape: tuple[int, ...] | None
+    data_ref: dict | None
+    data_fingerprint: str | None
+    data_size: int
+    label_counts: dict[int, int]
+    framework: str
+    meta: dict
+    recipe: dict | None
+    created: float
+    version: int
+    parents: tuple[tuple[str, str, float | None], ...] = ()
+    children: tuple[str, ...] = ()
+
+    @property
+    def labels(self) -> frozenset[int]:
+        return frozenset(self.label_counts)
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "arch": self.arch,
+            "head": self.head,
+            "classes": list(self.classes),
+            "input_shape": list(self.input_shape) if self.input_shape else None,
+            "data": self.data_ref,
+            "data_fingerprint": self.data_fingerprint,
+            "data_size": self.data_size,
+            "label_counts": {str(k): v for k, v in sorted(self.label_counts.items())},
+            "framework": self.framework,
+            "meta": self.meta,
+            "recipe": self.recipe,
+            "created": self.created,
+            "version": self.version,
+            "parents": [{"name": p, "relation": r, "weight": w} for p, r, w in self.parents],
+            "children": list(self.children),
+        }
+
+
+@dataclass
+class _Txn:
+    depth: int = 0
+    created_blobs: list[str] = field(default_factory=list)
+
+
+class Store:
+    """A lineage store on disk. Open with :meth:`init` or :meth:`open`."""
+
+    def __init__(self, root: Path, db: sqlite3.Connection) -> None:
+        self.root = root
+        self.db = db
+        self.blobs = BlobStore(root / "blobs")
+        self._txn = _Txn()
+        self._lock_fh: Any = None
+        self.lock_timeout = float(os.environ.get("UMIG_LOCK_TIMEOUT", "60"))
+
+    # ------------------------------------------------------------------ opening
+    @staticmethod
+    def default_path() -> Path:
+        return Path(os.environ.get("UMIG_STORE", DEFAULT_STORE))
+
+    @classmethod
+    def init(cls, path: str | Path | None = None, *, exist_ok: bool = False) -> "Store":
+        """Create a store directory (or open it when ``exist_ok`` and it already is one)."""
+        root = Path(path) if path is not None else cls.default_path()
+        if (root / DB_NAME).exists():
+            if exist_ok:
+                return cls.open(root)
+            raise UmigError(f"a umig store already exists at {root}")
+        root.mkdir(parents=True, exist_ok=True)
+        BlobStore(root / "blobs").ensure()
+        (root / "lock").touch()
+        return cls._connect(root)
+
+    @classmethod
+    def open(cls, path: str | Path | None = None) -> "Store":
+        """Open an existing store; migrates its schema when it is older than this umig."""
+        root = Path(path) if path is not None else cls.default_path()
+        if not (root / DB_NAME).exists():
+            raise NotFoundError(f"no umig store at {root} (run 'umig init' or pass --store)")
+        return cls._connect(root)
+
+    @classmethod
+    def _connect(cls, root: Path) -> "Store":
+        db = sqlite3.connect(root / DB_NAME, isolation_level=None, timeout=60, check_same_thread=False)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA foreign_keys=ON")
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        store = cls(root, db)
+        store._migrate()
+        return store
+
+    def _schema_version(self) -> int:
+        row = self.db.execute(
+            "SELECT name FROM sqlite_master WHERE type='table' AND name='meta'"
+        ).fetchone()
+        if row is None:
+            return 0
+        v = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        return int(v[0]) if v else 0
+
+    def _migrate(self) -> None:
+        current = self._schema_version()
+        if current > SCHEMA_VERSION:
+            raise UmigError(
+                f"store schema version {current} is newer than this umig understands ({SCHEMA_VERSION}); upgrade umig"
+            )
+        if current == SCHEMA_VERSION:
+            return
+        with self.transaction():
+            current = self._schema_version()  # another process may have migrated meanwhile
+            for i in range(current, SCHEMA_VERSION):
+                for stmt in _split_sql(MIGRATIONS[i]):
+                    self.db.execute(stmt)
+                self.db.execute(
+                    "INSERT OR REPLACE INTO meta(key, value) VALUES('schema_version', ?)", (str(i + 1),)
+                )
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---------------------------------------------------------- lock and txn
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """The store's write lock (advisory, across processes), waited for up to ``lock_timeout`` s."""
+        if self._lock_fh is not None:
+            yield
+            return
+        fh = open(self.root / "lock", "a+")
+        deadline = time.monotonic() + self.lock_timeout
+        while True:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    fh.close()
+                    raise LockTimeout(
+                        f"store {self.root} is locked by another umig process; gave up after "
+                        f"{self.lock_timeout:g} s (set UMIG_LOCK_TIMEOUT to wait longer)"
+                    ) from None
+                time.sleep(0.05)
+        self._lock_fh = fh
+        try:
+            yield
+        finally:
+            self._lock_fh = None
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+            fh.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One atomic change: lock, BEGIN IMMEDIATE, commit; on error roll back and drop new blobs.
+
+        Re-entrant: nested calls join the outer transaction (``store.batch()``).
+        """
+        if self._txn.depth:
+            self._txn.depth += 1
+            try:
+                yield
+            finally:
+                self._txn.depth -= 1
+            return
+        with self.lock():
+            self._txn = _Txn(depth=1)
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                self._discard_unreferenced(self._txn.created_blobs)
+                raise
+            else:
+                self.db.execute("COMMIT")
+            finally:
+                self._txn = _Txn()
+
+    batch = transaction  # user-facing name: record many nodes in one transaction
+
+    def put_tensors(self, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+        """Write a blob as part of the current transaction (removed again if it rolls back)."""
+        digest, created = self.blobs.put_tensors(dict(tensors), metadata)
+        self.adopt_blobs([digest] if created else [])
+        return digest
+
+    def adopt_blobs(self, digests: Iterable[str]) -> None:
+        """Blobs written by workers for the current transaction: removed if it rolls back."""
+        if self._txn.depth:
+            self._txn.created_blobs.extend(digests)
+
+    def _referenced(self) -> set[str]:
+        refs: set[str] = set()
+        for row in self.db.execute("SELECT body, head, delta, fim FROM versions WHERE purged=0"):
+            refs.update(d for d in row if d)
+        refs.update(r[0] for r in self.db.execute("SELECT digest FROM operation_blobs"))
+        return refs
+
+    def _discard_unreferenced(self, digests: Iterable[str]) -> None:
+        digests = set(digests)
+        if digests:
+            self.blobs.delete(digests - self._referenced())
+
+    # ------------------------------------------------------------------ nodes
+    def _node_id(self, name: str) -> int:
+        row = self.db.execute("SELECT id FROM nodes WHERE name=?", (name,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"unknown node '{name}'")
+        return int(row[0])
+
+    def has_node(self, name: str) -> bool:
+        return self.db.execute("SELECT 1 FROM nodes WHERE name=?", (name,)).fetchone() is not None
+
+    def node(self, name: str) -> NodeInfo:
+        """Metadata of one node, with its parents and children."""
+        row = self.db.execute("SELECT * FROM nodes WHERE name=?", (name,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"unknown node '{name}'")
+        parents = tuple(
+            (r["name"], r["relation"], r["weight"])
+            for r in self.db.execute(
+                "SELECT n.name, e.relation, e.weight FROM edges e JOIN nodes n ON n.id=e.parent "
+                "WHERE e.child=? ORDER BY n.name",
+                (row["id"],),
+            )
+        )
+        children = tuple(
+            r[0]
+            for r in self.db.execute(
+                "SELECT n.name FROM edges e JOIN nodes n ON n.id=e.child WHERE e.parent=? ORDER BY n.name",
+                (row["id"],),
+            )
+        )
+        return _node_from_row(row, parents, children)
+
+    def nodes(self) -> list[NodeInfo]:
+        """Every node (without parent/child lists; use :meth:`graph` for structure)."""
+        return [_node_from_row(r) for r in self.db.execute("SELECT * FROM nodes ORDER BY id")]
+
+    def __len__(self) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM nodes").fetchone()[0])
+
+    def graph(self) -> nx.DiGraph:
+        """The UMIG as a ``networkx.DiGraph`` (a fresh copy; attributes per node and edge)."""
+        g = nx.DiGraph()
+        names: dict[int, str] = {}
+        for r in self.db.execute(
+            "SELECT id, name, classes, label_counts, framework, data_size, version, head FROM nodes ORDER BY id"
+        ):
+            names[r["id"]] = r["name"]
+            counts = json.loads(r["label_counts"])
+            g.add_node(
+                r["name"],
+                classes=tuple(json.loads(r["classes"])),
+                labels=frozenset(int(k) for k in counts),
+                framework=r["framework"],
+                data_size=r["data_size"],
+                version=r["version"],
+                head=r["head"],
+            )
+        for r in self.db.execute("SELECT parent, child, relation, weight FROM edges"):
+            g.add_edge(names[r["parent"]], names[r["child"]], relation=r["relation"], weight=r["weight"])
+        return g
+
+    # --------------------------------------------------------------- versions
+    def version(self, name: str, version: int | None = None) -> Version:
+        nid = self._node_id(name)
+        if version is None:
+            version = int(self.db.execute("SELECT version FROM nodes WHERE id=?", (nid,)).fetchone()[0])
+        row = self.db.execute("SELECT * FROM versions WHERE node=? AND version=?", (nid, version)).fetchone()
+        if row is None:
+            raise NotFoundError(f"node '{name}' has no version {version}")
+        return _version_from_row(name, row)
+
+    def versions(self, name: str) -> list[Version]:
+        nid = self._node_id(name)
+        return [
+            _version_from_row(name, r)
+            for r in self.db.execute("SELECT * FROM versions WHERE node=? ORDER BY version", (nid,))
+        ]
+
+    def state_dict(self, name: str, version: int | None = None) -> dict[str, torch.Tensor]:
+        """The node's full weights at a version: body + head, with any sparse delta applied."""
+        v = self.version(name, version)
+        if v.purged:
+            raise UmigError(f"version {v.version} of node '{name}' was purged")
+        sd = self.blobs.load(v.body, owner=name)
+        sd.update(self.blobs.load(v.head, owner=name))
+        if v.delta:
+            apply_delta(sd, self.blobs.load(v.delta, owner=name))
+        return sd
+
+    def load_model(self, name: str, version: int | None = None, *, device: str | torch.device = "cpu") -> nn.Module:
+        """Build the node's architecture and load its weights (eval mode)."""
+        from umig.arch import ArchSpec, load_weights
+
+        info = self.node(name)
+        model = ArchSpec.from_json(info.arch).build()
+        load_weights(model, self.state_dict(name, version))
+        return model.to(device).eval()
+
+    def fim(self, name: str, version: int | None = None):
+        """The node's model FIM (``umig.fisher.FIM``) or ``None`` when it has none."""
+        from umig.fisher import FIM
+
+        v = self.version(name, version)
+        if not v.fim:
+            return None
+        tensors, meta = self.blobs.load_with_metadata(v.fim, owner=name)
+        return FIM.from_tensors(tensors, meta)
+
+    def node_data(self, name: str):
+        """Resolve the node's own training data, checking its fingerprint (``None`` when data-less)."""
+        from umig.data import DataRef, verify
+
+        info = self.node(name)
+        if info.data_ref is None:
+            return None
+        return verify(DataRef.from_json(info.data_ref), info.data_fingerprint)
+
+    # ------------------------------------------------------------- add / edit
+    def add_node(
+        self,
+        name: str,
+        weights: nn.Module | Mapping[str, torch.Tensor] | str | Path,
+        arch: Any,
+        *,
+        arch_args: Mapping[str, Any] | None = None,
+        parents: Sequence[str | tuple[str, float | None]] = (),
+        relation: str | None = None,
+        framework: str = "other",
+        data: Any = None,
+        data_ref: str | None = None,
+        subset: str | None = None,
+        only_labels: str | Sequence[int] | None = None,
+        classes: Sequence[int] | None = None,
+        head: str | None = None,
+        input_shape: Sequence[int] | None = None,
+        fim: bool = True,
+        meta: Mapping[str, Any] | None = None,
+        recipe: Any = None,
+        fisher_batch: int = 256,
+        device: str | torch.device | None = None,
+    ) -> NodeInfo:
+        """Record a model node (version 0) with its edges, data reference and model FIM.
+
+        ``weights`` is an ``nn.Module``, a state dict or a path (``.safetensors``,
+        or ``.pt`` read with ``weights_only=True``). ``data`` is a reference string,
+        a ``umig.data.Data``, or a ``torch.utils.data.Dataset`` with ``data_ref``
+        naming it. Everything is validated before anything is written.
+        """
+        from umig import arch as A
+        from umig import data as D
+        from umig import fisher as F
+
+        if not _NAME_RE.match(name or ""):
+            raise UmigError(f"invalid node name {name!r} (letters, digits and _.:@/+- only)")
+        if framework not in FRAMEWORKS:
+            raise UmigError(f"unknown framework '{framework}' (choose from {', '.join(FRAMEWORKS)})")
+        if relation is not None and relation not in RELATIONS:
+            raise UmigError(f"unknown relation '{relation}' (choose from {', '.join(RELATIONS)})")
+        if self.has_node(name):
+            raise GraphError(f"node '{name}' already exists")
+        parent_list = [_parse_parent(p) for p in parents]
+        for p, _ in parent_list:
+            if p == name:
+                raise GraphError(f"node '{name}' cannot be its own parent (cycle)")
+            if not self.has_node(p):
+                raise NotFoundError(f"unknown parent node '{p}'")
+        if len({p for p, _ in parent_list}) != len(parent_list):
+            raise GraphError(f"node '{name}' lists a parent twice")
+        relation = relation or _default_relation(framework, len(parent_list))
+
+        spec = arch if isinstance(arch, A.ArchSpec) else A.ArchSpec(str(arch), dict(arch_args or {}))
+        if isinstance(weights, nn.Module):
+            model = weights
+            state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            rebuilt = spec.build()
+            A.load_weights(rebuilt, state)  # the spec must be able to rebuild this module later
+        else:
+            state = A.load_state_dict_file(weights) if isinstance(weights, (str, Path)) else dict(weights)
+            model = spec.build()
+            A.load_weights(model, state)
+            state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        if input_shape is None:
+            input_shape = getattr(model, "input_shape", None)
+        hinfo = A.find_head(model, head=head, input_shape=tuple(input_shape) if input_shape else None)
+        cls = tuple(int(c) for c in classes) if classes is not None else tuple(range(hinfo.out_features))
+        if len(cls) != hinfo.out_features:
+            raise UmigError(
+                f"--classes has {len(cls)} labels but head '{hinfo.name}' has {hinfo.out_features} outputs"
+            )
+        if len(set(cls)) != len(cls):
+            raise UmigError("--classes lists a label twice")
+
+        dataset = self._data_arg(data, data_ref, subset, only_labels)
+        counts: dict[int, int] = {}
+        fingerprint = None
+        ref_json = None
+        if dataset is not None:
+            counts = {int(k): int(v) for k, v in dataset.label_counts().items()}
+            unknown = sorted(set(counts) - set(cls))
+            if unknown:
+                raise UmigError(
+                    f"data of node '{name}' has label(s) {','.join(map(str, unknown))} that its head cannot predict"
+                )
+            fingerprint = D.fingerprint(dataset)
+            ref_json = dataset.ref.to_json() if dataset.ref is not None else None
+            if ref_json is None:
+                raise UmigError(f"data of node '{name}' needs a reference string (data_ref=...) to be recorded")
+
+        model_fim = None
+        if fim:
+            if dataset is not None and len(dataset):
+                model_fim = F.head_fisher(
+                    model, hinfo.name, dataset.batches(fisher_batch, device=device), cls, **self.fisher_settings(),
+                    device=device,
+                )
+            elif parent_list:
+                model_fim = self._mean_parent_fim(parent_list, cls)
+
+        body, head_t = split_head(state, hinfo.name)
+        recipe_json = _recipe_json(recipe)
+        with self.transaction():
+            if self.has_node(name):  # a concurrent writer may have won the race
+                raise GraphError(f"node '{name}' already exists")
+            body_d = self.put_tensors(body, {"node": name, "part": "body"})
+            head_d = self.put_tensors(head_t, {"node": name, "part": "head"})
+            fim_d = self.put_tensors(model_fim.to_tensors(), model_fim.metadata()) if model_fim else None
+            now = time.time()
+            cur = self.db.execute(
+                "INSERT INTO nodes(name, arch, head, classes, input_shape, data_ref, data_fingerprint, data_size, "
+                "label_counts, framework, meta, recipe, created, version) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,0)",
+                (
+                    name,
+                    json.dumps(spec.to_json()),
+                    hinfo.name,
+                    json.dumps(list(cls)),
+                    json.dumps(list(hinfo.input_shape)) if hinfo.input_shape else None,
+                    json.dumps(ref_json) if ref_json else None,
+                    fingerprint,
+                    sum(counts.values()),
+                    json.dumps({str(k): v for k, v in sorted(counts.items())}),
+                    framework,
+                    json.dumps(dict(meta or {}), default=str),
+                    json.dumps(recipe_json) if recipe_json else None,
+                    now,
+                ),
+            )
+            nid = cur.lastrowid
+            for p, w in parent_list:
+                self.db.execute(
+                    "INSERT INTO edges(parent, child, relation, weight) VALUES(?,?,?,?)",
+                    (self._node_id(p), nid, relation, w),
+                )
+            self.db.execute(
+                "INSERT INTO versions(node, version, body, head, delta, fim, operation, created) "
+                "VALUES(?,0,?,?,NULL,?,NULL,?)",
+                (nid, body_d, head_d, fim_d, now),
+            )
+        return self.node(name)
+
+    def _data_arg(self, data: Any, data_ref: str | None, subset: str | None, only_labels: Any):
+        from umig import data as D
+
+        if data is None:
+            if data_ref is None:
+                if subset or only_labels:
+                    raise UmigError("--subset/--only-labels need --data")
+                return None
+            data = data_ref
+        if isinstance(data, str):
+            return D.resolve(D.parse_ref(data, subset=subset, only_labels=only_labels))
+        if isinstance(data, D.Data):
+            return data
+        if isinstance(data, torch.utils.data.Dataset):
+            ref = D.parse_ref(data_ref) if data_ref else None
+            return D.from_dataset(data, ref=ref)
+        raise UmigError(f"unsupported data argument of type {type(data).__name__}")
+
+    def _mean_parent_fim(self, parents: list[tuple[str, float | None]], classes: tuple[int, ...]):
+        from umig import fisher as F
+
+        fims, weights = [], []
+        for p, w in parents:
+            pf = self.fim(p)
+            if pf is None:
+                return None
+            fims.append(pf)
+            weights.append(w if w is not None else max(self.node(p).data_size, 1))
+        return F.weighted_mean(fims, weights, classes=classes)
+
+    def fisher_settings(self) -> dict[str, Any]:
+        """Store-wide Fisher settings used for model FIMs (kind, temperature)."""
+        cfg = self.config()
+        return {"kind": cfg.get("fisher.kind", "empirical"), "temperature": float(cfg.get("fisher.temperature", 1.0))}
+
+    def config(self) -> dict[str, str]:
+        return {
+            r[0][len("config.") :]: r[1]
+            for r in self.db.execute("SELECT key, value FROM meta WHERE key LIKE 'config.%'")
+        }
+
+    def set_config(self, key: str, value: Any) -> None:
+        with self.transaction():
+            self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES(?, ?)", (f"config.{key}", str(value)))
+
+    def link(self, parent: str, child: str, *, relation: str = "finetune", weight: float | None = None) -> None:
+        """Add an edge between existing nodes; refused when it would close a cycle."""
+        if relation not in RELATIONS:
+            raise UmigError(f"unknown relation '{relation}' (choose from {', '.join(RELATIONS)})")
+        with self.transaction():
+            pid, cid = self._node_id(parent), self._node_id(child)
+            if G.would_create_cycle(self.graph(), parent, child):
+                raise GraphError(f"edge {parent} -> {child} would create a cycle")
+            if self.db.execute("SELECT 1 FROM edges WHERE parent=? AND child=?", (pid, cid)).fetchone():
+                raise GraphError(f"edge {parent} -> {child} already exists")
+            self.db.execute(
+                "INSERT INTO edges(parent, child, relation, weight) VALUES(?,?,?,?)", (pid, cid, relation, weight)
+            )
+
+    def remove(self, name: str, *, recursive: bool = False) -> list[str]:
+        """Remove a node (and with ``recursive`` its descendants); returns the removed names."""
+        with self.transaction():
+            self._node_id(name)
+            g = self.graph()
+            victims = [name]
+            if g.out_degree(name):
+                if not recursive:
+                    kids = sorted(g.successors(name))
+                    raise GraphError(
+                        f"node '{name}' has children ({', '.join(kids[:5])}{'...' if len(kids) > 5 else ''}); "
+                        "use --recursive to remove them too"
+                    )
+                victims += sorted(nx.descendants(g, name))
+            blobs: set[str] = set()
+            for v in victims:
+                nid = self._node_id(v)
+                for row in self.db.execute("SELECT body, head, delta, fim FROM versions WHERE node=?", (nid,)):
+                    blobs.update(d for d in row if d)
+                self.db.execute("DELETE FROM nodes WHERE id=?", (nid,))
+        # Only after the commit: a blob may still be shared with a surviving node.
+        self._discard_unreferenced(blobs)
+        return victims
+
+    def export(self, name: str, path: str | Path, *, version: int | None = None) -> Path:
+        """Write the node's full weights (adapters merged) as one safetensors file."""
+        from safetensors.torch import save_file
+
+        sd = self.state_dict(name, version)
+        info = self.node(name)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".part")
+        save_file(
+            {k: v.contiguous() for k, v in sd.items()},
+            str(tmp),
+            metadata={
+                "umig.node": name,
+                "umig.version": str(version if version is not None else info.version),
+                "umig.arch": json.dumps(info.arch),
+                "umig.classes": json.dumps(list(info.classes)),
+                "umig.head": info.head,
+            },
+        )
+        os.replace(tmp, path)
+        return path
+
+    # ------------------------------------------------------------ operations
+    def plan_unlearning(self, labels: Sequence[int], **kwargs: Any):
+        """The plan of an unlearning request without running it (see ``umig.unlearning.plan_unlearning``)."""
+        from umig.unlearning import plan_unlearning
+
+        return plan_unlearning(self, labels, **kwargs)
+
+    def unlearn(self, labels: Sequence[int], **kwargs: Any):
+        """Forget ``labels`` across the lineage as one operation (see ``umig.unlearning.unlearn``)."""
+        from umig.unlearning import unlearn
+
+        return unlearn(self, labels, **kwargs)
+
+    def _operation(self, op_id: str) -> sqlite3.Row:
+        row = self.db.execute("SELECT * FROM operations WHERE id=?", (op_id,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"unknown operation '{op_id}'")
+        return row
+
+    def _operation_nodes(self, op_id: str) -> list[sqlite3.Row]:
+        return self.db.execute(
+            "SELECT o.*, n.name, n.version AS current FROM operation_nodes o JOIN nodes n ON n.id=o.node "
+            "WHERE o.operation=? ORDER BY n.id",
+            (op_id,),
+        ).fetchall()
+
+    def revert(self, op_id: str) -> list[str]:
+        """Move every node of an operation back to the version it had before, bit for bit."""
+        with self.transaction():
+            op = self._operation(op_id)
+            if op["state"] == "purged":
+                raise UmigError(f"operation {op_id} was purged; its previous versions no longer exist")
+            if op["state"] == "reverted":
+                raise UmigError(f"operation {op_id} was already reverted")
+            rows = self._operation_nodes(op_id)
+            moved = [r for r in rows if r["current"] != r["version_after"]]
+            if moved:
+                later = self.db.execute(
+                    "SELECT operation FROM versions WHERE node=? AND version=?", (moved[0]["node"], moved[0]["current"])
+                ).fetchone()
+                raise UmigError(
+                    f"node '{moved[0]['name']}' changed after operation {op_id}"
+                    + (f" (by {later[0]}); revert that first" if later and later[0] else "")
+                )
+            self.db.executemany(
+                "UPDATE nodes SET version=? WHERE id=?", [(r["version_before"], r["node"]) for r in rows]
+            )
+            self.db.execute("UPDATE operations SET state='reverted', reverted=? WHERE id=?", (time.time(), op_id))
+        return [r["name"] for r in rows]
+
+    def purge(self, op_id: str) -> dict[str, Any]:
+        """Irreversibly delete what an operation superseded: the previous versions' weights and FIMs,
+        and the operation's unlearning FIMs (they were computed from the forgotten data)."""
+        with self.transaction():
+            op = self._operation(op_id)
+            if op["state"] == "purged":
+                raise UmigError(f"operation {op_id} was already purged")
+            if op["state"] == "reverted":
+                raise UmigError(f"operation {op_id} was reverted; its superseded versions are current again")
+            rows = self._operation_nodes(op_id)
+            old = [(r["node"], r["version_before"]) for r in rows]
+            candidates: set[str] = set()
+            for nid, ver in old:
+                row = self.db.execute(
+                    "SELECT body, head, delta, fim FROM versions WHERE node=? AND version=?", (nid, ver)
+                ).fetchone()
+                candidates.update(d for d in row if d)
+            op_blobs = {r[0] for r in self.db.execute("SELECT digest FROM operation_blobs WHERE operation=?", (op_id,))}
+            self.db.executemany("UPDATE versions SET purged=1 WHERE node=? AND version=?", old)
+            self.db.execute("DELETE FROM operation_blobs WHERE operation=?", (op_id,))
+            self.db.execute("UPDATE operations SET state='purged', purged=? WHERE id=?", (time.time(), op_id))
+            doomed = (candidates | op_blobs) - self._referenced()
+        # Deleted only after the commit: a crash in between leaves orphans for gc, never dangling rows.
+        freed = self.blobs.delete(doomed)
+        return {"operation": op_id, "versions_purged": len(old), "blobs_deleted": len(doomed), "bytes_freed": freed}
+
+    def history(self, *, node: str | None = None) -> list[dict[str, Any]]:
+        """The audit log: one entry per operation, newest last."""
+        if node is not None:
+            nid = self._node_id(node)
+            ops = self.db.execute(
+                "SELECT o.* FROM operations o WHERE o.id IN (SELECT operation FROM operation_nodes WHERE node=?) "
+                "ORDER BY o.created", (nid,)).fetchall()
+        else:
+            ops = self.db.execute("SELECT * FROM operations ORDER BY created").fetchall()
+        out = []
+        for op in ops:
+            plan = json.loads(op["plan"])
+            rows = self._operation_nodes(op["id"])
+            out.append({
+                "operation": op["id"],
+                "created": op["created"],
+                "labels": json.loads(op["labels"]),
+                "method": op["method"],
+                "params": json.loads(op["params"]),
+                "state": op["state"],
+                "reverted": op["reverted"],
+                "purged": op["purged"],
+                "wall_s": op["wall_s"],
+                "discovery": plan.get("discovery", []),
+                "affected": plan.get("affected", []),
+                "nodes": [
+                    {"name": r["name"], "role": r["role"], "version_before": r["version_before"],
+                     "version_after": r["version_after"], **json.loads(r["metrics"])}
+                    for r in rows
+                ],
+                **json.loads(op["result"]),
+            })
+        return out
+
+    def gc(self) -> int:
+        """Delete blobs no version or operation refers to (left by killed runs); returns bytes freed."""
+        with self.lock():
+            return self.blobs.delete(self.blobs.all_digests() - self._referenced())
+
+    def disk_usage(self) -> int:
+        return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
+
+
+# ----------------------------------------------------------------- helpers
+def split_head(state: Mapping[str, torch.Tensor], head: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Split a state dict into (body, head) so versions can share the body and change only the head."""
+    prefix = head + "."
+    body = {k: v for k, v in state.items() if not k.startswith(prefix)}
+    head_t = {k: v for k, v in state.items() if k.startswith(prefix)}
+    return body, head_t
+
+
+def apply_delta(state: dict[str, torch.Tensor], delta: Mapping[str, torch.Tensor]) -> None:
+    """Add a sparse delta in place: for parameter P, ``P::idx`` (flat int64) and ``P::val``."""
+    for key in delta:
+        if not key.endswith("::idx"):
+            continue
+        pname = key[: -len("::idx")]
+        if pname not in state:
+            raise UmigError(f"delta refers to unknown tensor '{pname}'")
+        t = state[pname].clone()
+        flat = t.view(-1)
+        flat.index_add_(0, delta[key].long(), delta[pname + "::val"].to(t.dtype))
+        state[pname] = t
+
+
+def _split_sql(script: str) -> list[str]:
+    return [s.strip() for s in script.split(";") if s.strip()]
+
+
+def _parse_parent(p: str | tuple[str, float | None]) -> tuple[str, float | None]:
+    if isinstance(p, tuple):
+        return p[0], (float(p[1]) if p[1] is not None else None)
+    name, sep, weight = p.rpartition(":")
+    if sep and _is_float(weight):
+        return name, float(weight)
+    return p, None
+
+
+def _is_float(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
+
+
+def _default_relation(framework: str, n_parents: int) -> str:
+    if framework == "fl" and n_parents > 1:
+        return "aggregate"
+    if framework == "ddp" and n_parents > 1:
+        return "sync"
+    return {"il": "increment", "tl": "transfer"}.get(framework, "finetune")
+
+
+def _recipe_json(recipe: Any) -> dict | None:
+    if recipe is None:
+        return None
+    if isinstance(recipe, Mapping):
+        from umig.train import Recipe
+
+        return Recipe.from_json(dict(recipe)).to_json()  # validates keys
+    if isinstance(recipe, (str, Path)):
+        from umig.train import Recipe
+
+        return Recipe.from_file(recipe).to_json()
+    return recipe.to_json()
+
+
+def _node_from_row(row: sqlite3.Row, parents=(), children=()) -> NodeInfo:
+    return NodeInfo(
+        name=row["name"],
+        arch=json.loads(row["arch"]),
+        head=row["head"],
+        classes=tuple(json.loads(row["classes"])),
+        input_shape=tuple(json.loads(row["input_shape"])) if row["input_shape"] else None,
+        data_ref=json.loads(row["data_ref"]) if row["data_ref"] else None,
+        data_fingerprint=row["data_fingerprint"],
+        data_size=row["data_size"],
+        label_counts={int(k): v for k, v in json.loads(row["label_counts"]).items()},
+        framework=row["framework"],
+        meta=json.loads(row["meta"]),
+        recipe=json.loads(row["recipe"]) if row["recipe"] else None,
+        created=row["created"],
+        version=row["version"],
+        parents=tuple(parents),
+        children=tuple(children),
+    )
+
+
+def _version_from_row(name: str, row: sqlite3.Row) -> Version:
+    return Version(
+        node=name,
+        version=row["version"],
+        body=row["body"],
+        head=row["head"],
+        delta=row["delta"],
+        fim=row["fim"],
+        operation=row["operation"],
+        purged=bool(row["purged"]),
+        created=row["created"],
+    )

@@ -1,0 +1,196 @@
+"""FIUn: Fisher Inheritance Unlearning (graph-wide, fully parallel).
+
+Phase 1 computes the *unlearning FIM* of every discovery node on its forget data
+(Eq. 3). Phase 2 updates every affected node at once: the unlearning FIMs of
+the discovery nodes it traces back to are merged by element-wise max, aligned
+by label id (Eq. 5), and compared with the node's stored *model FIM* (Eq. 4)
+to scale the critical head parameters (Eq. 6). No update depends on another
+node's new weights (the paper's "Hyper-Distance"), and a phase-2 task reads
+only the node's head blob and FIMs, never the rest of its checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from umig.errors import UnlearningError
+from umig.fisher import FIM, FisherShapeError, head_fisher, merge_max
+from unlearners.base import Job, NodeResult, Param, Task, Unlearner
+
+MODES = ("rows", "paper")
+
+
+def fiun_update(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    model_fim: FIM,
+    merged: FIM,
+    forget: Sequence[int],
+    *,
+    gamma: float,
+    tau: float,
+    eta: float,
+    eps: float,
+    mode: str,
+) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
+    """Eq. 6 on one head; FIMs already aligned to the head's classes.
+
+    ``paper``: every head parameter whose merged-to-model Fisher ratio exceeds
+    gamma is scaled by ``min(tau * F / M, eta)``. ``rows`` (default): the same
+    rule, restricted to the output rows of the forgotten labels, whose bias is
+    then set below every retained row's reachable logit so that the label can no
+    longer win the argmax (a scaled row alone still gives logit ~0, which beats
+    negative logits; see README "FIUn modes").
+    """
+    classes = model_fim.classes
+    out_w = weight.clone()
+    out_b = bias.clone() if bias is not None else None
+    forget_rows = torch.tensor([c in set(forget) for c in classes], dtype=torch.bool)
+    changed = 0
+
+    def scale(w: torch.Tensor, f: torch.Tensor, m: torch.Tensor, rows_only: bool) -> tuple[torch.Tensor, int]:
+        ratio = m / (f + eps)
+        crit = ratio > gamma
+        if rows_only:
+            crit &= forget_rows.view(-1, *([1] * (w.dim() - 1)))
+        factor = torch.clamp(tau * f / (m + eps), max=eta)
+        return torch.where(crit, factor.to(w.dtype) * w, w), int(crit.sum())
+
+    rows_only = mode == "rows"
+    out_w, n = scale(weight, model_fim.weight, merged.weight, rows_only)
+    changed += n
+    if bias is not None and model_fim.bias is not None and merged.bias is not None:
+        out_b, n = scale(bias, model_fim.bias, merged.bias, rows_only)
+        changed += n
+    if rows_only and out_b is not None and bool(forget_rows.any()) and bool((~forget_rows).any()):
+        # Lowest logit a retained row can reach is unbounded for unbounded features; use
+        # the head's own scale: every forgotten row gets bias = min retained bias minus the
+        # largest L1 row norm times the typical feature magnitude seen in the model FIM.
+        feat = _feature_scale(model_fim)
+        w_abs = out_w.abs().sum(dim=1)
+        margin = (w_abs[forget_rows].max() + w_abs[~forget_rows].max()) * feat
+        floor = out_b[~forget_rows].min() - margin - 1.0
+        out_b = torch.where(forget_rows, torch.minimum(out_b, floor), out_b)
+        changed += int(forget_rows.sum())
+    total = weight.numel() + (bias.numel() if bias is not None else 0)
+    return out_w, out_b, {"params_changed": changed, "params_total": total}
+
+
+def _feature_scale(model_fim: FIM) -> torch.Tensor:
+    """A robust upper estimate of |h| from the model FIM: F_W[r, j] / F_b[r] = E[g h_j^2] / E[g]."""
+    if model_fim.bias is None:
+        return torch.tensor(1.0)
+    ratio = model_fim.weight / (model_fim.bias.view(-1, 1) + 1e-12)
+    return ratio.clamp(min=0).max().sqrt()
+
+
+class FIUn(Unlearner):
+    """Fisher Inheritance Unlearning over the whole affected subgraph."""
+
+    name = "fiun"
+    description = "Fisher Inheritance Unlearning: merged unlearning FIMs scale critical head parameters (Eqs. 3-6)."
+    params: Mapping[str, Param] = {
+        "gamma": Param(1.0, "threshold on merged/model Fisher ratio (Eq. 6)"),
+        "tau": Param(1.0, "scale numerator (Eq. 6)"),
+        "eta": Param(0.1, "largest scale factor applied to a critical parameter (Eq. 6)"),
+        "eps": Param(1e-12, "added to denominators"),
+        "mode": Param("rows", "rows: Eq. 6 on forgotten-label rows + bias floor; paper: Eq. 6 on the whole head",
+                      choices=MODES),
+        "batch_size": Param(256, "batch size for unlearning-FIM passes"),
+    }
+
+    def check(self, job: Job) -> None:
+        missing = [n for n in job.plan.affected if job.nodes[n].fim is None]
+        if missing:
+            raise UnlearningError(
+                f"node(s) {', '.join(missing[:5])} have no model FIM (added with --no-fim and no parent FIMs); "
+                "FIUn needs one"
+            )
+        nodata = [n for n in job.plan.discovery if job.nodes[n].data_ref is None]
+        if nodata:
+            raise UnlearningError(f"discovery node(s) {', '.join(nodata)} have no data reference")
+
+    def describe_phases(self, job: Job) -> list[dict[str, Any]]:
+        return [
+            {"name": "unlearning FIM", "nodes": list(job.plan.discovery)},
+            {"name": "merge + update", "nodes": list(job.plan.affected),
+             "merge_groups": len(job.plan.groups)},
+        ]
+
+    def schedule(self, job: Job) -> Generator[list[Task], list[Any], list[NodeResult]]:
+        p = job.params
+        phase1 = [
+            Task(fn="unlearners.fiun:unlearning_fim_task", node=n, cost=float(job.nodes[n].data_size or 1),
+                 payload={"snap": job.nodes[n], "labels": job.labels, "batch_size": p["batch_size"]})
+            for n in job.plan.discovery
+        ]
+        fims: list[dict[str, Any]] = yield phase1
+        disc_fim = {r["node"]: r["fim"] for r in fims}
+        job.op_blobs.extend((r["fim"], "unlearning_fim") for r in fims)
+        phase2 = []
+        for key, nodes in job.plan.groups:
+            digests = sorted(disc_fim[d] for d in key)
+            for n in nodes:
+                phase2.append(Task(fn="unlearners.fiun:update_task", node=n, cost=0.01, payload={
+                    "snap": job.nodes[n], "discovery_fims": digests, "labels": job.labels, "params": p,
+                    "role": job.plan.role(n)}))
+        results: list[NodeResult] = yield phase2
+        return results
+
+
+def unlearning_fim_task(payload: dict[str, Any], env: Any) -> dict[str, Any]:
+    """Phase 1 (Eq. 3): the discovery node's last-layer FIM on its forget data."""
+    snap = payload["snap"]
+    data = env.node_data(snap)
+    forget = data.filter_labels(keep=payload["labels"])
+    if not len(forget):
+        raise UnlearningError(f"discovery node '{snap.name}' holds none of the labels to forget")
+    model_fim = _load_fim(env, snap.fim, snap.name)
+    model = env.load_model(snap)
+    fim = head_fisher(model, snap.head, forget.batches(payload["batch_size"]), snap.classes,
+                      kind=model_fim.kind, temperature=model_fim.temperature, device=env.device)
+    digest = env.put(fim.to_tensors(), {**fim.metadata(), "node": snap.name, "role": "unlearning"})
+    return {"node": snap.name, "fim": digest, "samples": fim.samples}
+
+
+def _load_fim(env: Any, digest: str, owner: str) -> FIM:
+    tensors, meta = env.blobs.load_with_metadata(digest, owner=owner)
+    return FIM.from_tensors(tensors, meta)
+
+
+def update_task(payload: dict[str, Any], env: Any) -> NodeResult:
+    """Phase 2 (Eqs. 5-6): merged FIM of the node's discovery set, then the head update."""
+    import time
+
+    t0 = time.perf_counter()
+    snap, p = payload["snap"], payload["params"]
+    key = ("merged", tuple(payload["discovery_fims"]))
+    merged_all = env.cache.get(key)
+    if merged_all is None:
+        fims = [_load_fim(env, d, snap.name) for d in payload["discovery_fims"]]
+        union = sorted({c for f in fims for c in f.classes})
+        try:
+            merged_all = merge_max(fims, union)
+        except FisherShapeError as e:
+            raise UnlearningError(f"node '{snap.name}': unlearning FIMs cannot be merged: {e}") from None
+        env.cache[key] = merged_all
+    model_fim = _load_fim(env, snap.fim, snap.name)
+    if merged_all.feature_dim != model_fim.feature_dim:
+        raise UnlearningError(
+            f"node '{snap.name}': head input width {model_fim.feature_dim} differs from its discovery nodes' "
+            f"({merged_all.feature_dim}); a merged FIM cannot be formed for it"
+        )
+    merged = merged_all.aligned(snap.classes)
+    model_fim = model_fim.aligned(snap.classes)
+    head = env.head_tensors(snap)
+    wkey, bkey = f"{snap.head}.weight", f"{snap.head}.bias"
+    w, b, stats = fiun_update(head[wkey], head.get(bkey), model_fim, merged, payload["labels"],
+                              gamma=p["gamma"], tau=p["tau"], eta=p["eta"], eps=p["eps"], mode=p["mode"])
+    new_head = {wkey: w}
+    if b is not None:
+        new_head[bkey] = b
+    digest = env.put(new_head, {"node": snap.name, "part": "head"})
+    return NodeResult(node=snap.name, head=digest, metrics=stats, seconds=time.perf_counter() - t0)
