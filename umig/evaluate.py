@@ -6,7 +6,7 @@ model's output row r predicts label ``classes[r]`` (see docs/contracts.md).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -25,7 +25,9 @@ __all__ = [
 Batches = Iterable[tuple[Tensor, Tensor]]
 
 
-def _logits(model: nn.Module, batches: Batches, classes: Sequence[int], device) -> Iterable[tuple[Tensor, Tensor]]:
+def _logits(
+    model: nn.Module, batches: Batches, classes: Sequence[int], device: torch.device | str | None
+) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield (logits as (n, K) float32, labels as (n,)) per batch, in eval mode, no grad."""
     k = len(classes)
     dtype = input_dtype(model)

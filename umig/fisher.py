@@ -77,14 +77,14 @@ class FIM:
     def __post_init__(self) -> None:
         classes = tuple(int(c) for c in self.classes)
         _check_unique(classes, "FIM classes")
-        weight = self.weight.detach().to(torch.float32)
+        weight = self.weight.detach().to(device="cpu", dtype=torch.float32)
         if weight.dim() != 2 or weight.shape[0] != len(classes):
             raise FisherShapeError(
                 f"FIM weight has shape {tuple(weight.shape)}; expected ({len(classes)}, d) for {len(classes)} classes"
             )
         bias = self.bias
         if bias is not None:
-            bias = bias.detach().to(torch.float32)
+            bias = bias.detach().to(device="cpu", dtype=torch.float32)
             if tuple(bias.shape) != (len(classes),):
                 raise FisherShapeError(f"FIM bias has shape {tuple(bias.shape)}; expected ({len(classes)},)")
         if self.kind not in KINDS:
@@ -93,7 +93,7 @@ class FIM:
             raise FisherError(f"FIM temperature must be > 0, got {self.temperature}")
         if int(self.samples) < 0:
             raise FisherError(f"FIM samples must be >= 0, got {self.samples}")
-        # Frozen dataclass: normalise in place once, so every consumer sees the same types.
+        # Frozen dataclass: normalise once (CPU float32, int labels) so merges never mix devices or dtypes.
         object.__setattr__(self, "classes", classes)
         object.__setattr__(self, "weight", weight)
         object.__setattr__(self, "bias", bias)
