@@ -37,6 +37,12 @@ ENTRY_POINT_GROUP = "umig.unlearners"
 # Built-in methods, used when the distribution's entry points are not installed (running from a checkout).
 BUILTINS: dict[str, str] = {
     "fiun": "unlearners.fiun:FIUn",
+    "fused": "unlearners.fused:Fused",
+    "channel": "unlearners.channel:Channel",
+    "retrain": "unlearners.baselines:Retrain",
+    "finetune": "unlearners.baselines:Finetune",
+    "gradient-ascent": "unlearners.baselines:GradientAscent",
+    "distill": "unlearners.baselines:Distill",
 }
 
 
@@ -308,7 +314,7 @@ def run_node_task(payload: dict[str, Any], env: Any) -> NodeResult:
         result.body = env.put(body, {"node": snap.name, "part": "body"})
         result.head = env.put(head, {"node": snap.name, "part": "head"})
         result.drop_delta = True  # full weights already include any earlier adapter
-    if upd.delta is not None:
+    if upd.delta:  # an empty delta changes nothing: keep the previous version's blobs
         tensors: dict[str, torch.Tensor] = {}
         for pname, (idx, val) in upd.delta.items():
             tensors[pname + "::idx"] = idx.detach().cpu().long().contiguous()
@@ -318,6 +324,9 @@ def run_node_task(payload: dict[str, Any], env: Any) -> NodeResult:
             earlier = env.blobs.load(snap.delta, owner=snap.name)
             tensors = _stack_deltas(earlier, tensors)
         result.delta = env.put(tensors, {"node": snap.name, "part": "delta"})
+        # New full weights *plus* a delta: the delta sits on the new weights (the engine would
+        # otherwise drop it together with the earlier adapter).
+        result.drop_delta = False
     result.seconds = time.perf_counter() - t0
     return result
 
