@@ -95,11 +95,36 @@ def summary_table(g: nx.DiGraph) -> Table:
     d = Table(title="nodes per depth")
     d.add_column("depth", justify="right")
     d.add_column("nodes", justify="right")
-    for depth, c in s["depths"].items():
+    rows = list(s["depths"].items())
+    if len(rows) > 12:  # a deep lineage: first levels, a count of the middle, the last levels
+        hidden = rows[8:-2]
+        rows = rows[:8] + [(f"{hidden[0][0]}-{hidden[-1][0]}", sum(c for _, c in hidden))] + rows[-2:]
+    for depth, c in rows:
         d.add_row(str(depth), str(c))
     outer = Table.grid(padding=(0, 4))
     outer.add_row(t, d)
     return outer
+
+
+def first_levels(g: nx.DiGraph, max_nodes: int, *, levels: int = 6, per_level: int = 6) -> Table:
+    """The first depth levels of a large graph, one line each (a few names and a count)."""
+    by_depth: dict[int, list[str]] = {}
+    for n, d in G.depths(g).items():
+        by_depth.setdefault(d, []).append(n)
+    t = Table(title=f"first levels ({g.number_of_nodes()} nodes > --max-nodes {max_nodes}: summary only; "
+                    "raise --max-nodes for the whole tree, or use --format json|dot, --output FILE.png)")
+    t.add_column("depth", justify="right")
+    t.add_column("nodes", justify="right")
+    t.add_column("names")
+    for depth in sorted(by_depth)[:levels]:
+        names = sorted(by_depth[depth])
+        shown = ", ".join(_label(g, n) for n in names[:per_level])
+        t.add_row(str(depth), str(len(names)), shown + (f" [dim]... (+{len(names) - per_level})[/]"
+                                                        if len(names) > per_level else ""))
+    if len(by_depth) > levels:
+        t.add_row("...", str(sum(len(v) for d, v in by_depth.items() if d >= levels)),
+                  f"[dim]{len(by_depth) - levels} more level(s)[/]")
+    return t
 
 
 def node_table(g: nx.DiGraph, names: Iterable[str]) -> Table:
@@ -232,8 +257,9 @@ def plan_view(result: Any) -> Table:
         shown = ", ".join(nodes[:8]) + (f" ... (+{len(nodes) - 8})" if len(nodes) > 8 else "")
         extra = f" [dim]{ph['merge_groups']} merge group(s)[/]" if "merge_groups" in ph else ""
         t.add_row(ph["name"], str(len(nodes)), shown + extra)
-    for key, nodes in plan.groups[:20]:
-        t.add_row("[dim]merge group[/]", str(len(nodes)), f"[dim]from {', '.join(sorted(key))}[/]")
+    if any("merge_groups" in ph for ph in result.phases):  # merge groups mean something to FIUn only
+        for key, nodes in plan.groups[:20]:
+            t.add_row("[dim]merge group[/]", str(len(nodes)), f"[dim]from {', '.join(sorted(key))}[/]")
     return t
 
 

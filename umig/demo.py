@@ -72,8 +72,10 @@ def build_fl_digits(
             for c, shard in enumerate(shards):
                 model = arch.build()
                 model.load_state_dict(global_model.state_dict())
-                train_client(model, shard, Recipe(**{**recipe.to_json(), "seed": recipe.seed + 100 * r + c}))
-                names.append(rec.client(r, c, model, shard).name)
+                # Each client's own seed is recorded in its recipe, so retraining reproduces it exactly.
+                client_recipe = Recipe(**{**recipe.to_json(), "seed": recipe.seed + 100 * r + c})
+                train_client(model, shard, client_recipe)
+                names.append(rec.client(r, c, model, shard, recipe=client_recipe).name)
                 states.append(model.state_dict())
                 sizes.append(len(shard))
                 if on_node:

@@ -2,28 +2,97 @@
 
 Each recorder writes nodes and edges with the right relations, data references,
 classes and recipes, so users never hand-type ``add-node`` for a thousand clients.
+Recorders record; they never train. A training loop builds and trains its models
+as it always did and hands each finished model to the recorder::
+
+    rec = FederatedRecorder(store, arch, recipe=recipe)
+    with rec.batch():                        # one transaction for the whole run
+        rec.initial(global_model)
+        for r in range(1, rounds + 1):
+            for c, shard in enumerate(shards):
+                ...train a copy of the global model on shard...
+                rec.client(r, c, model, shard)
+            ...fedavg(states, rec.weights(rec.pending(r)))...
+            rec.aggregate(r, global_model)
+
+=====================  ================================================  ===========================
+recorder               nodes (relation of their in-edges)                 FedAvg weights / classes
+=====================  ================================================  ===========================
+FederatedRecorder      clients (finetune from the global), aggregates     data shares, sum to 1
+                       (aggregate); intermediate aggregators and DAG-FL
+                       nodes with parents of any depth
+DataParallelRecorder   shard models (finetune from the last sync) and     shard shares, sum to 1
+                       sync points (sync)
+IncrementalRecorder    a chain of steps (increment); each head covers     ``classes`` per node, heads
+                       every class seen so far                            grow, arch per node
+TransferRecorder       a base and heads fine-tuned from it (transfer),    ``classes`` per head, arch
+                       only the head trained (recipe ``train_only``)      per node
+=====================  ================================================  ===========================
+
+FederatedRecorder also records server-side fine-tuning of the global model
+(``server``); every recorder accepts ``name=``/``parent=``/``meta=`` overrides and
+``rec.record(...)`` writes any other node with the recorder's defaults.
+
+Model FIMs stay on the training device. By default :meth:`Store.add_node` computes
+each node's model FIM with one forward pass over its data on the device the model
+already lives on (never moving it to the CPU); that pass costs about a third of one
+training epoch. :class:`FisherCapture` instead accumulates it from the last training
+epoch's own forward passes (``fim=cap.fim()``), so recording adds no pass over the
+data, at the price of an approximation (weights still moving, BatchNorm in training
+mode). ``benchmarks/bench_recording.py`` measures both.
+
+The module also holds the *retraining reference* the examples and benchmarks
+compare unlearning against (:func:`retrain_reference`): every affected node is
+retrained without the forgotten labels, in topological order, with its recorded
+recipe and the same construction rules a training loop uses here
+(:func:`fresh_model`, :func:`inherit_weights`, :func:`fit`, FedAvg for
+aggregates and sync points).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import hashlib
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from umig.data import Data, DataRef, parse_ref, resolve, save_subset
+from umig.arch import ArchSpec
+from umig.data import Data, parse_ref, resolve, save_subset
 from umig.store import NodeInfo, Store
+
+__all__ = [
+    "DataParallelRecorder",
+    "FederatedRecorder",
+    "FisherCapture",
+    "IncrementalRecorder",
+    "LineageRecorder",
+    "Reference",
+    "TransferRecorder",
+    "effective_data",
+    "evaluate_models",
+    "fit",
+    "fresh_model",
+    "inherit_weights",
+    "model_device",
+    "retrain_reference",
+    "subset_ref",
+]
+
+Model = nn.Module | Mapping[str, Tensor]
 
 
 def subset_ref(store: Store, source: str, indices: Sequence[int] | np.ndarray | torch.Tensor,
                only_labels: Sequence[int] | None = None) -> Data:
     """Data for ``indices`` of a reference, with its index file kept in the store (content-addressed)."""
     idx = np.asarray(torch.as_tensor(indices).cpu().numpy(), dtype=np.int64)
-    import hashlib
-
     digest = hashlib.sha256(idx.tobytes()).hexdigest()[:32]
     path = Path(store.root) / "subsets" / f"{digest}.npy"
     if not path.exists():
@@ -32,48 +101,646 @@ def subset_ref(store: Store, source: str, indices: Sequence[int] | np.ndarray | 
     return resolve(parse_ref(source, subset=str(path), only_labels=only_labels))
 
 
-class FederatedRecorder:
-    """Record a federated run: per round, each client's local model and the aggregate.
+def model_device(model: Any) -> torch.device | None:
+    """Device of a module's first parameter (or buffer); ``None`` for a state dict or an empty module."""
+    if not isinstance(model, nn.Module):
+        return None
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return None
 
-    Client ``i`` of round ``r`` has the previous global model as parent; the
-    aggregate has the round's clients as parents with FedAvg weights (data shares).
+
+# ------------------------------------------------------------------------------ recorders
+class LineageRecorder:
+    """Common machinery: one :meth:`record` call per node, timed, on the model's own device.
+
+    ``arch`` is an :class:`umig.arch.ArchSpec` (or ``"module:callable"`` string) shared by
+    the nodes unless a call passes its own; ``classes``/``head``/``recipe`` are defaults
+    for every node. ``device`` forces the Fisher pass onto a device; by default it runs
+    where each model lives. ``seconds`` accumulates the time spent recording.
     """
 
-    def __init__(self, store: Store, arch: Any, *, prefix: str = "fl", classes: Sequence[int] | None = None,
-                 head: str | None = None, recipe: Any = None) -> None:
+    framework = "other"
+
+    def __init__(self, store: Store, arch: Any = None, *, prefix: str = "node",
+                 classes: Sequence[int] | None = None, head: str | None = None, recipe: Any = None,
+                 device: str | torch.device | None = None, fim: bool = True, fisher_batch: int = 512,
+                 num_classes_arg: str = "num_classes") -> None:
         self.store, self.arch, self.prefix = store, arch, prefix
-        self.classes, self.head, self.recipe = classes, head, recipe
+        self.classes = tuple(int(c) for c in classes) if classes is not None else None
+        self.head_module, self.recipe, self.device = head, recipe, device
+        self.fim, self.fisher_batch, self.num_classes_arg = fim, fisher_batch, num_classes_arg
+        self.nodes: list[str] = []
+        self.seconds = 0.0
+        self._mass: dict[str, int] = {}
+
+    def record(self, name: str, model: Model, *, arch: Any = None, parents: Sequence[str | tuple[str, float | None]] = (),
+               relation: str | None = None, data: Data | str | None = None, classes: Sequence[int] | None = None,
+               recipe: Any = None, meta: Mapping[str, Any] | None = None, fim: Any = None) -> NodeInfo:
+        """Write one node (and its in-edges) through :meth:`Store.add_node`.
+
+        ``fim`` is a model FIM the training loop already has (:class:`FisherCapture`);
+        by default the store computes it with one forward pass over the node's data.
+        """
+        t0 = time.perf_counter()
+        spec = arch if arch is not None else self.arch
+        if spec is None:
+            raise ValueError(f"node '{name}': no architecture given (pass arch= to the recorder or the call)")
+        device = self.device if self.device is not None else model_device(model)
+        info = self.store.add_node(
+            name, model, spec, parents=list(parents), relation=relation, framework=self.framework, data=data,
+            classes=classes if classes is not None else self.classes, head=self.head_module,
+            recipe=recipe if recipe is not None else self.recipe, meta=dict(meta or {}),
+            fim=fim if fim is not None else self.fim,
+            fisher_batch=self.fisher_batch, device=device)
+        self.nodes.append(info.name)
+        own = info.data_size
+        self._mass[info.name] = own if own else sum(self.mass(p if isinstance(p, str) else p[0]) for p in parents)
+        self.seconds += time.perf_counter() - t0
+        return info
+
+    @contextmanager
+    def batch(self) -> Iterator[LineageRecorder]:
+        """``store.batch()`` for a whole training run: one transaction, committed at the end.
+
+        The commit (flushing the run's blob writes and the SQLite rows) counts in ``seconds``.
+        """
+        ctx = self.store.batch()
+        ctx.__enter__()
+        try:
+            yield self
+        except BaseException:
+            if not ctx.__exit__(*sys.exc_info()):
+                raise
+        else:
+            t0 = time.perf_counter()
+            ctx.__exit__(None, None, None)
+            self.seconds += time.perf_counter() - t0
+
+    def mass(self, name: str) -> int:
+        """Training samples a node stands for: its own data, or for a data-less node its parents' total."""
+        if name not in self._mass:
+            self._mass[name] = self.store.node(name).data_size
+        return self._mass[name]
+
+    def weights(self, parents: Sequence[str]) -> list[float]:
+        """FedAvg weights of ``parents``: their data shares (:meth:`mass`), summing to 1."""
+        masses = [float(self.mass(p)) for p in parents]
+        total = sum(masses)
+        if total <= 0:
+            return [1.0 / len(parents)] * len(parents) if parents else []
+        return [m / total for m in masses]
+
+    def arch_for(self, classes: Sequence[int]) -> ArchSpec:
+        """The recorder's arch with ``num_classes`` (``num_classes_arg``) set to ``len(classes)``."""
+        spec = self.arch if isinstance(self.arch, ArchSpec) else ArchSpec(str(self.arch))
+        return ArchSpec(spec.spec, {**spec.kwargs, self.num_classes_arg: len(tuple(classes))})
+
+
+class _RoundRecorder(LineageRecorder):
+    """Rounds of members trained from the current global model, merged by (possibly layered) aggregation."""
+
+    member_word = "client"
+    merge_relation = "aggregate"
+
+    def __init__(self, store: Store, arch: Any, **kwargs: Any) -> None:
+        super().__init__(store, arch, **kwargs)
         self.global_node: str | None = None
-        self._clients: dict[int, list[tuple[str, int]]] = {}
+        self._pending: dict[int, list[str]] = {}
+        self._merges: dict[int, int] = {}
 
-    def initial(self, model: nn.Module | Mapping[str, torch.Tensor], name: str | None = None) -> NodeInfo:
-        """The initial global model (no data of its own)."""
-        info = self.store.add_node(name or f"{self.prefix}/init", model, self.arch, framework="fl",
-                                   classes=self.classes, head=self.head)
+    def initial(self, model: Model, name: str | None = None, *, data: Data | str | None = None,
+                recipe: Any = None) -> NodeInfo:
+        """The initial global model (usually no data of its own: a fresh or imported model)."""
+        info = self.record(name or f"{self.prefix}/init", model, data=data, recipe=recipe)
         self.global_node = info.name
         return info
 
-    def client(self, round: int, client: int | str, model: nn.Module | Mapping[str, torch.Tensor],
-               data: Data | str, *, recipe: Any = None, name: str | None = None) -> NodeInfo:
-        """A client's model after local training in ``round`` on ``data``."""
-        parents = [self.global_node] if self.global_node else []
-        info = self.store.add_node(
-            name or f"{self.prefix}/r{round}/c{client}", model, self.arch, parents=parents, relation="finetune",
-            framework="fl", data=data, classes=self.classes, head=self.head, recipe=recipe or self.recipe,
-            meta={"round": round, "client": client})
-        self._clients.setdefault(round, []).append((info.name, info.data_size))
+    def _member(self, round: int, member: int | str, model: Model, data: Data | str, *, recipe: Any,
+                name: str | None, parent: str | None, meta: Mapping[str, Any] | None, default_name: str,
+                fim: Any = None) -> NodeInfo:
+        parent = parent if parent is not None else self.global_node
+        info = self.record(name or default_name, model, parents=[parent] if parent else [], relation="finetune",
+                           data=data, recipe=recipe, fim=fim,
+                           meta={"round": round, self.member_word: member, **(meta or {})})
+        self._pending.setdefault(round, []).append(info.name)
         return info
 
-    def aggregate(self, round: int, model: nn.Module | Mapping[str, torch.Tensor], *,
-                  name: str | None = None) -> NodeInfo:
-        """The aggregated global model of ``round`` (parents: that round's clients, weighted by data share)."""
-        clients = self._clients.get(round)
-        if not clients:
-            raise ValueError(f"round {round} has no recorded clients")
-        total = sum(n for _, n in clients) or 1
-        info = self.store.add_node(
-            name or f"{self.prefix}/r{round}/global", model, self.arch,
-            parents=[(c, n / total) for c, n in clients], relation="aggregate", framework="fl",
-            classes=self.classes, head=self.head, meta={"round": round})
+    def pending(self, round: int) -> list[str]:
+        """Nodes of ``round`` not merged yet: what a default :meth:`aggregate` call merges."""
+        return list(self._pending.get(round, []))
+
+    def _merge(self, round: int, model: Model, *, parents: Sequence[str] | None, weights: Sequence[float] | None,
+               name: str | None, final: bool, meta: Mapping[str, Any] | None, default_name: str) -> NodeInfo:
+        explicit = parents is not None
+        parents = list(parents) if explicit else self.pending(round)
+        if not parents:
+            raise ValueError(f"round {round} has no recorded {self.member_word}s")
+        if weights is None:
+            w = self.weights(parents)
+        else:
+            w = [float(x) for x in weights]
+            if len(w) != len(parents):
+                raise ValueError(f"{len(parents)} parents but {len(w)} weights")
+            if any(not x >= 0 for x in w) or sum(w) <= 0:
+                raise ValueError(f"weights must be >= 0 with a positive sum, got {w}")
+            total = sum(w)
+            w = [x / total for x in w]
+        info = self.record(name or default_name, model, parents=list(zip(parents, w)), relation=self.merge_relation,
+                           meta={"round": round, "final": final, **(meta or {})})
+        left = [p for p in self._pending.get(round, []) if p not in set(parents)]
+        if final:
+            self.global_node = info.name
+            self._pending[round] = left
+        else:
+            self._pending[round] = left + [info.name]
+        return info
+
+
+class FederatedRecorder(_RoundRecorder):
+    """Record a federated run: per round, each client's local model and the aggregate.
+
+    Client ``i`` of round ``r`` has the previous global model as parent (or ``parent=``);
+    the aggregate has the round's clients as parents with FedAvg weights (data shares).
+
+    * Multi-layer FL: ``aggregate(r, m, parents=[...], final=False)`` records an
+      intermediate aggregator (edge server); the round's final ``aggregate(r, m)`` then
+      merges the intermediate aggregators (and any client not merged yet).
+    * DAG-FL: ``aggregate(r, m, parents=[...])`` with parents of any depth (a stale client,
+      an older global); their default weights are the data they stand for.
+    """
+
+    framework = "fl"
+    member_word = "client"
+    merge_relation = "aggregate"
+
+    def __init__(self, store: Store, arch: Any, *, prefix: str = "fl", classes: Sequence[int] | None = None,
+                 head: str | None = None, recipe: Any = None, device: str | torch.device | None = None,
+                 fim: bool = True, fisher_batch: int = 512) -> None:
+        super().__init__(store, arch, prefix=prefix, classes=classes, head=head, recipe=recipe, device=device,
+                         fim=fim, fisher_batch=fisher_batch)
+
+    def client(self, round: int, client: int | str, model: Model, data: Data | str, *, recipe: Any = None,
+               name: str | None = None, parent: str | None = None, meta: Mapping[str, Any] | None = None,
+               fim: Any = None) -> NodeInfo:
+        """A client's model after local training in ``round`` on ``data`` (parent: the global model)."""
+        return self._member(round, client, model, data, recipe=recipe, name=name, parent=parent, meta=meta,
+                            default_name=f"{self.prefix}/r{round}/c{client}", fim=fim)
+
+    def aggregate(self, round: int, model: Model, *, name: str | None = None, parents: Sequence[str] | None = None,
+                  weights: Sequence[float] | None = None, final: bool = True,
+                  meta: Mapping[str, Any] | None = None) -> NodeInfo:
+        """An aggregate of ``round``: by default the round's global model over its pending clients.
+
+        ``final=False`` records an intermediate aggregator (multi-layer FL); ``parents``
+        names any earlier nodes (DAG-FL); ``weights`` default to data shares and are
+        normalised to sum 1.
+        """
+        k = self._merges[round] = self._merges.get(round, 0) + (0 if final else 1)
+        default = f"{self.prefix}/r{round}/global" if final else f"{self.prefix}/r{round}/agg{k - 1}"
+        return self._merge(round, model, parents=parents, weights=weights, name=name, final=final, meta=meta,
+                           default_name=default)
+
+
+    def server(self, round: int, model: Model, data: Data | str, *, recipe: Any = None, name: str | None = None,
+               meta: Mapping[str, Any] | None = None, fim: Any = None) -> NodeInfo:
+        """Server-side fine-tuning of the current global model on server data; it becomes the new global."""
+        if self.global_node is None:
+            raise ValueError("no global model to fine-tune: record initial() or aggregate() first")
+        info = self.record(name or f"{self.prefix}/r{round}/server", model, parents=[self.global_node],
+                           relation="finetune", data=data, recipe=recipe, meta={"round": round, **(meta or {})},
+                           fim=fim)
         self.global_node = info.name
         return info
+
+
+class DataParallelRecorder(_RoundRecorder):
+    """Record distributed data-parallel training: shard models and their sync points.
+
+    Between two syncs every rank trains a copy of the last synced model on its shard
+    (``shard``, relation ``finetune``); the sync point averages them (``sync``, relation
+    ``sync``, weights = shard shares). Record a sync every k local steps/epochs: each
+    sync is a node, the per-step replicas in between are not.
+    """
+
+    framework = "ddp"
+    member_word = "rank"
+    merge_relation = "sync"
+
+    def __init__(self, store: Store, arch: Any, *, prefix: str = "ddp", classes: Sequence[int] | None = None,
+                 head: str | None = None, recipe: Any = None, device: str | torch.device | None = None,
+                 fim: bool = True, fisher_batch: int = 512) -> None:
+        super().__init__(store, arch, prefix=prefix, classes=classes, head=head, recipe=recipe, device=device,
+                         fim=fim, fisher_batch=fisher_batch)
+
+    def shard(self, step: int, rank: int, model: Model, data: Data | str, *, recipe: Any = None,
+              name: str | None = None, parent: str | None = None, meta: Mapping[str, Any] | None = None,
+              fim: Any = None) -> NodeInfo:
+        """Rank ``rank``'s replica after training on its shard since the last sync."""
+        return self._member(step, rank, model, data, recipe=recipe, name=name, parent=parent, meta=meta,
+                            default_name=f"{self.prefix}/s{step}/rank{rank}", fim=fim)
+
+    def sync(self, step: int, model: Model, *, name: str | None = None, parents: Sequence[str] | None = None,
+             weights: Sequence[float] | None = None, meta: Mapping[str, Any] | None = None) -> NodeInfo:
+        """The synchronised model of ``step`` (parents: that step's shard replicas)."""
+        return self._merge(step, model, parents=parents, weights=weights, name=name, final=True, meta=meta,
+                           default_name=f"{self.prefix}/s{step}/sync")
+
+
+class IncrementalRecorder(LineageRecorder):
+    """Record class-incremental learning: a chain where every step's head covers the classes seen so far.
+
+    ``step(model, classes, data)`` records the next model with ``classes`` (output row ->
+    label id) and an arch whose ``num_classes`` is ``len(classes)`` (:meth:`arch_for`),
+    parent = the previous step (relation ``increment``). A step must keep every class of
+    its parent; a step without new classes (consolidation) is allowed.
+    """
+
+    framework = "il"
+
+    def __init__(self, store: Store, arch: Any, *, prefix: str = "il", head: str | None = None, recipe: Any = None,
+                 device: str | torch.device | None = None, fim: bool = True, fisher_batch: int = 512,
+                 num_classes_arg: str = "num_classes") -> None:
+        super().__init__(store, arch, prefix=prefix, head=head, recipe=recipe, device=device, fim=fim,
+                         fisher_batch=fisher_batch, num_classes_arg=num_classes_arg)
+        self.last: str | None = None
+        self.last_classes: tuple[int, ...] = ()
+        self.steps = 0
+
+    def step(self, model: Model, classes: Sequence[int], data: Data | str, *, parent: str | None = None,
+             name: str | None = None, arch: Any = None, recipe: Any = None,
+             meta: Mapping[str, Any] | None = None, fim: Any = None) -> NodeInfo:
+        """Record the next incremental step (parent: the previous step unless ``parent=``)."""
+        classes = tuple(int(c) for c in classes)
+        parent = parent if parent is not None else self.last
+        parent_classes = self.store.node(parent).classes if parent else ()
+        lost = sorted(set(parent_classes) - set(classes))
+        if lost:
+            raise ValueError(f"incremental step drops class(es) {lost} of its parent '{parent}'; heads only grow")
+        k = self.steps
+        info = self.record(name or f"{self.prefix}/step{k}", model, arch=arch or self.arch_for(classes),
+                           parents=[parent] if parent else [], relation="increment", data=data, classes=classes,
+                           recipe=recipe, fim=fim,
+                           meta={"step": k, "new_classes": sorted(set(classes) - set(parent_classes)), **(meta or {})})
+        self.last, self.last_classes, self.steps = info.name, classes, k + 1
+        return info
+
+
+class TransferRecorder(LineageRecorder):
+    """Record transfer learning: a base model and heads fine-tuned from it for other label sets.
+
+    ``base`` records the fully trained source model; ``head`` a model whose body is its
+    parent's and whose head (sized for ``classes``) alone was trained (relation
+    ``transfer``). Record the head's recipe with ``train_only`` set (e.g.
+    ``Recipe(train_only="fc")``): it is kept on the node and used by retraining. As the
+    body is unchanged, the store keeps one copy of it for the base and all its heads.
+    """
+
+    framework = "tl"
+
+    def __init__(self, store: Store, arch: Any, *, prefix: str = "tl", head: str | None = None, recipe: Any = None,
+                 device: str | torch.device | None = None, fim: bool = True, fisher_batch: int = 512,
+                 num_classes_arg: str = "num_classes") -> None:
+        super().__init__(store, arch, prefix=prefix, head=head, recipe=recipe, device=device, fim=fim,
+                         fisher_batch=fisher_batch, num_classes_arg=num_classes_arg)
+        self.base_node: str | None = None
+        self._heads = 0
+
+    def base(self, model: Model, data: Data | str, *, classes: Sequence[int], name: str | None = None,
+             parents: Sequence[str] = (), arch: Any = None, recipe: Any = None,
+             meta: Mapping[str, Any] | None = None, fim: Any = None) -> NodeInfo:
+        """The source model, trained on ``data`` with a head for ``classes``."""
+        info = self.record(name or f"{self.prefix}/base", model, arch=arch or self.arch_for(classes),
+                           parents=list(parents), relation="transfer" if parents else None, data=data,
+                           classes=classes, recipe=recipe, meta=meta, fim=fim)
+        self.base_node = info.name
+        return info
+
+    def head(self, model: Model, data: Data | str, *, classes: Sequence[int], parent: str | None = None,
+             name: str | None = None, arch: Any = None, recipe: Any = None,
+             meta: Mapping[str, Any] | None = None, fim: Any = None) -> NodeInfo:
+        """A model transferred from ``parent`` (default: the base), only its head trained, for ``classes``."""
+        parent = parent if parent is not None else self.base_node
+        if parent is None:
+            raise ValueError("transfer head has no parent: record base() first or pass parent=")
+        rec = recipe if recipe is not None else self.recipe
+        trained = getattr(rec, "train_only", None) if not isinstance(rec, Mapping) else rec.get("train_only")
+        k = self._heads
+        info = self.record(name or f"{self.prefix}/head{k}", model, arch=arch or self.arch_for(classes),
+                           parents=[parent], relation="transfer", data=data, classes=classes, recipe=rec,
+                           meta={"trained": trained, **(meta or {})}, fim=fim)
+        self._heads = k + 1
+        return info
+
+
+# ------------------------------------------------------------------ training helpers
+def fresh_model(arch: ArchSpec | Mapping[str, Any], seed: int) -> nn.Module:
+    """A freshly initialised model, seeded so a retrain builds the same initial weights."""
+    spec = arch if isinstance(arch, ArchSpec) else ArchSpec.from_json(arch)
+    torch.manual_seed(seed)
+    return spec.build()
+
+
+def inherit_weights(model: nn.Module, parent: Model, parent_classes: Sequence[int], classes: Sequence[int],
+                    head: str = "fc") -> nn.Module:
+    """Load ``parent``'s weights into ``model``; head rows are copied by label id.
+
+    Every non-head tensor must match in shape. Rows of labels the parent had are copied
+    (an incremental step keeps what it knew); rows of new labels keep ``model``'s own
+    initialisation. Returns ``model``.
+    """
+    src = parent.state_dict() if isinstance(parent, nn.Module) else dict(parent)
+    own = model.state_dict()
+    prefix = head + "."
+    new: dict[str, Tensor] = {}
+    row_of = {int(c): r for r, c in enumerate(parent_classes)}
+    pairs = [(r, row_of[int(c)]) for r, c in enumerate(classes) if int(c) in row_of]
+    for k, v in own.items():
+        if not k.startswith(prefix):
+            if k not in src:
+                raise ValueError(f"parent has no tensor '{k}'")
+            if tuple(src[k].shape) != tuple(v.shape):
+                raise ValueError(f"'{k}': parent {tuple(src[k].shape)} vs model {tuple(v.shape)}")
+            new[k] = src[k].detach().to(v.device, v.dtype).clone()
+            continue
+        t = v.detach().clone()
+        p = src.get(k)
+        if p is not None and pairs and p.dim() >= 1 and p.shape[1:] == t.shape[1:]:
+            dst_rows = torch.tensor([a for a, _ in pairs])
+            src_rows = torch.tensor([b for _, b in pairs])
+            t[dst_rows] = p[src_rows].to(t.device, t.dtype)
+        new[k] = t
+    model.load_state_dict(new)
+    return model
+
+
+class FisherCapture:
+    """The model FIM accumulated from a training epoch's own forward passes (no extra pass).
+
+    A forward hook on the head reads its input ``h`` and logits ``z`` while the training
+    loop runs, on the training device, and adds the closed-form diagonal Fisher of every
+    batch (same formula as :func:`umig.fisher.head_fisher`). Wrap the *last* epoch's
+    batches with :meth:`wrap` so the hook knows their labels::
+
+        cap = FisherCapture(model, classes)
+        for epoch in range(epochs):
+            batches = loader(epoch)
+            for x, y in (cap.wrap(batches) if epoch == epochs - 1 else batches):
+                ...forward, loss, step...
+        rec.client(r, c, model, shard, fim=cap.fim())
+
+    It approximates the post-training FIM: the weights still move during that epoch and
+    BatchNorm/dropout run in training mode. ``kind``/``temperature`` must match the
+    store's Fisher settings (``store.fisher_settings()``).
+    """
+
+    def __init__(self, model: nn.Module, classes: Sequence[int], *, head: str = "fc", kind: str = "empirical",
+                 temperature: float = 1.0) -> None:
+        from umig.fisher import resolve_head
+
+        self.classes = tuple(int(c) for c in classes)
+        self.kind, self.temperature = kind, float(temperature)
+        self.lin = resolve_head(model, head)
+        self._y: Tensor | None = None
+        self._f_w: Tensor | None = None
+        self._f_b: Tensor | None = None
+        self.samples = 0
+        self._handle = self.lin.register_forward_hook(self._hook)
+
+    def wrap(self, batches):
+        """Yield ``batches`` unchanged, telling the hook each batch's labels."""
+        try:
+            for x, y in batches:
+                self._y = y
+                yield x, y
+        finally:
+            self._y = None
+
+    def _hook(self, _mod: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        from umig.fisher import label_rows
+
+        if self._y is None:
+            return
+        with torch.no_grad():
+            h = inputs[0].detach().reshape(-1, self.lin.in_features).float()
+            z = output.detach().reshape(-1, self.lin.out_features).float()
+            y = self._y.to(z.device).reshape(-1)
+            self._y = None  # one head call per batch
+            if y.numel() != z.shape[0] or not y.numel():
+                return
+            rows = label_rows(y, self.classes)
+            p = torch.softmax(z / self.temperature, dim=1)
+            if self.kind == "empirical":
+                g = p.square()
+                idx = torch.arange(p.shape[0], device=p.device)
+                g[idx, rows] = (1.0 - p[idx, rows]).square()
+            else:
+                g = p * (1.0 - p)
+            if self._f_w is None:
+                self._f_w = torch.zeros(len(self.classes), self.lin.in_features, device=z.device)
+                self._f_b = torch.zeros(len(self.classes), device=z.device)
+            self._f_w.addmm_(g.T, h.square())
+            self._f_b += g.sum(0)
+            self.samples += int(y.numel())
+
+    def close(self) -> None:
+        """Remove the hook (``fim()`` still works afterwards)."""
+        self._handle.remove()
+
+    def __enter__(self) -> FisherCapture:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def fim(self):
+        """The captured :class:`umig.fisher.FIM` (CPU tensors); closes the hook."""
+        from umig.fisher import FIM, FisherDataError
+
+        self.close()
+        if not self.samples:
+            raise FisherDataError("FisherCapture saw no labelled batch: wrap the last epoch's batches with wrap()")
+        return FIM(weight=(self._f_w / self.samples).cpu(),
+                   bias=(self._f_b / self.samples).cpu() if self.lin.bias is not None else None,
+                   classes=self.classes, samples=self.samples, kind=self.kind, temperature=self.temperature)
+
+
+def fit(model: nn.Module, data: Data, recipe: Any, classes: Sequence[int],
+        device: str | torch.device | None = None, capture: FisherCapture | None = None) -> dict[str, float]:
+    """Train ``model`` on ``data`` with ``recipe``: shuffled epochs seeded by ``recipe.seed + epoch``.
+
+    With ``capture``, the last epoch's forward passes also accumulate the model FIM.
+    """
+    from umig.train import Recipe, train
+
+    rec = recipe if isinstance(recipe, Recipe) else Recipe.from_json(dict(recipe))
+
+    def batches(epoch: int):
+        it = data.batches(rec.batch_size, shuffle=True, seed=rec.seed + epoch, device=device)
+        return capture.wrap(it) if capture is not None and epoch == rec.epochs - 1 else it
+
+    return train(model, batches, rec, classes, device=device)
+
+
+# ------------------------------------------------------------------ retraining reference
+@dataclass
+class Reference:
+    """Models retrained without the forgotten labels along the lineage (in memory, never stored)."""
+
+    labels: tuple[int, ...]
+    nodes: list[str]  # retrained nodes, topological order
+    states: dict[str, dict[str, Tensor]]
+    seconds: dict[str, float]  # per node: build + train (or FedAvg)
+    wall_s: float
+    ancestors: dict[str, set[str]] = field(default_factory=dict)
+
+    def cumulative(self, node: str) -> float:
+        """Seconds to retrain ``node`` and every retrained node it inherits from (sequential dependence)."""
+        return sum(self.seconds[n] for n in self.ancestors[node] | {node} if n in self.seconds)
+
+    def model(self, store: Store, node: str) -> nn.Module:
+        """The retrained model of ``node`` (eval mode, CPU)."""
+        from umig.arch import load_weights
+
+        m = ArchSpec.from_json(store.node(node).arch).build()
+        load_weights(m, self.states[node])
+        return m.eval()
+
+
+def retrain_reference(store: Store, labels: Sequence[int], *, policy: str = "first",
+                      train_fn: Callable[[str, nn.Module, Data, Any, Sequence[int]], Any] | None = None,
+                      device: str | torch.device | None = None,
+                      progress: Callable[[str, float], None] | None = None) -> Reference:
+    """Retrain every node an unlearning request affects, without ``labels``, in topological order.
+
+    The gold standard FIUn is compared with (the paper's "Re-training" benchmark): the
+    affected nodes are the discovery nodes and all their descendants (as
+    ``store.plan_unlearning`` finds them). Each is rebuilt from its in-edges the way the
+    recorders' training loops build models:
+
+    * aggregate/sync node: FedAvg of its parents (retrained where affected) with the
+      recorded edge weights (data sizes where none);
+    * otherwise: :func:`fresh_model` seeded with the recipe's seed, then
+      :func:`inherit_weights` from its parent (FedAvg of its parents if several), then
+      :func:`fit` on its own data minus ``labels`` with its recorded recipe.
+
+    ``train_fn(name, model, data, recipe, classes)`` replaces :func:`fit`. Nodes are not
+    changed in the store; the retrained weights come back in a :class:`Reference`.
+    """
+    from umig import graph as G
+    from umig.errors import UmigError
+    from umig.train import Recipe, fedavg
+
+    forget = tuple(sorted({int(x) for x in labels}))
+    plan = store.plan_unlearning(forget, policy=policy).plan
+    g = store.graph()
+    affected = list(plan.affected)
+    states: dict[str, dict[str, Tensor]] = {}
+    seconds: dict[str, float] = {}
+    stored: dict[str, dict[str, Tensor]] = {}
+
+    def state_of(name: str) -> dict[str, Tensor]:
+        if name in states:
+            return states[name]
+        if name not in stored:
+            stored[name] = store.state_dict(name)
+        return stored[name]
+
+    t_all = time.perf_counter()
+    for name in affected:
+        t0 = time.perf_counter()
+        info = store.node(name)
+        spec = ArchSpec.from_json(info.arch)
+        recipe = Recipe.from_json(info.recipe) if info.recipe else None
+        parents = [(p, w) for p, _, w in info.parents]
+        relations = {r for _, r, _ in info.parents}
+        if parents:
+            ws = [w if w is not None else max(store.node(p).data_size, 1) for p, w in parents]
+            start = state_of(parents[0][0]) if len(parents) == 1 else fedavg([state_of(p) for p, _ in parents], ws)
+        else:
+            start = None
+        data = store.node_data(name)
+        if relations & {"aggregate", "sync"} and data is None:
+            states[name] = {k: v.clone() for k, v in start.items()}
+        else:
+            model = fresh_model(spec, recipe.seed if recipe else 0)
+            if start is not None:
+                parent_classes = store.node(parents[0][0]).classes
+                inherit_weights(model, start, parent_classes, info.classes, head=info.head)
+            if data is not None:
+                keep = data.filter_labels(drop=forget)
+                if len(keep):
+                    if recipe is None:
+                        raise UmigError(f"cannot retrain node '{name}': it has data but no recorded recipe")
+                    if device is not None:
+                        model.to(device)
+                    if train_fn is not None:
+                        train_fn(name, model, keep, recipe, info.classes)
+                    else:
+                        fit(model, keep, recipe, info.classes, device=device)
+            states[name] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        seconds[name] = time.perf_counter() - t0
+        if progress:
+            progress(name, seconds[name])
+    wall = time.perf_counter() - t_all
+    ancestors = {n: set(G.effective_ancestors(g, n)) - {n} for n in affected}
+    return Reference(labels=forget, nodes=affected, states=states, seconds=seconds, wall_s=wall, ancestors=ancestors)
+
+
+def effective_data(store: Store, name: str) -> Data | None:
+    """The node's effective training data (its own and every ancestor's), restricted to its classes.
+
+    The same set ``store.unlearn`` evaluates a node on ("train" columns).
+    """
+    from umig import graph as G
+
+    info = store.node(name)
+    parts, seen = [], set()
+    for a in G.effective_ancestors(store.graph(), name):
+        n = store.node(a)
+        if n.data_ref is None:
+            continue
+        key = repr(sorted(n.data_ref.items()))
+        if key not in seen:
+            seen.add(key)
+            parts.append(store.node_data(a))
+    if not parts:
+        return None
+    return (parts[0] if len(parts) == 1 else Data.concat(parts)).filter_labels(keep=info.classes)
+
+
+def evaluate_models(store: Store, models: Mapping[str, Model], labels: Sequence[int], *,
+                    heldout: str | Data | None = None, device: str | torch.device | None = None,
+                    batch_size: int = 512) -> dict[str, dict[str, float | None]]:
+    """AD_f / AD_r of given weights for nodes, keyed like ``UnlearnResult`` metrics.
+
+    ``models`` maps node name -> module or state dict (e.g. ``Reference.states``). Returns
+    ``{node: {"AD_f_train": .., "AD_r_train": .., "AD_f_heldout": .., "AD_r_heldout": ..}}``
+    on the node's :func:`effective_data` and on ``heldout`` (restricted to the node's classes).
+    """
+    from umig.arch import load_weights
+    from umig.evaluate import unlearning_accuracy
+
+    forget = {int(x) for x in labels}
+    held = resolve(heldout) if isinstance(heldout, str) else heldout
+    out: dict[str, dict[str, float | None]] = {}
+    for name, m in models.items():
+        info = store.node(name)
+        if isinstance(m, nn.Module):
+            model = m
+        else:
+            model = ArchSpec.from_json(info.arch).build()
+            load_weights(model, m)
+        sets = {"train": effective_data(store, name)}
+        if held is not None:
+            sets["heldout"] = held.filter_labels(keep=info.classes)
+        row: dict[str, float | None] = {}
+        for split, d in sets.items():
+            if d is None or not len(d):
+                continue
+            acc = unlearning_accuracy(model, d.batches(batch_size), info.classes, forget, device=device)
+            row[f"AD_f_{split}"], row[f"AD_r_{split}"] = acc["AD_f"], acc["AD_r"]
+        out[name] = row
+    return out

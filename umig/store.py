@@ -186,6 +186,7 @@ class NodeInfo:
 class _Txn:
     depth: int = 0
     created_blobs: list[str] = field(default_factory=list)
+    released: set[str] = field(default_factory=set)  # blobs to delete once the transaction commits
 
 
 class Store:
@@ -194,7 +195,9 @@ class Store:
     def __init__(self, root: Path, db: sqlite3.Connection) -> None:
         self.root = root
         self.db = db
-        self.blobs = BlobStore(root / "blobs")
+        from umig.execution import BufferedBlobStore  # blob writes of a transaction overlap their fsyncs
+
+        self.blobs = BufferedBlobStore(root / "blobs")
         self._txn = _Txn()
         self._lock_fh: Any = None
         self.lock_timeout = float(os.environ.get("UMIG_LOCK_TIMEOUT", "60"))
@@ -229,9 +232,13 @@ class Store:
     def _connect(cls, root: Path) -> "Store":
         db = sqlite3.connect(root / DB_NAME, isolation_level=None, timeout=60, check_same_thread=False)
         db.row_factory = sqlite3.Row
-        db.execute("PRAGMA foreign_keys=ON")
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
+        try:
+            db.execute("PRAGMA foreign_keys=ON")
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+        except sqlite3.DatabaseError as e:  # e.g. "file is not a database"
+            db.close()
+            raise UmigError(f"{root / DB_NAME} is not a readable umig database ({e})") from None
         store = cls(root, db)
         store._migrate()
         return store
@@ -263,6 +270,7 @@ class Store:
                 )
 
     def close(self) -> None:
+        self.blobs.close()
         self.db.close()
 
     def __enter__(self) -> "Store":
@@ -318,12 +326,18 @@ class Store:
             self.db.execute("BEGIN IMMEDIATE")
             try:
                 yield
-            except BaseException:
+                # Every deferred blob write durable before the metadata naming it commits.
+                self._txn.created_blobs.extend(d for _, d in self.blobs.flush())
+            except BaseException as e:
+                self._txn.created_blobs.extend(d for _, d in self.blobs.flush(check=False))
+                self._txn.created_blobs.extend(getattr(e, "created_blobs", None) or ())
                 self.db.execute("ROLLBACK")
                 self._discard_unreferenced(self._txn.created_blobs)
                 raise
             else:
                 self.db.execute("COMMIT")
+                # Only now: inside a store.batch() a remove/purge may still be rolled back.
+                self._discard_unreferenced(self._txn.released)
             finally:
                 self._txn = _Txn()
 
@@ -331,6 +345,8 @@ class Store:
 
     def put_tensors(self, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
         """Write a blob as part of the current transaction (removed again if it rolls back)."""
+        if self._txn.depth:  # written on a thread; durable before the transaction commits
+            return self.blobs.put_deferred(dict(tensors), metadata)
         digest, created = self.blobs.put_tensors(dict(tensors), metadata)
         self.adopt_blobs([digest] if created else [])
         return digest
@@ -395,22 +411,25 @@ class Store:
         """The UMIG as a ``networkx.DiGraph`` (a fresh copy; attributes per node and edge)."""
         g = nx.DiGraph()
         names: dict[int, str] = {}
-        for r in self.db.execute(
+        # Bulk inserts, and each distinct classes/label-counts text parsed once (shared, read-only values).
+        classes: dict[str, tuple[int, ...]] = {}
+        labels: dict[str, frozenset[int]] = {}
+        rows = []
+        for nid, name, cls, counts, framework, size, version, head in self.db.execute(
             "SELECT id, name, classes, label_counts, framework, data_size, version, head FROM nodes ORDER BY id"
         ):
-            names[r["id"]] = r["name"]
-            counts = json.loads(r["label_counts"])
-            g.add_node(
-                r["name"],
-                classes=tuple(json.loads(r["classes"])),
-                labels=frozenset(int(k) for k in counts),
-                framework=r["framework"],
-                data_size=r["data_size"],
-                version=r["version"],
-                head=r["head"],
-            )
-        for r in self.db.execute("SELECT parent, child, relation, weight FROM edges"):
-            g.add_edge(names[r["parent"]], names[r["child"]], relation=r["relation"], weight=r["weight"])
+            names[nid] = name
+            if cls not in classes:
+                classes[cls] = tuple(json.loads(cls))
+            if counts not in labels:
+                labels[counts] = frozenset(int(k) for k in json.loads(counts))
+            rows.append((name, {"classes": classes[cls], "labels": labels[counts], "framework": framework,
+                                "data_size": size, "version": version, "head": head}))
+        g.add_nodes_from(rows)
+        g.add_edges_from(
+            (names[p], names[c], {"relation": rel, "weight": w})
+            for p, c, rel, w in self.db.execute("SELECT parent, child, relation, weight FROM edges")
+        )
         return g
 
     # --------------------------------------------------------------- versions
@@ -487,7 +506,7 @@ class Store:
         classes: Sequence[int] | None = None,
         head: str | None = None,
         input_shape: Sequence[int] | None = None,
-        fim: bool = True,
+        fim: Any = True,
         meta: Mapping[str, Any] | None = None,
         recipe: Any = None,
         fisher_batch: int = 256,
@@ -498,7 +517,9 @@ class Store:
         ``weights`` is an ``nn.Module``, a state dict or a path (``.safetensors``,
         or ``.pt`` read with ``weights_only=True``). ``data`` is a reference string,
         a ``umig.data.Data``, or a ``torch.utils.data.Dataset`` with ``data_ref``
-        naming it. Everything is validated before anything is written.
+        naming it. ``fim``: True computes the model FIM (one forward pass over the data),
+        False skips it, or pass a ``umig.fisher.FIM`` already computed (e.g. during training
+        by ``umig.lineage.FisherCapture``). Everything is validated before anything is written.
         """
         from umig import arch as A
         from umig import data as D
@@ -512,7 +533,8 @@ class Store:
             raise UmigError(f"unknown relation '{relation}' (choose from {', '.join(RELATIONS)})")
         if self.has_node(name):
             raise GraphError(f"node '{name}' already exists")
-        parent_list = [_parse_parent(p) for p in parents]
+        # An existing node's full name wins over NAME:WEIGHT (names may contain ':', e.g. 'ckpt:3').
+        parent_list = [(p, None) if isinstance(p, str) and self.has_node(p) else _parse_parent(p) for p in parents]
         for p, _ in parent_list:
             if p == name:
                 raise GraphError(f"node '{name}' cannot be its own parent (cycle)")
@@ -523,19 +545,43 @@ class Store:
         relation = relation or _default_relation(framework, len(parent_list))
 
         spec = arch if isinstance(arch, A.ArchSpec) else A.ArchSpec(str(arch), dict(arch_args or {}))
-        if isinstance(weights, nn.Module):
+        if not isinstance(weights, nn.Module):
+            weights = A.load_state_dict_file(weights) if isinstance(weights, (str, Path)) else dict(weights)
+        # Rebuilding from the spec and the dummy forward that finds the head depend only on the
+        # architecture and the state's keys/shapes/dtypes: done once per combination (bulk recording).
+        given = weights.state_dict() if isinstance(weights, nn.Module) else weights
+        vkey = (json.dumps(spec.to_json(), sort_keys=True, default=str), head,
+                tuple(input_shape) if input_shape else None, isinstance(weights, nn.Module),
+                tuple((k, tuple(v.shape), v.dtype) for k, v in given.items()))
+        validated = self.__dict__.setdefault("_validated", {})
+        hit = validated.get(vkey)
+        if hit is not None:
+            hinfo, template = hit
+            state = {k: v.detach().cpu() for k, v in given.items()}
+            model = weights if isinstance(weights, nn.Module) else template
+            if model is template and fim and (data is not None or data_ref is not None):
+                A.load_weights(model, state)  # the FIM below runs this node's weights
+        elif isinstance(weights, nn.Module):
             model = weights
             state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
             rebuilt = spec.build()
             A.load_weights(rebuilt, state)  # the spec must be able to rebuild this module later
         else:
-            state = A.load_state_dict_file(weights) if isinstance(weights, (str, Path)) else dict(weights)
+            state = weights
             model = spec.build()
             A.load_weights(model, state)
             state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        if input_shape is None:
-            input_shape = getattr(model, "input_shape", None)
-        hinfo = A.find_head(model, head=head, input_shape=tuple(input_shape) if input_shape else None)
+        if hit is None:
+            if input_shape is None:
+                input_shape = getattr(model, "input_shape", None)
+            hinfo = A.find_head(model, head=head, input_shape=tuple(input_shape) if input_shape else None)
+            # Reuse only where the state is stored exactly as given (same keys and dtypes as the model's).
+            exact = isinstance(weights, nn.Module) or (
+                state.keys() == given.keys() and all(state[k].dtype == given[k].dtype for k in state))
+            if exact:
+                if len(validated) >= 64:
+                    validated.pop(next(iter(validated)))
+                validated[vkey] = (hinfo, None if isinstance(weights, nn.Module) else spec.build())
         cls = tuple(int(c) for c in classes) if classes is not None else tuple(range(hinfo.out_features))
         if len(cls) != hinfo.out_features:
             raise UmigError(
@@ -561,7 +607,16 @@ class Store:
                 raise UmigError(f"data of node '{name}' needs a reference string (data_ref=...) to be recorded")
 
         model_fim = None
-        if fim:
+        if isinstance(fim, F.FIM):  # computed by the caller, e.g. during training (umig.lineage.FisherCapture)
+            if fim.feature_dim != hinfo.in_features:
+                raise UmigError(f"given FIM of node '{name}' has feature width {fim.feature_dim}, "
+                                f"head '{hinfo.name}' has {hinfo.in_features}")
+            want = self.fisher_settings()
+            if (fim.kind, fim.temperature) != (want["kind"], want["temperature"]):
+                raise UmigError(f"given FIM of node '{name}' is {fim.kind} at temperature {fim.temperature:g}; "
+                                f"this store uses {want['kind']} at {want['temperature']:g}")
+            model_fim = fim.aligned(cls)
+        elif fim:
             if dataset is not None and len(dataset):
                 model_fim = F.head_fisher(
                     model, hinfo.name, dataset.batches(fisher_batch, device=device), cls, **self.fisher_settings(),
@@ -575,8 +630,8 @@ class Store:
         with self.transaction():
             if self.has_node(name):  # a concurrent writer may have won the race
                 raise GraphError(f"node '{name}' already exists")
-            body_d = self.put_tensors(body, {"node": name, "part": "body"})
-            head_d = self.put_tensors(head_t, {"node": name, "part": "head"})
+            body_d = self.put_tensors(body, {"part": "body"})
+            head_d = self.put_tensors(head_t, {"part": "head"})
             fim_d = self.put_tensors(model_fim.to_tensors(), model_fim.metadata()) if model_fim else None
             now = time.time()
             cur = self.db.execute(
@@ -690,8 +745,8 @@ class Store:
                 for row in self.db.execute("SELECT body, head, delta, fim FROM versions WHERE node=?", (nid,)):
                     blobs.update(d for d in row if d)
                 self.db.execute("DELETE FROM nodes WHERE id=?", (nid,))
-        # Only after the commit: a blob may still be shared with a surviving node.
-        self._discard_unreferenced(blobs)
+            # Deleted after the commit (of the outermost transaction), unless still shared.
+            self._txn.released.update(blobs)
         return victims
 
     def export(self, name: str, path: str | Path, *, version: int | None = None) -> Path:
@@ -701,20 +756,26 @@ class Store:
         sd = self.state_dict(name, version)
         info = self.node(name)
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():
+            raise UmigError(f"cannot export to {path}: it is a directory (name a .safetensors file)")
         tmp = path.with_suffix(path.suffix + ".part")
-        save_file(
-            {k: v.contiguous() for k, v in sd.items()},
-            str(tmp),
-            metadata={
-                "umig.node": name,
-                "umig.version": str(version if version is not None else info.version),
-                "umig.arch": json.dumps(info.arch),
-                "umig.classes": json.dumps(list(info.classes)),
-                "umig.head": info.head,
-            },
-        )
-        os.replace(tmp, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file(
+                {k: v.contiguous() for k, v in sd.items()},
+                str(tmp),
+                metadata={
+                    "umig.node": name,
+                    "umig.version": str(version if version is not None else info.version),
+                    "umig.arch": json.dumps(info.arch),
+                    "umig.classes": json.dumps(list(info.classes)),
+                    "umig.head": info.head,
+                },
+            )
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise UmigError(f"cannot write {path}: {e.strerror or e}") from None
         return path
 
     # ------------------------------------------------------------ operations
@@ -789,8 +850,9 @@ class Store:
             self.db.execute("DELETE FROM operation_blobs WHERE operation=?", (op_id,))
             self.db.execute("UPDATE operations SET state='purged', purged=? WHERE id=?", (time.time(), op_id))
             doomed = (candidates | op_blobs) - self._referenced()
-        # Deleted only after the commit: a crash in between leaves orphans for gc, never dangling rows.
-        freed = self.blobs.delete(doomed)
+            freed = sum(self.blobs.size(d) for d in doomed if self.blobs.exists(d))
+            # Deleted only after the commit: a crash in between leaves orphans for gc, never dangling rows.
+            self._txn.released.update(doomed)
         return {"operation": op_id, "versions_purged": len(old), "blobs_deleted": len(doomed), "bytes_freed": freed}
 
     def history(self, *, node: str | None = None) -> list[dict[str, Any]]:

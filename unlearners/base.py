@@ -311,8 +311,8 @@ def run_node_task(payload: dict[str, Any], env: Any) -> NodeResult:
     result = NodeResult(node=snap.name, metrics=dict(upd.metrics))
     if upd.state is not None:
         body, head = split_head({k: v.detach().cpu() for k, v in upd.state.items()}, snap.head)
-        result.body = env.put(body, {"node": snap.name, "part": "body"})
-        result.head = env.put(head, {"node": snap.name, "part": "head"})
+        result.body = env.put(body, {"part": "body"})
+        result.head = env.put(head, {"part": "head"})
         result.drop_delta = True  # full weights already include any earlier adapter
     if upd.delta:  # an empty delta changes nothing: keep the previous version's blobs
         tensors: dict[str, torch.Tensor] = {}

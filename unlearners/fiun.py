@@ -45,38 +45,70 @@ def fiun_update(
     longer win the argmax (a scaled row alone still gives logit ~0, which beats
     negative logits; see README "FIUn modes").
     """
+    # Element-wise float32 math in numpy (the same IEEE operations as torch, without the per-op
+    # dispatch that dominates on a 10x64 head); the one float reduction stays in torch, so the
+    # result is bit for bit what the torch formulation gives.
+    import numpy as np
+
     classes = model_fim.classes
-    out_w = weight.clone()
-    out_b = bias.clone() if bias is not None else None
-    forget_rows = torch.tensor([c in set(forget) for c in classes], dtype=torch.bool)
-    changed = 0
-
-    def scale(w: torch.Tensor, f: torch.Tensor, m: torch.Tensor, rows_only: bool) -> tuple[torch.Tensor, int]:
-        ratio = m / (f + eps)
-        crit = ratio > gamma
-        if rows_only:
-            crit &= forget_rows.view(-1, *([1] * (w.dim() - 1)))
-        factor = torch.clamp(tau * f / (m + eps), max=eta)
-        return torch.where(crit, factor.to(w.dtype) * w, w), int(crit.sum())
-
+    fs = set(forget)
+    rows = np.array([c in fs for c in classes], dtype=bool)
     rows_only = mode == "rows"
-    out_w, n = scale(weight, model_fim.weight, merged.weight, rows_only)
+
+    def scale(w: torch.Tensor, f: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, int]:
+        if (any(t.device.type != "cpu" for t in (w, f, m)) or f.dtype != torch.float32 or m.dtype != torch.float32
+                or w.dtype not in (torch.float32, torch.float64)):
+            return _scale_torch(w, f, m, torch.from_numpy(rows), rows_only, gamma=gamma, tau=tau, eta=eta, eps=eps)
+        wn, fn, mn = w.detach().numpy(), f.detach().numpy(), m.detach().numpy()
+        e, g = np.float32(eps), np.float32(gamma)
+        crit = (mn / (fn + e)) > g
+        if rows_only:
+            crit &= rows.reshape(-1, *([1] * (wn.ndim - 1)))
+        factor = np.minimum(np.float32(tau) * fn / (mn + e), np.float32(eta)).astype(wn.dtype, copy=False)
+        return torch.from_numpy(np.where(crit, factor * wn, wn)), int(crit.sum())
+
+    changed = 0
+    out_w, n = scale(weight, model_fim.weight, merged.weight)
     changed += n
+    out_b = bias.clone() if bias is not None else None
     if bias is not None and model_fim.bias is not None and merged.bias is not None:
-        out_b, n = scale(bias, model_fim.bias, merged.bias, rows_only)
+        out_b, n = scale(bias, model_fim.bias, merged.bias)
         changed += n
-    if rows_only and out_b is not None and bool(forget_rows.any()) and bool((~forget_rows).any()):
+    if rows_only and out_b is not None and bool(rows.any()) and bool((~rows).any()):
         # Lowest logit a retained row can reach is unbounded for unbounded features; use
         # the head's own scale: every forgotten row gets bias = min retained bias minus the
         # largest L1 row norm times the typical feature magnitude seen in the model FIM.
-        feat = _feature_scale(model_fim)
-        w_abs = out_w.abs().sum(dim=1)
-        margin = (w_abs[forget_rows].max() + w_abs[~forget_rows].max()) * feat
-        floor = out_b[~forget_rows].min() - margin - 1.0
-        out_b = torch.where(forget_rows, torch.minimum(out_b, floor), out_b)
-        changed += int(forget_rows.sum())
+        forget_rows = torch.from_numpy(rows)
+        w_abs = out_w.abs().sum(dim=1)  # the float reduction: torch's summation order
+        f32 = all(t is not None and t.dtype == torch.float32 and t.device.type == "cpu"
+                  for t in (out_w, out_b, w_abs, model_fim.weight, model_fim.bias))
+        if f32:
+            fw, fb = model_fim.weight.numpy(), model_fim.bias.numpy()
+            top = np.maximum(fw / (fb.reshape(-1, 1) + np.float32(1e-12)), np.float32(0)).max()
+            feat = torch.from_numpy(np.asarray(top)).sqrt().numpy()  # torch's sqrt, as _feature_scale
+            wa, ob = w_abs.numpy(), out_b.numpy()
+            margin = (wa[rows].max() + wa[~rows].max()) * feat
+            floor = ob[~rows].min() - margin - np.float32(1.0)
+            out_b = torch.from_numpy(np.where(rows, np.minimum(ob, floor), ob))
+        else:
+            feat = _feature_scale(model_fim)
+            margin = (w_abs[forget_rows].max() + w_abs[~forget_rows].max()) * feat
+            floor = out_b[~forget_rows].min() - margin - 1.0
+            out_b = torch.where(forget_rows, torch.minimum(out_b, floor), out_b)
+        changed += int(rows.sum())
     total = weight.numel() + (bias.numel() if bias is not None else 0)
     return out_w, out_b, {"params_changed": changed, "params_total": total}
+
+
+def _scale_torch(w: torch.Tensor, f: torch.Tensor, m: torch.Tensor, forget_rows: torch.Tensor, rows_only: bool, *,
+                 gamma: float, tau: float, eta: float, eps: float) -> tuple[torch.Tensor, int]:
+    """Eq. 6 on one tensor with torch ops (any dtype/device)."""
+    ratio = m / (f + eps)
+    crit = ratio > gamma
+    if rows_only:
+        crit &= forget_rows.to(crit.device).view(-1, *([1] * (w.dim() - 1)))
+    factor = torch.clamp(tau * f / (m + eps), max=eta)
+    return torch.where(crit, factor.to(w.dtype) * w, w), int(crit.sum())
 
 
 def _feature_scale(model_fim: FIM) -> torch.Tensor:
@@ -192,5 +224,5 @@ def update_task(payload: dict[str, Any], env: Any) -> NodeResult:
     new_head = {wkey: w}
     if b is not None:
         new_head[bkey] = b
-    digest = env.put(new_head, {"node": snap.name, "part": "head"})
+    digest = env.put(new_head, {"part": "head"})
     return NodeResult(node=snap.name, head=digest, metrics=stats, seconds=time.perf_counter() - t0)
