@@ -172,6 +172,10 @@ def graph_show(
         R.graph_image(g, output)
         R.console.print(f"wrote {output}")
         return
+    if output is not None and fmt not in ("dot", "json"):  # --output g.dot: the suffix picks the format
+        fmt = {".dot": "dot", ".gv": "dot", ".json": "json"}.get(output.suffix.lower(), "")
+        if not fmt:
+            raise UmigError(f"--output {output}: use a .dot, .json, .png, .svg or .pdf file (or --format dot|json)")
     if fmt not in ("tree", "table", "dot", "json", "summary"):
         raise UmigError(f"unknown format '{fmt}' (tree, table, dot, json, summary)")
     if fmt in ("dot", "json"):
@@ -187,9 +191,10 @@ def graph_show(
             R.print_json(R.graph_json(g))
         return
     if fmt == "summary" or g.number_of_nodes() > max_nodes:
+        # A large graph gets a bounded summary (counts per framework and depth, the first levels), never a flood.
         R.console.print(R.summary_table(g))
-        if fmt == "summary":
-            return
+        R.console.print(R.first_levels(g, max_nodes))
+        return
     if fmt == "table":
         from umig.graph import bfs_order
 

@@ -129,7 +129,12 @@ class Plan:
         return [n for n in self.affected if n not in d]
 
     def role(self, node: str) -> str:
-        return "discovery" if node in set(self.discovery) else "inherited"
+        # Called once per affected node: keep the set (rebuilt only if ``discovery`` is replaced or grows).
+        cached = self.__dict__.get("_discovery_set")
+        if cached is None or cached[0] is not self.discovery or cached[1] != len(self.discovery):
+            cached = (self.discovery, len(self.discovery), frozenset(self.discovery))
+            self.__dict__["_discovery_set"] = cached
+        return "discovery" if node in cached[2] else "inherited"
 
     def to_json(self) -> dict:
         return {
@@ -176,7 +181,10 @@ def plan(
         for n in from_nodes:
             scope |= nx.descendants(g, n)
         affected = [n for n in affected if n in scope]
-        discovery = [n for n in discovery if n in scope]
+        # Keep every discovery node an in-scope node traces back to (even one outside the scope):
+        # its unlearning FIM is still needed for the merge; only ``affected`` nodes are updated.
+        sources = set().union(*(up[n] for n in affected))
+        discovery = [n for n in discovery if n in sources]
         if not affected:
             raise UnlearningError(
                 f"nothing below {', '.join(from_nodes)} was trained on label(s) {','.join(map(str, forget))}"

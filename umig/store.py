@@ -215,9 +215,12 @@ class Store:
             if exist_ok:
                 return cls.open(root)
             raise UmigError(f"a umig store already exists at {root}")
-        root.mkdir(parents=True, exist_ok=True)
-        BlobStore(root / "blobs").ensure()
-        (root / "lock").touch()
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            BlobStore(root / "blobs").ensure()
+            (root / "lock").touch()
+        except OSError as e:
+            raise UmigError(f"cannot create a umig store at {root}: {e.strerror or e}") from None
         return cls._connect(root)
 
     @classmethod
