@@ -8,7 +8,6 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	# torch/torchvision pinned here for these x86_64 machines (served from local disk);
 	# pyproject keeps loose ranges for users' own torch.
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1

@@ -893,9 +893,14 @@ class Store:
         return out
 
     def gc(self) -> int:
-        """Delete blobs no version or operation refers to (left by killed runs); returns bytes freed."""
+        """Delete blobs no version or operation refers to, and half-written temp files (left by killed
+        runs); returns bytes freed. Writers hold the lock, so nothing in flight is touched."""
         with self.lock():
-            return self.blobs.delete(self.blobs.all_digests() - self._referenced())
+            freed = self.blobs.delete(self.blobs.all_digests() - self._referenced())
+            for part in self.blobs.tmp.glob("*.part"):
+                freed += part.stat().st_size
+                part.unlink(missing_ok=True)
+            return freed
 
     def disk_usage(self) -> int:
         return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
