@@ -12,29 +12,18 @@ and the before/after table is printed.
 
 from __future__ import annotations
 
-import argparse
 import copy
-import shutil
-import sys
-import tempfile
 import time
-from pathlib import Path
 
-import torch
+# shared example plumbing (examples/_common.py); imported first, it puts the repository on sys.path
+from _common import CLASSES, console, example_parser, example_store, parse_args, print_result, recorded_line
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from umig.arch import ArchSpec  # noqa: E402
-from umig.data import digits_client_split, parse_labels  # noqa: E402
-from umig.lineage import DataParallelRecorder, FisherCapture, fit, fresh_model, subset_ref  # noqa: E402
-from umig.store import Store  # noqa: E402
-from umig.train import Recipe, fedavg  # noqa: E402
-
-DIGITS_TRAIN = "sklearn:digits?split=train"
-DIGITS_TEST = "sklearn:digits?split=test"
-ARCH = ArchSpec("umig.models:digits_cnn", {"num_classes": 10})
-CLASSES = tuple(range(10))
+from umig.arch import ArchSpec
+from umig.data import digits_client_split, parse_labels
+from umig.demo import DEFAULT_ARCH as ARCH, DIGITS_TEST, DIGITS_TRAIN
+from umig.lineage import DataParallelRecorder, FisherCapture, fit, fresh_model, subset_ref
+from umig.store import Store
+from umig.train import Recipe, fedavg
 
 
 def build(store: Store, *, ranks: int = 3, syncs: int = 3, local_epochs: int = 2, seed: int = 0,
@@ -73,61 +62,28 @@ def build(store: Store, *, ranks: int = 3, syncs: int = 3, local_epochs: int = 2
     return out
 
 
-def summary_line(result) -> str:
-    """Worst AD_f after, mean held-out AD_r change, FIUn time."""
-    def vals(key):
-        return [n.metrics[key] for n in result.nodes if n.metrics.get(key) is not None]
-
-    changes = [n.metrics["AD_r_heldout_after"] - n.metrics["AD_r_heldout_before"] for n in result.nodes
-               if n.metrics.get("AD_r_heldout_after") is not None]
-    return (f"FIUn forgot label(s) {','.join(map(str, result.labels))} on {len(result.nodes)} node(s) in "
-            f"{result.wall_s:.3f} s: worst AD_f {100 * max(vals('AD_f_train_after'), default=0):.1f}% (train) / "
-            f"{100 * max(vals('AD_f_heldout_after'), default=0):.1f}% (held-out), mean held-out AD_r change "
-            f"{100 * sum(changes) / max(len(changes), 1):+.1f} points")
-
-
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="2 syncs of 1 local epoch (for tests)")
-    ap.add_argument("--store", type=Path, help="store directory (default: a temporary one, removed at exit)")
-    ap.add_argument("--labels", default="5", help="labels to forget, e.g. 5 or 1,2")
+    ap = example_parser(__doc__, quick="2 syncs of 1 local epoch", labels="5",
+                        labels_help="labels to forget, e.g. 5 or 1,2")
     ap.add_argument("--ranks", type=int, default=3)
     ap.add_argument("--syncs", type=int, default=3)
     ap.add_argument("--local-epochs", type=int, default=2, help="local epochs between two sync points")
-    ap.add_argument("--capture-fim", action="store_true",
-                    help="model FIMs from the last local epoch (FisherCapture) instead of an extra pass")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
+    args = parse_args(ap, argv, capture_fim="local epoch")
     if args.quick:
         args.syncs, args.local_epochs = 2, 1
-    torch.set_num_threads(args.threads)
-    from rich.console import Console
+    from cli.render import summary_table
 
-    from cli.render import result_table, summary_table
-
-    con = Console(width=max(Console().width, 150))
-    tmp = None if args.store else tempfile.mkdtemp(prefix="umig-ddp-")
-    root = args.store or Path(tmp) / "store"
-    try:
-        shutil.rmtree(root, ignore_errors=True)
-        store = Store.init(root)
+    con = console()
+    with example_store(args.store, prefix="umig-ddp-") as store:
         print(f"training {args.ranks}-way data parallel on digits, {args.syncs} sync points ...", flush=True)
         t0 = time.perf_counter()
         run = build(store, ranks=args.ranks, syncs=args.syncs, local_epochs=args.local_epochs, seed=args.seed,
                     capture=args.capture_fim)
-        rec = run["recorder"]
-        print(f"recorded {len(rec.nodes)} models in {time.perf_counter() - t0:.1f} s "
-              f"(training {run['train_s']:.1f} s, recording {rec.seconds:.2f} s)")
+        print(recorded_line(run, time.perf_counter() - t0))
         con.print(summary_table(store.graph()))
         labels = parse_labels(args.labels)
         result = store.unlearn(labels, eval_data=DIGITS_TEST)
-        con.print(result_table(result))
-        print(summary_line(result))
-        store.close()
-    finally:
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
+        print_result(con, result)
     return 0
 
 

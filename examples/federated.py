@@ -14,29 +14,18 @@ table (AD_f / AD_r on every node's training data and on held-out digits) is prin
 
 from __future__ import annotations
 
-import argparse
 import copy
-import shutil
-import sys
-import tempfile
 import time
-from pathlib import Path
 
-import torch
+# shared example plumbing (examples/_common.py); imported first, it puts the repository on sys.path
+from _common import CLASSES, console, example_parser, example_store, parse_args, print_result, recorded_line
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from umig.arch import ArchSpec  # noqa: E402
-from umig.data import digits_client_split, parse_labels  # noqa: E402
-from umig.lineage import FederatedRecorder, FisherCapture, fit, fresh_model, subset_ref  # noqa: E402
-from umig.store import Store  # noqa: E402
-from umig.train import Recipe, fedavg  # noqa: E402
-
-DIGITS_TRAIN = "sklearn:digits?split=train"
-DIGITS_TEST = "sklearn:digits?split=test"
-ARCH = ArchSpec("umig.models:digits_cnn", {"num_classes": 10})
-CLASSES = tuple(range(10))
+from umig.arch import ArchSpec
+from umig.data import digits_client_split, parse_labels
+from umig.demo import DEFAULT_ARCH as ARCH, DIGITS_TEST, DIGITS_TRAIN
+from umig.lineage import FederatedRecorder, FisherCapture, fit, fresh_model, subset_ref
+from umig.store import Store
+from umig.train import Recipe, fedavg
 
 
 def build(store: Store, *, clients: int = 4, edges: int = 2, rounds: int = 2, epochs: int = 5, seed: int = 0,
@@ -113,73 +102,34 @@ def build(store: Store, *, clients: int = 4, edges: int = 2, rounds: int = 2, ep
     return out
 
 
-def summary_line(result) -> str:
-    """One line a user (and the example test) can read: worst AD_f, mean AD_r change, time."""
-    def vals(key):
-        return [n.metrics[key] for n in result.nodes if n.metrics.get(key) is not None]
-
-    f_tr, f_ho = vals("AD_f_train_after"), vals("AD_f_heldout_after")
-    changes = [n.metrics["AD_r_heldout_after"] - n.metrics["AD_r_heldout_before"] for n in result.nodes
-               if n.metrics.get("AD_r_heldout_after") is not None]
-    return (f"FIUn forgot label(s) {','.join(map(str, result.labels))} on {len(result.nodes)} node(s) in "
-            f"{result.wall_s:.3f} s: worst AD_f {100 * max(f_tr, default=0):.1f}% (train) / "
-            f"{100 * max(f_ho, default=0):.1f}% (held-out), mean held-out AD_r change "
-            f"{100 * sum(changes) / max(len(changes), 1):+.1f} points")
-
-
-def console():
-    from rich.console import Console
-
-    return Console(width=max(Console().width, 150))
-
-
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="1 round, 1 epoch (for tests)")
-    ap.add_argument("--store", type=Path, help="store directory (default: a temporary one, removed at exit)")
-    ap.add_argument("--labels", default="3", help="labels to forget, e.g. 3 or 1,2")
+    ap = example_parser(__doc__, quick="1 round, 1 epoch", labels="3", labels_help="labels to forget, e.g. 3 or 1,2")
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--edges", type=int, default=2, help="edge aggregators per round (<= 1: flat FL)")
     ap.add_argument("--flat", action="store_true", help="flat FL: no edge aggregators")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=5, help="local epochs per client and round")
     ap.add_argument("--alpha", type=float, default=None, help="Dirichlet label skew (default IID)")
-    ap.add_argument("--capture-fim", action="store_true",
-                    help="model FIMs from the last training epoch (FisherCapture) instead of an extra pass")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
+    args = parse_args(ap, argv, capture_fim="training epoch")
     if args.quick:
         args.rounds, args.epochs = 1, 1
-    torch.set_num_threads(args.threads)
-    from cli.render import graph_tree, result_table
+    from cli.render import graph_tree
 
     con = console()
-    tmp = None if args.store else tempfile.mkdtemp(prefix="umig-fl-")
-    root = args.store or Path(tmp) / "store"
-    try:
-        shutil.rmtree(root, ignore_errors=True)
-        store = Store.init(root)
+    with example_store(args.store, prefix="umig-fl-") as store:
         print(f"training a {args.clients}-client x {args.rounds}-round FedAvg lineage on digits "
               f"({'flat' if args.flat or args.edges <= 1 else f'{args.edges} edge aggregators'}) ...", flush=True)
         t0 = time.perf_counter()
         run = build(store, clients=args.clients, edges=1 if args.flat else args.edges, rounds=args.rounds,
                     epochs=args.epochs, seed=args.seed, alpha=args.alpha, capture=args.capture_fim)
-        rec = run["recorder"]
-        print(f"recorded {len(rec.nodes)} models in {time.perf_counter() - t0:.1f} s "
-              f"(training {run['train_s']:.1f} s, recording {rec.seconds:.2f} s)")
+        print(recorded_line(run, time.perf_counter() - t0))
         con.print(graph_tree(store.graph(), max_nodes=60))
         labels = parse_labels(args.labels)
         plan = store.plan_unlearning(labels).plan
         print(f"plan: {len(plan.discovery)} discovery node(s) ({', '.join(plan.discovery)}), "
               f"{len(plan.inherited)} inherited")
         result = store.unlearn(labels, eval_data=DIGITS_TEST)
-        con.print(result_table(result))
-        print(summary_line(result))
-        store.close()
-    finally:
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
+        print_result(con, result)
     return 0
 
 

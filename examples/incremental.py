@@ -12,28 +12,20 @@ matches its head (6, 8, 10 outputs). FIUn then forgets a label learnt at step 0 
 
 from __future__ import annotations
 
-import argparse
-import shutil
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
-import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+# shared example plumbing (examples/_common.py); imported first, it puts the repository on sys.path
+from _common import console, example_parser, example_store, parse_args, print_result, recorded_line
 
-from umig.arch import ArchSpec  # noqa: E402
-from umig.data import parse_labels, resolve  # noqa: E402
-from umig.lineage import FisherCapture, IncrementalRecorder, fit, fresh_model, inherit_weights, subset_ref  # noqa: E402
-from umig.store import Store  # noqa: E402
-from umig.train import Recipe  # noqa: E402
+from umig.arch import ArchSpec
+from umig.data import parse_labels, resolve
+from umig.demo import DEFAULT_ARCH as ARCH, DIGITS_TEST, DIGITS_TRAIN
+from umig.lineage import FisherCapture, IncrementalRecorder, fit, fresh_model, inherit_weights, subset_ref
+from umig.store import Store
+from umig.train import Recipe
 
-DIGITS_TRAIN = "sklearn:digits?split=train"
-DIGITS_TEST = "sklearn:digits?split=test"
-ARCH = ArchSpec("umig.models:digits_cnn", {"num_classes": 10})
 DEFAULT_STEPS = ((0, 1, 2, 3, 4, 5), (6, 7), (8, 9))
 
 
@@ -97,61 +89,27 @@ def parse_steps(text: str) -> tuple[tuple[int, ...], ...]:
     return tuple(parse_labels(part) for part in text.split("/"))
 
 
-def summary_line(result) -> str:
-    """Worst AD_f after, mean held-out AD_r change, FIUn time."""
-    def vals(key):
-        return [n.metrics[key] for n in result.nodes if n.metrics.get(key) is not None]
-
-    changes = [n.metrics["AD_r_heldout_after"] - n.metrics["AD_r_heldout_before"] for n in result.nodes
-               if n.metrics.get("AD_r_heldout_after") is not None]
-    return (f"FIUn forgot label(s) {','.join(map(str, result.labels))} on {len(result.nodes)} node(s) in "
-            f"{result.wall_s:.3f} s: worst AD_f {100 * max(vals('AD_f_train_after'), default=0):.1f}% (train) / "
-            f"{100 * max(vals('AD_f_heldout_after'), default=0):.1f}% (held-out), mean held-out AD_r change "
-            f"{100 * sum(changes) / max(len(changes), 1):+.1f} points")
-
-
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="2 epochs per step (for tests)")
-    ap.add_argument("--store", type=Path, help="store directory (default: a temporary one, removed at exit)")
-    ap.add_argument("--labels", default="2", help="labels to forget, e.g. 2 or 1,3")
+    ap = example_parser(__doc__, quick="2 epochs per step", labels="2", labels_help="labels to forget, e.g. 2 or 1,3")
     ap.add_argument("--steps", default="0-5/6-7/8-9", help="new classes per step, '/'-separated")
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--replay", type=int, default=40, help="replay samples per old class and step")
-    ap.add_argument("--capture-fim", action="store_true",
-                    help="model FIMs from the last training epoch (FisherCapture) instead of an extra pass")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
+    args = parse_args(ap, argv, capture_fim="training epoch")
     if args.quick:
         args.epochs = 2
-    torch.set_num_threads(args.threads)
-    from rich.console import Console
+    from cli.render import node_table
 
-    from cli.render import node_table, result_table
-
-    con = Console(width=max(Console().width, 150))
-    tmp = None if args.store else tempfile.mkdtemp(prefix="umig-il-")
-    root = args.store or Path(tmp) / "store"
-    try:
-        shutil.rmtree(root, ignore_errors=True)
-        store = Store.init(root)
+    con = console()
+    with example_store(args.store, prefix="umig-il-") as store:
         steps = parse_steps(args.steps)
         print(f"training a {len(steps)}-step class-incremental chain on digits ...", flush=True)
         t0 = time.perf_counter()
         run = build(store, steps=steps, epochs=args.epochs, replay=args.replay, seed=args.seed, capture=args.capture_fim)
-        rec = run["recorder"]
-        print(f"recorded {len(rec.nodes)} models in {time.perf_counter() - t0:.1f} s "
-              f"(training {run['train_s']:.1f} s, recording {rec.seconds:.2f} s)")
+        print(recorded_line(run, time.perf_counter() - t0))
         con.print(node_table(store.graph(), run["steps"]))
         labels = parse_labels(args.labels)
         result = store.unlearn(labels, eval_data=DIGITS_TEST)
-        con.print(result_table(result))
-        print(summary_line(result))
-        store.close()
-    finally:
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
+        print_result(con, result)
     return 0
 
 

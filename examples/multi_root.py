@@ -16,30 +16,21 @@ not 7), client 1 holds 5-9 (7 but not 1), client 2 holds every digit except 1 an
 
 from __future__ import annotations
 
-import argparse
 import copy
-import shutil
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
-import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+# shared example plumbing (examples/_common.py); imported first, it puts the repository on sys.path
+from _common import CLASSES, console, example_parser, example_store, parse_args
 
-from umig.arch import ArchSpec  # noqa: E402
-from umig.data import parse_labels, resolve  # noqa: E402
-from umig.lineage import FederatedRecorder, fit, fresh_model, subset_ref  # noqa: E402
-from umig.store import Store  # noqa: E402
-from umig.train import Recipe, fedavg  # noqa: E402
+from umig.arch import ArchSpec
+from umig.data import parse_labels, resolve
+from umig.demo import DEFAULT_ARCH as ARCH, DIGITS_TEST, DIGITS_TRAIN
+from umig.lineage import FederatedRecorder, fit, fresh_model, subset_ref
+from umig.store import Store
+from umig.train import Recipe, fedavg
 
-DIGITS_TRAIN = "sklearn:digits?split=train"
-DIGITS_TEST = "sklearn:digits?split=test"
-ARCH = ArchSpec("umig.models:digits_cnn", {"num_classes": 10})
-CLASSES = tuple(range(10))
 CLIENT_LABELS = ((0, 1, 2, 3, 4), (5, 6, 7, 8, 9), (0, 2, 3, 4, 5, 6, 8, 9))
 
 
@@ -114,29 +105,19 @@ def _ranges(labels) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="1 round, 2 epochs (for tests)")
-    ap.add_argument("--store", type=Path, help="store directory (default: a temporary one, removed at exit)")
-    ap.add_argument("--labels", default="1,7", help="labels to forget (default 1,7: one per discovery client)")
+    ap = example_parser(__doc__, quick="1 round, 2 epochs", labels="1,7",
+                        labels_help="labels to forget (default 1,7: one per discovery client)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
+    args = parse_args(ap, argv)
     if args.quick:
         args.rounds, args.epochs = 1, 2
-    torch.set_num_threads(args.threads)
-    from rich.console import Console
     from rich.table import Table
 
     from cli.render import graph_tree, result_table
 
-    con = Console(width=max(Console().width, 150))
-    tmp = None if args.store else tempfile.mkdtemp(prefix="umig-multiroot-")
-    root = args.store or Path(tmp) / "store"
-    try:
-        shutil.rmtree(root, ignore_errors=True)
-        store = Store.init(root)
+    con = console()
+    with example_store(args.store, prefix="umig-multiroot-") as store:
         print("training label-skewed federated clients with personalised models on digits ...", flush=True)
         t0 = time.perf_counter()
         build(store, rounds=args.rounds, epochs=args.epochs, seed=args.seed)
@@ -165,10 +146,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"FIUn forgot label(s) {','.join(map(str, labels))} on {len(result.nodes)} node(s) in "
               f"{result.wall_s:.3f} s from {len(plan.discovery)} discovery nodes; worst AD_f on the "
               f"{len(multi)} multi-root node(s): {100 * worst:.1f}%")
-        store.close()
-    finally:
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 

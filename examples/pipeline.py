@@ -16,51 +16,39 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
+# shared example plumbing (examples/_common.py); imported first, it puts the repository on sys.path
+from _common import console, example_parser, parse_args
+from federated import build  # the federated lineage of examples/federated.py
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from federated import DIGITS_TEST, build  # noqa: E402
-
-from umig.data import parse_labels, resolve  # noqa: E402
-from umig.lineage import evaluate_models, retrain_reference  # noqa: E402
-from umig.store import Store  # noqa: E402
+from umig.data import parse_labels, resolve
+from umig.demo import DIGITS_TEST
+from umig.lineage import evaluate_models, retrain_reference
+from umig.store import Store
 
 MAX_AD_F = 0.01
 MAX_GAP = 0.03
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="1 round, 1 epoch (for tests)")
-    ap.add_argument("--store", type=Path, help="store directory (default: a temporary one, removed at exit)")
-    ap.add_argument("--labels", default="8", help="labels the deletion request covers")
+    ap = example_parser(__doc__, quick="1 round, 1 epoch", labels="8", labels_help="labels the deletion request covers")
     ap.add_argument("--out", type=Path, help="where to export the unlearned production model")
     ap.add_argument("--clients", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
+    args = parse_args(ap, argv)
     if args.quick:
         args.rounds, args.epochs = 1, 1
-    torch.set_num_threads(args.threads)
-    from rich.console import Console
     from rich.table import Table
 
     from cli.render import plan_view, result_table
 
-    con = Console(width=max(Console().width, 150))
+    con = console()
     tmp = tempfile.mkdtemp(prefix="umig-pipeline-")
     root = args.store or Path(tmp) / "store"
     out_path = args.out or Path(tmp) / "production-unlearned.safetensors"

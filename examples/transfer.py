@@ -17,30 +17,21 @@ so FIUn leaves it unchanged and its AD_f column stays empty.
 
 from __future__ import annotations
 
-import argparse
-import shutil
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+# shared example plumbing (examples/_common.py); imported first, it puts the repository on sys.path
+from _common import console, example_parser, example_store, parse_args, print_result, recorded_line
+from incremental import class_pools, step_indices  # the per-class sampling of examples/incremental.py
 
-from umig.arch import ArchSpec  # noqa: E402
-from umig.data import parse_labels  # noqa: E402
-from umig.lineage import FisherCapture, TransferRecorder, fit, fresh_model, inherit_weights, subset_ref  # noqa: E402
-from umig.store import Store  # noqa: E402
-from umig.train import Recipe  # noqa: E402
+from umig.arch import ArchSpec
+from umig.data import parse_labels
+from umig.demo import DEFAULT_ARCH as ARCH, DIGITS_TEST, DIGITS_TRAIN
+from umig.lineage import FisherCapture, TransferRecorder, fit, fresh_model, inherit_weights, subset_ref
+from umig.store import Store
+from umig.train import Recipe
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from incremental import class_pools, step_indices, summary_line  # noqa: E402
-
-DIGITS_TRAIN = "sklearn:digits?split=train"
-DIGITS_TEST = "sklearn:digits?split=test"
-ARCH = ArchSpec("umig.models:digits_cnn", {"num_classes": 10})
 BASE = (0, 1, 2, 3, 4, 5)
 CHAIN = ((6, 7), (8, 9))  # head k adds these classes to its parent's
 SIDE = (6, 7, 8, 9)  # a new-task head from the base
@@ -97,36 +88,22 @@ def build(store: Store, *, base=BASE, chain=CHAIN, side=SIDE, epochs: int = 5, h
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="2 base epochs, 3 head epochs (for tests)")
-    ap.add_argument("--store", type=Path, help="store directory (default: a temporary one, removed at exit)")
-    ap.add_argument("--labels", default="3", help="labels to forget (from the base's 0-5), e.g. 3 or 1,3")
+    ap = example_parser(__doc__, quick="2 base epochs, 3 head epochs", labels="3",
+                        labels_help="labels to forget (from the base's 0-5), e.g. 3 or 1,3")
     ap.add_argument("--epochs", type=int, default=5, help="base training epochs")
     ap.add_argument("--head-epochs", type=int, default=10, help="head-only fine-tuning epochs")
-    ap.add_argument("--capture-fim", action="store_true",
-                    help="model FIMs from the last training epoch (FisherCapture) instead of an extra pass")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
+    args = parse_args(ap, argv, capture_fim="training epoch")
     if args.quick:
         args.epochs, args.head_epochs = 2, 3
-    torch.set_num_threads(args.threads)
-    from rich.console import Console
+    from cli.render import node_table
 
-    from cli.render import node_table, result_table
-
-    con = Console(width=max(Console().width, 150))
-    tmp = None if args.store else tempfile.mkdtemp(prefix="umig-tl-")
-    root = args.store or Path(tmp) / "store"
-    try:
-        shutil.rmtree(root, ignore_errors=True)
-        store = Store.init(root)
+    con = console()
+    with example_store(args.store, prefix="umig-tl-") as store:
         print("training a base model and transfer heads on digits ...", flush=True)
         t0 = time.perf_counter()
         run = build(store, epochs=args.epochs, head_epochs=args.head_epochs, seed=args.seed, capture=args.capture_fim)
+        print(recorded_line(run, time.perf_counter() - t0))
         rec = run["recorder"]
-        print(f"recorded {len(rec.nodes)} models in {time.perf_counter() - t0:.1f} s "
-              f"(training {run['train_s']:.1f} s, recording {rec.seconds:.2f} s)")
         base_sd = store.state_dict(run["base"])
         same = all(torch.equal(v, base_sd[k]) for n in rec.nodes for k, v in store.state_dict(n).items()
                    if not k.startswith("fc."))
@@ -134,12 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         con.print(node_table(store.graph(), rec.nodes))
         labels = parse_labels(args.labels)
         result = store.unlearn(labels, eval_data=DIGITS_TEST)
-        con.print(result_table(result))
-        print(summary_line(result))
-        store.close()
-    finally:
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
+        print_result(con, result)
     return 0
 
 
