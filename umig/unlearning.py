@@ -82,25 +82,23 @@ def snapshots(store: Any, names: Sequence[str]) -> dict[str, U.NodeSnapshot]:
     out: dict[str, U.NodeSnapshot] = {}
     names = list(dict.fromkeys(names))
     parents: dict[str, list[tuple[str, str, float | None]]] = {n: [] for n in names}
+    # Thousands of nodes share a few distinct JSON texts (arch, classes, data refs): parse each
+    # once; the parsed values are shared between the (frozen, read-only) snapshots.
+    parsed: dict[tuple[str, str], Any] = {}
+
+    def load(kind: str, text: str | None) -> Any:
+        if text is None:
+            return None
+        v = parsed.get((kind, text))
+        if v is None:
+            v = json.loads(text)
+            v = tuple(v) if kind == "classes" else frozenset(int(k) for k in v) if kind == "labels" else v
+            parsed[(kind, text)] = v
+        return v
+
     for i in range(0, len(names), 500):
         part = names[i : i + 500]
         marks = ",".join("?" * len(part))
-        rows = store.db.execute(
-            f"SELECT n.*, v.body, v.head AS head_blob, v.delta, v.fim FROM nodes n "
-            f"JOIN versions v ON v.node=n.id AND v.version=n.version WHERE n.name IN ({marks})",
-            part,
-        ).fetchall()
-        for r in rows:
-            counts = json.loads(r["label_counts"])
-            out[r["name"]] = U.NodeSnapshot(
-                name=r["name"], version=r["version"], arch=json.loads(r["arch"]), head=r["head"],
-                classes=tuple(json.loads(r["classes"])), body=r["body"], head_blob=r["head_blob"],
-                delta=r["delta"], fim=r["fim"],
-                data_ref=json.loads(r["data_ref"]) if r["data_ref"] else None,
-                data_fingerprint=r["data_fingerprint"], data_size=r["data_size"],
-                labels=frozenset(int(k) for k in counts), recipe=json.loads(r["recipe"]) if r["recipe"] else None,
-                framework=r["framework"], parents=(),
-            )
         for r in store.db.execute(
             f"SELECT c.name AS child, p.name AS parent, e.relation, e.weight FROM edges e "
             f"JOIN nodes c ON c.id=e.child JOIN nodes p ON p.id=e.parent WHERE c.name IN ({marks}) "
@@ -108,16 +106,24 @@ def snapshots(store: Any, names: Sequence[str]) -> dict[str, U.NodeSnapshot]:
             part,
         ):
             parents[r["child"]].append((r["parent"], r["relation"], r["weight"]))
+        rows = store.db.execute(
+            f"SELECT n.*, v.body, v.head AS head_blob, v.delta, v.fim FROM nodes n "
+            f"JOIN versions v ON v.node=n.id AND v.version=n.version WHERE n.name IN ({marks})",
+            part,
+        ).fetchall()
+        for r in rows:
+            out[r["name"]] = U.NodeSnapshot(
+                name=r["name"], version=r["version"], arch=load("arch", r["arch"]), head=r["head"],
+                classes=load("classes", r["classes"]), body=r["body"], head_blob=r["head_blob"],
+                delta=r["delta"], fim=r["fim"], data_ref=load("json", r["data_ref"]),
+                data_fingerprint=r["data_fingerprint"], data_size=r["data_size"],
+                labels=load("labels", r["label_counts"]), recipe=load("json", r["recipe"]),
+                framework=r["framework"], parents=tuple(parents[r["name"]]),
+            )
     missing = [n for n in names if n not in out]
     if missing:
         raise UnlearningError(f"node(s) without a current version: {', '.join(missing[:5])}")
-    return {n: _with_parents(out[n], tuple(parents[n])) for n in names}
-
-
-def _with_parents(s: U.NodeSnapshot, parents: tuple) -> U.NodeSnapshot:
-    from dataclasses import replace
-
-    return replace(s, parents=parents)
+    return {n: out[n] for n in names}
 
 
 def _job(store: Any, labels: Sequence[int], method: U.Unlearner, params: Mapping[str, Any], policy: str,
@@ -125,7 +131,7 @@ def _job(store: Any, labels: Sequence[int], method: U.Unlearner, params: Mapping
     g = store.graph()
     plan = G.plan(g, labels, policy=policy, from_nodes=from_nodes)
     # Parents are part of a node's lineage context (FedAvg clients, retrain inputs).
-    names = set(plan.affected)
+    names = set(plan.affected) | set(plan.discovery)  # with --from, a discovery node may lie outside
     for n in plan.affected:
         names.update(g.predecessors(n))
     order = [n for n in G.bfs_order(g) if n in names]
@@ -214,6 +220,7 @@ def unlearn(
             if not isinstance(backend, Backend):
                 be.close()
         op = _commit(store, job, method, resolved, by_node, metrics, wall, eval_s, be.describe())
+        op.phases = m.describe_phases(job)
     return op
 
 
@@ -274,19 +281,38 @@ def _evaluate(store: Any, job: U.Job, by_node: dict[str, U.NodeResult], backend:
         r[0]: (json.loads(r[1]), r[2])
         for r in store.db.execute("SELECT name, data_ref, data_fingerprint FROM nodes WHERE data_ref IS NOT NULL")
     }
+    # The data refs of every node's effective lineage, in one topological pass (not one ancestor
+    # search per node): identical sets are interned, so a big FL lineage holds a handful of them.
+    order = G.bfs_order(g)
+    own = {n: json.dumps(data_refs[n][0], sort_keys=True) for n in order if n in data_refs}
+    rank: dict[str, int] = {}
+    for i, n in enumerate(order):
+        if n in own:
+            rank.setdefault(own[n], i)
+    lineage_refs: dict[str, frozenset[str]] = {}
+    interned: dict[frozenset[str], frozenset[str]] = {}
+    for n in order:
+        acc: frozenset[str] | None = None
+        for p in g.predecessors(n):
+            s = lineage_refs[p]
+            acc = s if acc is None or acc <= s else (acc if s <= acc else acc | s)
+        acc = acc or frozenset()
+        if n in own and own[n] not in acc:
+            acc = acc | {own[n]}
+        lineage_refs[n] = interned.setdefault(acc, acc)
+    shared: dict[int, tuple[tuple[str, ...], list[tuple[dict, str | None]]]] = {}
     tasks = []
     for name in job.plan.affected:
         snap, r = job.nodes[name], by_node[name]
-        lineage = G.effective_ancestors(g, name)
-        refs: dict[str, tuple[dict, str | None]] = {}
-        for a in lineage:
-            if a in data_refs:
-                ref, fp = data_refs[a]
-                refs[json.dumps(ref, sort_keys=True)] = (ref, fp)
+        refs = lineage_refs[name]
+        if id(refs) not in shared:  # one list per interned set: pickled once per chunk
+            keys = tuple(sorted(refs, key=rank.__getitem__))
+            shared[id(refs)] = (keys, [data_refs[order[rank[k]]] for k in keys])
+        keys, train = shared[id(refs)]
         after = {"body": r.body or snap.body, "head": r.head or snap.head_blob,
                  "delta": None if r.drop_delta else (r.delta or snap.delta)}
-        tasks.append(U.Task(fn="umig.unlearning:eval_task", node=name, cost=float(len(refs) or 1), payload={
-            "snap": snap, "after": after, "labels": job.labels, "train": list(refs.values()),
+        tasks.append(U.Task(fn="umig.unlearning:eval_task", node=name, cost=float(len(train) or 1), payload={
+            "snap": snap, "after": after, "labels": job.labels, "train": train, "train_key": keys,
             "heldout": eval_ref}))
     cb = (lambda d, t: progress("evaluate", d, t)) if progress else None
     if progress:
@@ -302,17 +328,27 @@ def eval_task(payload: dict[str, Any], env: Any) -> dict[str, Any]:
     snap = payload["snap"]
     labels = set(payload["labels"])
     classes = set(snap.classes)
-    parts = []
-    for ref, fp in payload["train"]:
-        key = ("eval", json.dumps(ref, sort_keys=True))
-        d = env.cache.get(key)
-        if d is None:
-            d = verify(DataRef.from_json(ref), fp) if fp else resolve(DataRef.from_json(ref))
-            env.cache[key] = d
-        parts.append(d)
     sets: dict[str, Data] = {}
-    if parts:
-        sets["train"] = (parts[0] if len(parts) == 1 else Data.concat(parts)).filter_labels(keep=classes)
+    # Nodes of one lineage share their effective data: keep the last few concatenations.
+    recent = env.cache.setdefault("eval-train", {})
+    tkey = (payload.get("train_key"), tuple(sorted(classes)))
+    if tkey[0] is not None and tkey in recent:
+        sets["train"] = recent[tkey]
+    else:
+        parts = []
+        for ref, fp in payload["train"]:
+            key = ("eval", json.dumps(ref, sort_keys=True))
+            d = env.cache.get(key)
+            if d is None:
+                d = verify(DataRef.from_json(ref), fp) if fp else resolve(DataRef.from_json(ref))
+                env.cache[key] = d
+            parts.append(d)
+        if parts:
+            sets["train"] = (parts[0] if len(parts) == 1 else Data.concat(parts)).filter_labels(keep=classes)
+            if tkey[0] is not None:
+                while len(recent) >= 8:
+                    recent.pop(next(iter(recent)))
+                recent[tkey] = sets["train"]
     if payload["heldout"]:
         key = ("eval", json.dumps(payload["heldout"], sort_keys=True))
         if key not in env.cache:

@@ -1,0 +1,312 @@
+"""How umig scales with the size of a lineage: 1,000 / 10,000 / 50,000-node FL graphs.
+
+Each size is built as a synthetic federated run (``--clients`` clients per round,
+one FedAvg aggregate per round, as many rounds as it takes to reach the size) of
+``umig.models:tiny_mlp`` models (head 10x64), so the figures measure umig, not
+torch. Every client node has real data (a shard of one small synthetic
+safetensors file, 3 labels per client) and a model FIM; aggregates get the
+weighted mean of their clients' FIMs.
+
+Per size, in a fresh process (so peak memory is that size's own):
+
+* add        - recording every node (``FederatedRecorder`` inside one ``store.batch()``)
+* open+graph - ``Store.open`` and building the networkx graph
+* plan       - ``plan_unlearning`` (what ``umig unlearn --dry-run`` does), and the CLI command itself
+* FIUn       - ``unlearn --labels L --no-eval`` per worker setting (``1``: in-process; ``2``: a pool of
+               two spawned workers; ``2h``: a pool whose coordinator computes too), each on a fresh
+               copy of the store, with nodes/s over the whole call (planning, both phases, commit),
+               and the largest difference between the new heads of the settings
+* graph show - the CLI on the whole store: seconds and lines printed
+* peak RSS of the coordinator (and of its worker processes), store size on disk
+
+Targets (2 CPU cores): plan of a 10,000-node graph < 2 s; FIUn >= 500 nodes/s (a spawned pool
+is judged from 10,000 nodes: its workers take seconds to start); ``graph show`` prints a bounded
+summary. The machine should be otherwise idle: on a shared one, compare runs, not single figures.
+
+    python benchmarks/bench_scale.py --sizes 1000,10000
+    python benchmarks/bench_scale.py --sizes 50000 --workers 1,2h
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# Runnable from a plain checkout, without installing the package.
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+PLAN_TARGET_S = 2.0  # for 10,000 nodes
+FIUN_TARGET_NPS = 500.0
+IN_FEATURES, HIDDEN, NUM_CLASSES = 16, 64, 10
+
+
+def _rss_mb(who: int) -> float:
+    return resource.getrusage(who).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def _cli(args: list[str], store: Path) -> tuple[float, subprocess.CompletedProcess]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "120"}
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "cli.main", *args, "--store", str(store)],
+                          capture_output=True, text=True, env=env, cwd=REPO)
+    dt = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"umig {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return dt, proc
+
+
+def build(root: Path, n_nodes: int, clients: int, samples: int, seed: int = 0) -> dict:
+    """Record a synthetic FL lineage of about ``n_nodes`` nodes; returns its shape and timings."""
+    import torch
+    from safetensors.torch import save_file
+
+    from umig.arch import ArchSpec
+    from umig.lineage import FederatedRecorder, subset_ref
+    from umig.store import Store
+
+    rounds = max(1, round((n_nodes - 1) / (clients + 1)))
+    g = torch.Generator().manual_seed(seed)
+    store = Store.init(root)
+    # One data file; client c holds `samples` items of labels {c, c+1, c+3} mod 10.
+    n = clients * samples
+    x = torch.randn(n, IN_FEATURES, generator=g)
+    y = torch.empty(n, dtype=torch.int64)
+    for c in range(clients):
+        own = torch.tensor([c % 10, (c + 1) % 10, (c + 3) % 10])
+        y[c * samples:(c + 1) * samples] = own[torch.randint(0, 3, (samples,), generator=g)]
+    data_path = root.parent / f"{root.name}-data.safetensors"
+    save_file({"x": x, "y": y}, str(data_path))
+    shards = [subset_ref(store, str(data_path), list(range(c * samples, (c + 1) * samples))) for c in range(clients)]
+
+    arch = ArchSpec("umig.models:tiny_mlp", {"in_features": IN_FEATURES, "hidden": HIDDEN, "num_classes": NUM_CLASSES})
+    shapes = {k: tuple(v.shape) for k, v in arch.build().state_dict().items()}
+
+    def weights() -> dict:
+        return {k: 0.1 * torch.randn(s, generator=g) for k, s in shapes.items()}
+
+    rec = FederatedRecorder(store, arch)
+    t0 = time.perf_counter()
+    with store.batch():
+        rec.initial(weights())
+        for r in range(1, rounds + 1):
+            for c in range(clients):
+                rec.client(r, c, weights(), shards[c])
+            rec.aggregate(r, weights())
+    add_s = time.perf_counter() - t0
+    count = len(store)
+    store.close()
+    return {"nodes": count, "rounds": rounds, "clients": clients, "add_s": add_s}
+
+
+def head_digests(root: Path) -> dict[str, str]:
+    import sqlite3
+
+    db = sqlite3.connect(root / "umig.db")
+    try:
+        return dict(db.execute(
+            "SELECT n.name, v.head FROM nodes n JOIN versions v ON v.node=n.id AND v.version=n.version"))
+    finally:
+        db.close()
+
+
+def _setting(spec: str, device: str) -> tuple[int, bool, str]:
+    """``N[h][@DEVICE]`` -> (workers, coordinator helps, device)."""
+    count, _, dev = spec.partition("@")
+    return int(count.rstrip("h")), count.endswith("h"), dev or device
+
+
+def heads_max_diff(work: Path, heads: dict[str, dict[str, str]]) -> float:
+    """Largest |difference| between the new heads of the first worker setting and every other
+    (0.0 when every head blob is bit-identical)."""
+    from umig.blobs import BlobStore
+
+    first, *others = list(heads)
+    base = BlobStore(work / f"run-w{first}" / "blobs")
+    worst = 0.0
+    for w in others:
+        blobs = BlobStore(work / f"run-w{w}" / "blobs")
+        for name, digest in heads[w].items():
+            if digest != heads[first][name]:  # digests also differ by safetensors' header key order
+                a, b = base.load(heads[first][name]), blobs.load(digest)
+                worst = max(worst, max(float((a[k] - b[k]).abs().max()) for k in a))
+    return worst
+
+
+def run_one(n_nodes: int, args: argparse.Namespace) -> dict:
+    """Everything for one size, in this process."""
+    import torch
+
+    from umig.execution import make_backend
+    from umig.store import Store
+
+    torch.set_num_threads(args.threads)
+    work = Path(tempfile.mkdtemp(prefix=f"umig-scale-{n_nodes}-", dir=args.dir))
+    out: dict = {"size": n_nodes}
+    try:
+        root = work / "store"
+        out.update(build(root, n_nodes, args.clients, args.samples))
+
+        t0 = time.perf_counter()
+        store = Store.open(root)
+        g = store.graph()
+        out["open_graph_s"] = time.perf_counter() - t0
+        assert g.number_of_nodes() == out["nodes"]
+
+        t0 = time.perf_counter()
+        plan = store.plan_unlearning([args.label])
+        out["plan_s"] = time.perf_counter() - t0
+        out["affected"] = len(plan.plan.affected)
+        out["discovery"] = len(plan.plan.discovery)
+        store.close()
+        out["plan_cli_s"], _ = _cli(["unlearn", "--labels", str(args.label), "--dry-run"], root)
+
+        out["graph_show_s"], proc = _cli(["graph", "show"], root)
+        out["graph_show_lines"] = proc.stdout.count("\n")
+
+        snapshot = work / "pristine"
+        shutil.copytree(root, snapshot)
+        heads: dict[str, dict[str, str]] = {}
+        for w in args.workers:
+            run_root = work / f"run-w{w}"
+            shutil.copytree(snapshot, run_root)
+            store = Store.open(run_root)
+            t0 = time.perf_counter()
+            n, helps, device = _setting(w, args.device)
+            if helps:  # a pool whose coordinator computes too (make_backend(coordinator_helps=True))
+                be = make_backend(str(run_root), workers=n, device=device, coordinator_helps=True)
+                try:
+                    res = store.unlearn([args.label], backend=be, evaluate=False)
+                finally:
+                    be.close()
+            else:
+                res = store.unlearn([args.label], workers=n, device=device, evaluate=False)
+            out[f"fiun_w{w}_backend"] = res.backend
+            dt = time.perf_counter() - t0
+            store.close()
+            out[f"fiun_w{w}_s"] = dt
+            out[f"fiun_w{w}_engine_s"] = res.wall_s
+            out[f"fiun_w{w}_nps"] = len(res.nodes) / dt
+            heads[w] = head_digests(run_root)
+            out["store_mb"] = sum(p.stat().st_size for p in run_root.rglob("*") if p.is_file()) / 2**20
+            out["blobs"] = sum(1 for _ in (run_root / "blobs").glob("??/*.safetensors"))
+        if len(heads) > 1:
+            out["heads_max_diff"] = heads_max_diff(work, heads)
+        out["store_before_mb"] = sum(p.stat().st_size for p in snapshot.rglob("*") if p.is_file()) / 2**20
+        out["peak_rss_mb"] = _rss_mb(resource.RUSAGE_SELF)
+        out["peak_rss_children_mb"] = _rss_mb(resource.RUSAGE_CHILDREN)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            out["kept"] = str(work)
+    return out
+
+
+def report(rows: list[dict], workers: list[int]) -> None:
+    cols = [("nodes", "nodes", "{:d}"), ("add_s", "add s", "{:.1f}"), ("add_nps", "add n/s", "{:.0f}"),
+            ("open_graph_s", "open+graph s", "{:.2f}"), ("plan_s", "plan s", "{:.2f}"),
+            ("plan_cli_s", "dry-run CLI s", "{:.2f}"), ("affected", "affected", "{:d}")]
+    for w in workers:
+        cols += [(f"fiun_w{w}_s", f"FIUn w{w} s", "{:.2f}"), (f"fiun_w{w}_nps", f"w{w} n/s", "{:.0f}")]
+    cols += [("graph_show_s", "graph show s", "{:.2f}"), ("graph_show_lines", "show lines", "{:d}"),
+             ("peak_rss_mb", "peak MB", "{:.0f}"), ("peak_rss_children_mb", "workers MB", "{:.0f}"),
+             ("store_before_mb", "store MB", "{:.1f}"), ("store_mb", "after MB", "{:.1f}")]
+    for r in rows:
+        r["add_nps"] = r["nodes"] / r["add_s"]
+    table = [[h for _, h, _ in cols]] + [[f.format(r[k]) if k in r else "-" for k, _, f in cols] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
+    for row in table:
+        print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
+    print()
+    ok = True
+    for r in rows:
+        notes = []
+        if r["nodes"] >= 10_000:
+            good = r["plan_s"] < PLAN_TARGET_S
+            ok &= good
+            notes.append(f"plan {r['plan_s']:.2f} s {'<' if good else '>='} {PLAN_TARGET_S} s")
+        for w in workers:
+            nps = r.get(f"fiun_w{w}_nps")
+            if nps is None:
+                continue
+            # A spawned pool pays seconds of start-up (a process importing torch per worker):
+            # judged where it is amortised, from 10,000 nodes; in-process and helped pools always.
+            n, helps, _ = _setting(w, "cpu")
+            judged = n == 1 or helps or r["nodes"] >= 10_000
+            good = nps >= FIUN_TARGET_NPS
+            ok &= good or not judged
+            notes.append(f"FIUn w{w} {nps:.0f} n/s {'>=' if good else '<'} {FIUN_TARGET_NPS:.0f}"
+                         + ("" if judged else " (pool start-up; not judged below 10,000 nodes)"))
+        if r.get("fiun_w1_s") and r.get("fiun_w2_s"):
+            notes.append(f"w2/w1 time {r['fiun_w2_s'] / r['fiun_w1_s']:.2f}")
+        if "heads_max_diff" in r:
+            d = r["heads_max_diff"]
+            good = d <= 1e-5
+            ok &= good
+            notes.append("new heads identical across worker settings" if d == 0 else
+                         f"new heads across worker settings differ by at most {d:.2e}" + ("" if good else " (TOO MUCH)"))
+        print(f"{r['nodes']} nodes: " + "; ".join(notes))
+    print("targets met" if ok else "TARGETS MISSED")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="1000,10000", help="comma-separated node counts")
+    ap.add_argument("--clients", type=int, default=100, help="clients per FL round")
+    ap.add_argument("--samples", type=int, default=32, help="data items per client")
+    ap.add_argument("--workers", default="1,2,2h", help="worker settings to time FIUn with: N[h][@DEVICE]; 'Nh': a pool "
+                    "of N whose coordinator computes too (coordinator_helps=True); '@cuda': on the GPUs "
+                    "(e.g. 1@cpu,4@cuda compares the GPU pool's heads with the CPU path)")
+    ap.add_argument("--device", default="cpu", help="device of the settings without @DEVICE")
+    ap.add_argument("--label", type=int, default=3, help="label to forget")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads of the coordinator (default 1: tiny models; on a busy machine, spinning "
+                         "OpenMP threads make every tiny op cost milliseconds). Pool workers get cores // workers.")
+    ap.add_argument("--dir", default=None, help="where to build the stores (default: system temp)")
+    ap.add_argument("--keep", action="store_true", help="keep the stores")
+    ap.add_argument("--json", dest="json_out", default=None, help="also write the figures to this JSON file")
+    ap.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # internal: run one size here
+    args = ap.parse_args()
+    args.workers = [w.strip() for w in args.workers.split(",") if w.strip()]
+    bad = [w for w in args.workers if not w.partition("@")[0].rstrip("h").isdigit()
+           or int(w.partition("@")[0].rstrip("h")) < 1]
+    if bad:
+        ap.error(f"--workers: {', '.join(bad)} (expected e.g. 1,2,2h or 4@cuda)")
+
+    if args.one is not None:
+        print("RESULT " + json.dumps(run_one(args.one, args)), flush=True)
+        return
+
+    import torch
+
+    print(f"umig scale benchmark: torch {torch.__version__}, {os.cpu_count()} CPUs, coordinator threads {args.threads}, "
+          f"load average {os.getloadavg()[0]:.1f} (timings are noisy when it exceeds the cores)", flush=True)
+    rows = []
+    for size in [int(s) for s in args.sizes.split(",") if s]:
+        cmd = [sys.executable, __file__, "--one", str(size)] + [
+            a for a in sys.argv[1:] if not a.startswith("--sizes") and a != args.sizes]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.stderr.write(proc.stdout + proc.stderr)
+            raise SystemExit(f"size {size} failed")
+        line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
+        rows.append(json.loads(line[len("RESULT "):]))
+        print(f"  {size}: done in {time.perf_counter() - t0:.0f} s", flush=True)
+    print()
+    report(rows, args.workers)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
