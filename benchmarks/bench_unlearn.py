@@ -55,11 +55,21 @@ def part1(args: argparse.Namespace, tmp: Path) -> bool:
     build_s = time.perf_counter() - t0
     console.print(f"built a {args.clients}x{args.rounds} FL lineage ({len(run.nodes)} nodes) in {build_s:.1f} s")
 
+    # The first request in a process pays one-off costs (imports, resolving each data reference,
+    # building models): report it, then time each method warm, as a long-lived service runs it.
+    cold = store.unlearn(args.labels, method="fiun", evaluate=False)
+    store.revert(cold.operation)
+    fiun_walls = []
+    for _ in range(args.repeats):
+        r = store.unlearn(args.labels, method="fiun", evaluate=False)
+        fiun_walls.append(r.wall_s)
+        store.revert(r.operation)
     fiun = store.unlearn(args.labels, method="fiun", eval_data=DIGITS_TEST)
     store.revert(fiun.operation)
+    fiun_s = sorted(fiun_walls)[len(fiun_walls) // 2]
     retrain = store.unlearn(args.labels, method="retrain", eval_data=DIGITS_TEST)
 
-    ratio = retrain.wall_s / max(fiun.wall_s, 1e-9)
+    ratio = retrain.wall_s / max(fiun_s, 1e-9)
     t = Table(title=f"forget {args.labels}: original -> FIUn | retrain (accuracy %, train / held-out)")
     for col in ("node", "role", "AD_f train", "AD_f held-out", "AD_r train", "AD_r held-out",
                 "retrain AD_f", "retrain AD_r"):
@@ -83,8 +93,9 @@ def part1(args: argparse.Namespace, tmp: Path) -> bool:
         )
     console.print(t)
     speed_ok = ratio >= SPEEDUP_TARGET
-    console.print(f"FIUn wall {fiun.wall_s:.3f} s | retrain wall {retrain.wall_s:.1f} s | "
-                  f"FIUn is {ratio:.0f}x faster (target >= {SPEEDUP_TARGET:.0f}x: "
+    console.print(f"FIUn wall {fiun_s:.3f} s (median of {args.repeats} warm runs; first run in this process "
+                  f"{cold.wall_s:.3f} s) | retrain wall {retrain.wall_s:.1f} s | FIUn is {ratio:.0f}x faster warm, "
+                  f"{retrain.wall_s / max(cold.wall_s, 1e-9):.0f}x cold (target >= {SPEEDUP_TARGET:.0f}x warm: "
                   f"{'PASS' if speed_ok else 'FAIL'})")
     console.print(f"AD targets on every affected node (AD_f <= {100 * AD_F_TARGET:.0f}%, AD_r drop <= "
                   f"{100 * AD_R_DROP_TARGET:.0f} points, train and held-out): {'PASS' if ok else 'FAIL'}")
@@ -121,6 +132,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--labels", default="1,2")
+    ap.add_argument("--repeats", type=int, default=5, help="warm FIUn runs to take the median of")
     ap.add_argument("--synthetic-nodes", type=int, default=2000)
     ap.add_argument("--synthetic-clients", type=int, default=20)
     ap.add_argument("--skip-synthetic", action="store_true")
