@@ -14,7 +14,7 @@ import torch
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'umig[ray]' to run the Ray backend test")
 
 from umig.errors import UmigError  # noqa: E402
-from umig.execution import RayBackend, make_backend  # noqa: E402
+from umig.execution import ProcessPool, RayBackend, make_backend  # noqa: E402
 from umig.store import Store  # noqa: E402
 
 
@@ -35,7 +35,13 @@ def test_ray_unlearning_is_identical_to_the_local_pool(local_ray, fl_store: Stor
     shutil.copytree(fl_store.root, tmp_path / "ray")
     via_ray = Store.open(tmp_path / "ray")
     try:
-        local = fl_store.unlearn([1], workers=2, device="cpu", evaluate=True)
+        # One thread per worker on both sides (Ray actors default to one CPU), so that even the
+        # float reductions of the Fisher passes run alike and the results can match bit for bit.
+        pool = ProcessPool(str(fl_store.root), ["cpu", "cpu"], threads=1)
+        try:
+            local = fl_store.unlearn([1], backend=pool, evaluate=True)
+        finally:
+            pool.close()
         remote = via_ray.unlearn([1], backend="ray", workers=2, device="cpu", evaluate=True)
         assert remote.backend["backend"] == "ray" and remote.backend["workers"] == 2
         assert local.backend["backend"] == "pool"
