@@ -300,7 +300,9 @@ def unlearn(
     param: Annotated[list[str], typer.Option("--param", "-p", help="Method parameter key=value (repeatable).")] = [],
     discovery: Annotated[str, typer.Option(help="Discovery policy: first (paper) or all.")] = "first",
     from_node: Annotated[list[str], typer.Option("--from", help="Only the part reachable from NODE.")] = [],
-    workers: Annotated[int, typer.Option(help="Worker processes (1 = in-process).")] = 1,
+    workers: Annotated[
+        Optional[int], typer.Option(help="Worker processes; 1 runs in-process [default: 1 on CPU, one per GPU].")
+    ] = None,
     device: Annotated[str, typer.Option(help="auto|cpu|cuda|cuda:0,1.")] = "auto",
     workers_per_device: Annotated[Optional[int], typer.Option(help="Workers pinned to each device.")] = None,
     backend: Annotated[str, typer.Option(help="local (worker pool) or ray.")] = "local",

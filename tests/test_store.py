@@ -346,3 +346,30 @@ def test_unknown_nodes_and_versions(small):
         small.revert("op-nope")
     with pytest.raises(NotFoundError, match="unknown operation"):
         small.purge("op-nope")
+
+
+def test_equal_content_gets_one_digest_whatever_the_metadata_order(tmp_path):
+    """safetensors writes its header from a hash map; blobs canonicalise it so content dedupes."""
+    import torch
+
+    from umig.blobs import BlobStore
+
+    blobs = BlobStore(tmp_path / "blobs")
+    t = {"b.weight": torch.ones(3, 2), "a.bias": torch.zeros(3)}
+    digests = {blobs.put_tensors(dict(t), {f"k{i}": str(i) for i in order})[0]
+               for order in ([0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0], [2, 0, 5, 1, 4, 3]) for _ in range(3)}
+    assert len(digests) == 1
+    (d,) = digests
+    loaded, meta = blobs.load_with_metadata(d)
+    assert torch.equal(loaded["b.weight"], t["b.weight"]) and meta == {f"k{i}": str(i) for i in range(6)}
+
+
+def test_gc_removes_half_written_temp_files(fl_store):
+    tmp = fl_store.blobs.tmp
+    tmp.mkdir(parents=True, exist_ok=True)
+    part = tmp / "deadbeef.0.part"
+    part.write_bytes(b"x" * 100)
+    before = fl_store.blobs.all_digests()
+    assert fl_store.gc() >= 100
+    assert not part.exists()
+    assert fl_store.blobs.all_digests() == before  # every referenced blob survives

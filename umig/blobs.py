@@ -9,7 +9,9 @@ clear error instead of silently wrong weights.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import struct
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -71,8 +73,7 @@ class BlobStore:
         self, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
     ) -> tuple[str, bool]:
         """Serialise tensors as safetensors and store them."""
-        cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        return self.put_bytes(st_save(cpu, metadata=metadata))
+        return self.put_bytes(serialise(tensors, metadata))
 
     def read_bytes(self, digest: str, *, owner: str | None = None) -> bytes:
         """Read a blob and verify its hash. ``owner`` names the node in error messages."""
@@ -124,10 +125,21 @@ class BlobStore:
         return {p.stem for p in self.root.glob("??/*.safetensors")}
 
 
-def _metadata_of(data: bytes) -> dict[str, str]:
-    import json
-    import struct
+def serialise(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """safetensors bytes with a canonical header, so equal content always gets the same digest.
 
+    safetensors writes its JSON header from a hash map (key order varies between calls); the
+    header is rewritten with sorted keys, padded with spaces to 8 bytes as the format allows.
+    """
+    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    data = st_save(cpu, metadata=metadata)
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.dumps(json.loads(data[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return struct.pack("<Q", len(header)) + header + data[8 + n :]
+
+
+def _metadata_of(data: bytes) -> dict[str, str]:
     (n,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + n])
     return dict(header.get("__metadata__", {}) or {})

@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from umig.blobs import BlobStore
+from umig.blobs import BlobStore, serialise
 from umig.errors import UmigError, UnlearningError
 
 Progress = Callable[[int, int], None]  # (done, total)
@@ -152,10 +152,7 @@ class BufferedBlobStore(BlobStore):
     def put_deferred(self, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None,
                      tag: Any = None) -> str:
         """Queue a blob write; return its digest now. ``tag`` comes back with it from :meth:`flush`."""
-        from safetensors.torch import save as st_save
-
-        cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        data = st_save(cpu, metadata=metadata)
+        data = serialise(dict(tensors), metadata)
         if self.threads < 1:
             digest, created = self.put_bytes(data)
             if created:

@@ -185,7 +185,7 @@ def unlearn(
     params: Mapping[str, Any] | None = None,
     policy: str = "first",
     from_nodes: Sequence[str] | None = None,
-    workers: int | None = 1,
+    workers: int | None = None,
     device: str | None = "auto",
     workers_per_device: int | None = None,
     backend: str | Backend = "local",
