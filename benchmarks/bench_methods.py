@@ -40,12 +40,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from umig import graph as G  # noqa: E402
 from umig.arch import ArchSpec  # noqa: E402
 from umig.data import Data, resolve  # noqa: E402
 from umig.demo import DIGITS_TEST, DIGITS_TRAIN, build_fl_digits  # noqa: E402
 from umig.evaluate import membership_inference  # noqa: E402
-from umig.lineage import subset_ref  # noqa: E402
+from umig.lineage import effective_data, subset_ref  # noqa: E402
 from umig.store import Store  # noqa: E402
 from umig.train import Recipe, train  # noqa: E402
 from unlearners.baselines import inherit  # noqa: E402
@@ -87,24 +86,9 @@ def build_il_digits(store: Store, *, steps=IL_STEPS, epochs: int = 5, replay: in
     return names
 
 
-def effective_data(store: Store, name: str, g) -> Data | None:
-    parts, seen = [], set()
-    for a in G.effective_ancestors(g, name):
-        info = store.node(a)
-        if info.data_ref is None:
-            continue
-        key = json.dumps(info.data_ref, sort_keys=True)
-        if key not in seen:
-            seen.add(key)
-            parts.append(store.node_data(a))
-    if not parts:
-        return None
-    return parts[0] if len(parts) == 1 else Data.concat(parts)
-
-
-def mia(store: Store, name: str, labels, heldout: Data, g, version: int | None = None) -> float | None:
+def mia(store: Store, name: str, labels, heldout: Data, version: int | None = None) -> float | None:
     info = store.node(name)
-    eff = effective_data(store, name, g)
+    eff = effective_data(store, name)
     if eff is None:
         return None
     members = eff.filter_labels(keep=labels)
@@ -124,12 +108,11 @@ def run_method(template: Path, work: Path, method: str, labels, heldout: Data, w
         t0 = time.perf_counter()
         res = store.unlearn(labels, method=method, eval_data=DIGITS_TEST, workers=workers, device="cpu")
         total = time.perf_counter() - t0
-        g = store.graph()
         nodes = []
         for n in res.nodes:
             m = dict(n.metrics)
-            m["MIA_after"] = mia(store, n.name, labels, heldout, g)
-            m["MIA_before"] = mia(store, n.name, labels, heldout, g, version=n.version_before)
+            m["MIA_after"] = mia(store, n.name, labels, heldout)
+            m["MIA_before"] = mia(store, n.name, labels, heldout, version=n.version_before)
             m["name"] = n.name
             nodes.append(m)
     finally:

@@ -370,37 +370,24 @@ def eval_task(payload: dict[str, Any], env: Any) -> dict[str, Any]:
 def evaluate_node(store: Any, name: str, labels: Sequence[int], *, data: str | None = None,
                   version: int | None = None, device: str = "cpu") -> dict[str, Any]:
     """AD_f / AD_r of one node (at ``version``) on its effective training data and on ``data``."""
-    from umig.data import DataRef, parse_ref, resolve, verify
+    from umig.data import parse_ref, resolve
     from umig.evaluate import unlearning_accuracy
-    from umig.execution import WorkerEnv
+    from umig.lineage import effective_data
 
     forget = set(int(x) for x in labels)
     if not forget:
         raise UnlearningError("no labels were given")
     info = store.node(name)
-    env = WorkerEnv(str(store.root), device)
     model = store.load_model(name, version, device=device)
-    g = store.graph()
-    parts, seen = [], set()
-    for a in G.effective_ancestors(g, name):
-        n = store.node(a)
-        if n.data_ref is None:
-            continue
-        key = json.dumps(n.data_ref, sort_keys=True)
-        if key not in seen:
-            seen.add(key)
-            parts.append(verify(DataRef.from_json(n.data_ref), n.data_fingerprint))
-    from umig.data import Data
-
     sets = {}
-    if parts:
-        sets["train"] = Data.concat(parts).filter_labels(keep=info.classes)
+    train = effective_data(store, name)
+    if train is not None:
+        sets["train"] = train
     if data:
         sets["heldout"] = resolve(parse_ref(data)).filter_labels(keep=info.classes)
     out: dict[str, Any] = {"node": name, "version": version if version is not None else info.version,
                            "labels": sorted(forget)}
     for split, d in sets.items():
         if len(d):
-            acc = unlearning_accuracy(model, d.batches(512), info.classes, forget, device=env.device)
-            out[split] = acc
+            out[split] = unlearning_accuracy(model, d.batches(512), info.classes, forget, device=device)
     return out
