@@ -200,7 +200,7 @@ def graph_image(g: nx.DiGraph, path: Path) -> None:
     colors = {"fl": "#8ecae6", "ddp": "#cdb4db", "il": "#b7e4c7", "tl": "#ffe066", "other": "#dddddd"}
     width = max(6.0, min(40.0, 1.2 * max((list(dep.values()).count(d) for d in set(dep.values())), default=1)))
     fig, ax = plt.subplots(figsize=(width, max(4.0, 1.3 * (max(dep.values(), default=0) + 1))))
-    nx.draw_networkx_edges(h, pos, ax=ax, arrows=True, arrowsize=10, edge_color="#888888")
+    nx.draw_networkx_edges(h, pos, ax=ax, arrows=True, arrowsize=14, edge_color="#888888", node_size=900)
     nx.draw_networkx_nodes(
         h, pos, ax=ax, node_color=[colors.get(h.nodes[n].get("framework"), "#ddd") for n in h], node_size=900
     )
