@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from umig.blobs import BlobStore, BufferedBlobStore
 from umig import execution as E
 from umig.errors import UmigError, UnlearningError
 from umig.store import Store
@@ -214,7 +215,7 @@ def test_pool_reports_blobs_and_names_the_failing_node(tmp_path):
     pool = E.ProcessPool(str(tmp_path / "s"), ["cpu", "cpu"])
     try:
         out = pool.run(_tasks("write_task", 10))
-        blobs = E.BlobStore(tmp_path / "s" / "blobs")
+        blobs = BlobStore(tmp_path / "s" / "blobs")
         for (digest, created), i in zip(out, range(10)):
             assert created == [digest] and blobs.load(digest)["t"][0] == i  # durable when reported
         tasks = _tasks("write_task", 5) + [Task(fn="test_execution:write_then_fail_task", node="bad", payload={})]
@@ -230,7 +231,7 @@ def test_inprocess_overlaps_writes_but_reports_them_durable(tmp_path):
     Store.init(tmp_path / "s").close()
     be = E.InProcess(str(tmp_path / "s"))
     out = be.run(_tasks("write_task", 50))
-    blobs = E.BlobStore(tmp_path / "s" / "blobs")
+    blobs = BlobStore(tmp_path / "s" / "blobs")
     assert all(blobs.exists(d) and created == [d] for d, created in out)
     again = be.run(_tasks("write_task", 3))  # content-addressed: rewriting creates nothing
     assert all(created == [] for _, created in again)
@@ -242,14 +243,14 @@ def test_inprocess_overlaps_writes_but_reports_them_durable(tmp_path):
 
 # --------------------------------------------------------------- blob writes
 def test_buffered_blobs_are_readable_before_flush_and_durable_after(tmp_path):
-    b = E.BufferedBlobStore(tmp_path / "blobs")
+    b = BufferedBlobStore(tmp_path / "blobs")
     b.ensure()
     digests = [b.put_deferred({"x": torch.arange(i + 1.0)}, tag=i) for i in range(20)]
     assert all(b.exists(d) for d in digests)
     assert torch.equal(b.load(digests[5])["x"], torch.arange(6.0))  # served while its write may be pending
     created = b.flush()
     assert sorted(created) == sorted(enumerate(digests))
-    plain = E.BlobStore(tmp_path / "blobs")
+    plain = BlobStore(tmp_path / "blobs")
     assert all(plain.exists(d) for d in digests)
     assert b.flush() == []
     assert b.put_deferred({"x": torch.arange(1.0)}) == digests[0] and b.flush() == []  # already there
@@ -257,7 +258,7 @@ def test_buffered_blobs_are_readable_before_flush_and_durable_after(tmp_path):
 
 
 def test_buffered_blob_write_errors_surface_at_flush(tmp_path):
-    b = E.BufferedBlobStore(tmp_path / "blobs")
+    b = BufferedBlobStore(tmp_path / "blobs")
     b.ensure()
     ok = b.put_deferred({"x": torch.zeros(3)})
     b.flush()
@@ -294,7 +295,7 @@ def test_store_batch_commits_only_durable_blobs_and_rolls_back_cleanly(tmp_path)
     with store.batch():
         for i in range(5):
             store.add_node(f"m{i}", arch.build(), arch, fim=False)
-    plain = E.BlobStore(tmp_path / "s" / "blobs")
+    plain = BlobStore(tmp_path / "s" / "blobs")
     for i in range(5):
         v = store.version(f"m{i}")
         assert plain.exists(v.body) and plain.exists(v.head)  # on disk once the batch committed

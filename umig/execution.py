@@ -19,34 +19,31 @@ Backends:
 
 Blob writes are durable before they are reported: every blob is fsynced before it is renamed
 into place (``umig.blobs``), and a task's results are handed back only after all of its writes
-finished. Writes go through a few threads (:class:`BufferedBlobStore`) so that the fsyncs of
+finished. Writes go through a few threads (:class:`umig.blobs.BufferedBlobStore`) so that the fsyncs of
 many small blobs overlap; ext4 and most journaling file systems then commit them together.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import heapq
 import importlib
 import math
 import os
 import shutil
 import tempfile
-import threading
 import time
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from umig.blobs import BlobStore, serialise
+from umig.blobs import BufferedBlobStore
 from umig.errors import UmigError, UnlearningError
 
 Progress = Callable[[int, int], None]  # (done, total)
@@ -118,162 +115,6 @@ def pin_device(device: str) -> str:
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
     return device
-
-
-# -------------------------------------------------------------------- blobs
-class BufferedBlobStore(BlobStore):
-    """A :class:`BlobStore` that can write blobs on a few threads, so their fsyncs overlap.
-
-    :meth:`put_deferred` serialises and hashes the tensors at once and returns the digest;
-    the write itself (temp file, write, fsync, rename into place) runs on a thread.
-    :meth:`flush` waits until every pending write is done, fsyncs each directory that got new
-    blobs once (instead of once per blob), and returns the blobs that were created. Reads see
-    pending blobs. Whoever commits metadata naming a deferred blob must :meth:`flush` first:
-    that keeps "metadata only after durable blobs" true while thousands of tiny head blobs
-    share each journal commit.
-    """
-
-    def __init__(self, root: str | Path, *, threads: int = 4, max_pending_bytes: int = 256 << 20,
-                 max_pending: int = 1024) -> None:
-        super().__init__(root)
-        self.threads = threads
-        self._ready_dirs: set[str] = set()
-        self._dirty_dirs: set[str] = set()  # directories whose new entries still need an fsync
-        self.max_pending_bytes = max_pending_bytes
-        self.max_pending = max_pending
-        self._pool: ThreadPoolExecutor | None = None
-        self._queue: deque[tuple[Future, str, Any, int]] = deque()
-        self._data: dict[str, bytes] = {}  # digest -> bytes while its write is pending
-        self._pending_bytes = 0
-        self._created: list[tuple[Any, str]] = []
-        self._error: BaseException | None = None
-        self._lock = threading.Lock()
-
-    def put_deferred(self, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None,
-                     tag: Any = None) -> str:
-        """Queue a blob write; return its digest now. ``tag`` comes back with it from :meth:`flush`."""
-        data = serialise(dict(tensors), metadata)
-        if self.threads < 1:
-            digest, created = self.put_bytes(data)
-            if created:
-                self._created.append((tag, digest))
-            return digest
-        digest = hashlib.sha256(data).hexdigest()
-        with self._lock:
-            if digest in self._data:
-                return digest
-        if super().exists(digest):
-            return digest
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="umig-blob")
-        with self._lock:
-            self._data[digest] = data
-        fut = self._pool.submit(self._write, digest, data)
-        self._queue.append((fut, digest, tag, len(data)))
-        self._pending_bytes += len(data)
-        while self._queue and (len(self._queue) > self.max_pending or self._pending_bytes > self.max_pending_bytes):
-            self._settle_one()
-        return digest
-
-    def _write(self, digest: str, data: bytes) -> tuple[str, bool]:
-        """``BlobStore.put_bytes`` without its per-blob directory fsync (done once per directory
-        by :meth:`flush`) and without hashing again: temp file, write, fsync, rename into place."""
-        final = os.path.join(self.root, digest[:2], f"{digest}.safetensors")
-        if os.path.exists(final):
-            return digest, False
-        folder = os.path.dirname(final)
-        if folder not in self._ready_dirs:
-            os.makedirs(folder, exist_ok=True)
-            os.makedirs(self.tmp, exist_ok=True)
-            self._ready_dirs.add(folder)
-        tmp = os.path.join(self.tmp, f"{digest}.{os.urandom(8).hex()}.part")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        try:
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)  # the content is durable before the blob gets its name
-            finally:
-                os.close(fd)
-            os.replace(tmp, final)  # atomic; two writers of the same content race harmlessly
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        with self._lock:
-            self._dirty_dirs.add(folder)
-        return digest, True
-
-    def _sync_dirs(self) -> None:
-        with self._lock:
-            dirs, self._dirty_dirs = sorted(self._dirty_dirs), set()
-        if not dirs:
-            return
-
-        def sync(path: str) -> None:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-        if self._pool is None or len(dirs) == 1:
-            for d in dirs:
-                sync(d)
-        else:
-            list(self._pool.map(sync, dirs))
-
-    def _settle_one(self) -> None:
-        fut, digest, tag, size = self._queue.popleft()
-        try:
-            _, created = fut.result()
-            if created:
-                self._created.append((tag, digest))
-        except BaseException as e:  # noqa: BLE001 - reported by flush, after every write has finished
-            if self._error is None:
-                self._error = e
-        finally:
-            self._pending_bytes -= size
-            with self._lock:
-                self._data.pop(digest, None)
-
-    def flush(self, *, check: bool = True) -> list[tuple[Any, str]]:
-        """Wait for every pending write; return ``(tag, digest)`` of the blobs created since the last flush.
-
-        With ``check`` the first write error is raised (after all writes have finished; the
-        blobs created meanwhile are on the exception as ``created_blobs``).
-        """
-        while self._queue:
-            self._settle_one()
-        try:
-            self._sync_dirs()  # the new names are durable too: one fsync per directory, not per blob
-        except OSError as e:
-            if self._error is None:
-                self._error = e
-        created, self._created = self._created, []
-        error, self._error = self._error, None
-        if error is not None and check:
-            error.created_blobs = [d for _, d in created]  # type: ignore[attr-defined]
-            raise error
-        return created
-
-    def read_bytes(self, digest: str, *, owner: str | None = None) -> bytes:
-        with self._lock:
-            data = self._data.get(digest)
-        return data if data is not None else super().read_bytes(digest, owner=owner)
-
-    def exists(self, digest: str) -> bool:
-        with self._lock:
-            if digest in self._data:
-                return True
-        return super().exists(digest)
-
-    def close(self) -> None:
-        self.flush(check=False)
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
 
 
 # ---------------------------------------------------------------- worker env

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from umig import graph as G
-from umig.blobs import BlobStore
+from umig.blobs import BlobStore, BufferedBlobStore
 from umig.errors import GraphError, LockTimeout, NotFoundError, UmigError
 
 DB_NAME = "umig.db"
@@ -195,9 +195,7 @@ class Store:
     def __init__(self, root: Path, db: sqlite3.Connection) -> None:
         self.root = root
         self.db = db
-        from umig.execution import BufferedBlobStore  # blob writes of a transaction overlap their fsyncs
-
-        self.blobs = BufferedBlobStore(root / "blobs")
+        self.blobs = BufferedBlobStore(root / "blobs")  # blob writes of a transaction overlap their fsyncs
         self._txn = _Txn()
         self._lock_fh: Any = None
         self.lock_timeout = float(os.environ.get("UMIG_LOCK_TIMEOUT", "60"))
@@ -901,9 +899,6 @@ class Store:
                 freed += part.stat().st_size
                 part.unlink(missing_ok=True)
             return freed
-
-    def disk_usage(self) -> int:
-        return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
 
 
 # ----------------------------------------------------------------- helpers
