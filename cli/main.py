@@ -423,9 +423,5 @@ def methods(json_out: JsonOpt = False) -> None:
         R.console.print(R.methods_table(out))
 
 
-def main() -> None:  # pragma: no cover - console-script shim
-    app()
-
-
 if __name__ == "__main__":  # pragma: no cover
     app()

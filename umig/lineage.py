@@ -366,7 +366,6 @@ class IncrementalRecorder(LineageRecorder):
         super().__init__(store, arch, prefix=prefix, head=head, recipe=recipe, device=device, fim=fim,
                          fisher_batch=fisher_batch, num_classes_arg=num_classes_arg)
         self.last: str | None = None
-        self.last_classes: tuple[int, ...] = ()
         self.steps = 0
 
     def step(self, model: Model, classes: Sequence[int], data: Data | str, *, parent: str | None = None,
@@ -384,7 +383,7 @@ class IncrementalRecorder(LineageRecorder):
                            parents=[parent] if parent else [], relation="increment", data=data, classes=classes,
                            recipe=recipe, fim=fim,
                            meta={"step": k, "new_classes": sorted(set(classes) - set(parent_classes)), **(meta or {})})
-        self.last, self.last_classes, self.steps = info.name, classes, k + 1
+        self.last, self.steps = info.name, k + 1
         return info
 
 

@@ -143,8 +143,6 @@ class Unlearner(ABC):
     name: ClassVar[str]
     description: ClassVar[str] = ""
     params: ClassVar[Mapping[str, Param]] = {}
-    # Methods that touch only the head ask the engine for head tensors alone.
-    needs_data: ClassVar[bool] = True
 
     def resolve_params(self, given: Mapping[str, Any]) -> dict[str, Any]:
         unknown = sorted(set(given) - set(self.params))

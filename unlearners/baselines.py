@@ -32,7 +32,6 @@ from umig.fisher import label_rows
 from umig.train import Recipe, fedavg, train
 from unlearners.base import Job, NodeContext, NodeSnapshot, NodeUnlearner, NodeUpdate, Param
 
-MERGE_RELATIONS = ("aggregate", "sync")
 OPTIMIZERS = ("sgd", "adam")
 
 
