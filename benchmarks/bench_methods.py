@@ -44,10 +44,10 @@ from umig.arch import ArchSpec  # noqa: E402
 from umig.data import Data, resolve  # noqa: E402
 from umig.demo import DIGITS_TEST, DIGITS_TRAIN, build_fl_digits  # noqa: E402
 from umig.evaluate import membership_inference  # noqa: E402
-from umig.lineage import effective_data, subset_ref  # noqa: E402
-from umig.store import Store  # noqa: E402
+from umig.lineage import subset_ref  # noqa: E402
+from umig.api import Store  # noqa: E402
 from umig.train import Recipe, train  # noqa: E402
-from unlearners.baselines import inherit  # noqa: E402
+from umig.unlearners.baselines import inherit  # noqa: E402
 
 METHODS = ("fiun", "fused", "channel", "retrain", "finetune", "gradient-ascent", "distill")
 IL_STEPS = ((0, 1, 2, 3, 4, 5), (6, 7), (8, 9))
@@ -88,7 +88,7 @@ def build_il_digits(store: Store, *, steps=IL_STEPS, epochs: int = 5, replay: in
 
 def mia(store: Store, name: str, labels, heldout: Data, version: int | None = None) -> float | None:
     info = store.node(name)
-    eff = effective_data(store, name)
+    eff = store.effective_data(name)
     if eff is None:
         return None
     members = eff.filter_labels(keep=labels)

@@ -35,7 +35,7 @@ import federated  # noqa: E402
 import incremental  # noqa: E402
 import transfer  # noqa: E402
 
-from umig.store import Store  # noqa: E402
+from umig.api import Store  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 

@@ -56,7 +56,7 @@ def _rss_mb(who: int) -> float:
 def _cli(args: list[str], store: Path) -> tuple[float, subprocess.CompletedProcess]:
     env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "120"}
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "cli.main", *args, "--store", str(store)],
+    proc = subprocess.run([sys.executable, "-m", "umig.cli.main", *args, "--store", str(store)],
                           capture_output=True, text=True, env=env, cwd=REPO)
     dt = time.perf_counter() - t0
     if proc.returncode != 0:
@@ -71,7 +71,7 @@ def build(root: Path, n_nodes: int, clients: int, samples: int, seed: int = 0) -
 
     from umig.arch import ArchSpec
     from umig.lineage import FederatedRecorder, subset_ref
-    from umig.store import Store
+    from umig.api import Store
 
     rounds = max(1, round((n_nodes - 1) / (clients + 1)))
     g = torch.Generator().manual_seed(seed)
@@ -146,7 +146,7 @@ def run_one(n_nodes: int, args: argparse.Namespace) -> dict:
     import torch
 
     from umig.execution import make_backend
-    from umig.store import Store
+    from umig.api import Store
 
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix=f"umig-scale-{n_nodes}-", dir=args.dir))

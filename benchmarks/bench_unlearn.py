@@ -44,7 +44,7 @@ def part1(args: argparse.Namespace, tmp: Path) -> bool:
     from rich.table import Table
 
     from umig.demo import DEFAULT_RECIPE, DIGITS_TEST, build_fl_digits
-    from umig.store import Store
+    from umig.api import Store
     from umig.train import Recipe
 
     console = Console(width=170)
@@ -106,7 +106,7 @@ def part1(args: argparse.Namespace, tmp: Path) -> bool:
 def part2(args: argparse.Namespace, tmp: Path) -> None:
     from bench_scale import build  # the synthetic FL lineage builder shared with bench_scale.py
 
-    from umig.store import Store
+    from umig.api import Store
 
     src = tmp / "synthetic"
     t0 = time.perf_counter()

@@ -56,7 +56,7 @@ from umig import graph as G  # noqa: E402
 from umig.arch import ArchSpec  # noqa: E402
 from umig.data import digits_client_split  # noqa: E402
 from umig.lineage import FederatedRecorder, evaluate_models, fit, retrain_reference, subset_ref  # noqa: E402
-from umig.store import Store  # noqa: E402
+from umig.api import Store  # noqa: E402
 from umig.train import Recipe  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -453,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
                    chain_epochs=2 if q else 4, lr=0.002)
     retrain = args.retrain
     if retrain == "method":
-        from unlearners.base import available
+        from umig.unlearners.base import available
 
         if "retrain" not in available():
             print("the 'retrain' unlearner is not installed; using umig.lineage.retrain_reference")

@@ -1,4 +1,4 @@
-"""The ``umig`` command line: parse arguments, call the library, hand results to ``cli.render``."""
+"""The ``umig`` command line: parse arguments, call the library, hand results to ``umig.cli.render``."""
 
 from __future__ import annotations
 
@@ -8,9 +8,16 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
 import typer
+from umig.cli import render as R
 
-from cli import render as R
+from umig.api import Store
+from umig.arch import ArchSpec, parse_arch_args
+from umig.data import parse_labels, read_indices
 from umig.errors import UmigError
+from umig.forget import ForgetSet
+from umig.forget import samples as sample_set
+from umig.unlearner import describe
+from umig.unlearning import evaluate_node
 
 app = typer.Typer(
     name="umig",
@@ -29,6 +36,8 @@ StoreOpt = Annotated[
     typer.Option("--store", envvar="UMIG_STORE", help="Store directory [default: ./.umig, or $UMIG_STORE]."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+
+# Every command prints through R.emit (JSON with --json, else its human view); errors leave through fail().
 
 
 def fail(message: str) -> None:
@@ -54,8 +63,6 @@ def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def open_store(path: Optional[Path]):
-    from umig.store import Store
-
     return Store.open(path)
 
 
@@ -69,17 +76,20 @@ def parse_kv(items: list[str], what: str) -> dict[str, str]:
     return out
 
 
+def parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise UmigError(f"--input-shape expects integers like 3,32,32, got '{text}'") from None
+
+
 @app.command()
 @handles_errors
 def init(store: StoreOpt = None, json_out: JsonOpt = False) -> None:
     """Create an empty lineage store."""
-    from umig.store import Store
-
     s = Store.init(store)
-    if json_out:
-        R.print_json({"store": str(s.root.resolve())})
-    else:
-        R.console.print(f"initialised umig store at [bold]{s.root}[/]")
+    R.emit({"store": str(s.root.resolve())}, as_json=json_out,
+           human=lambda _: f"initialised umig store at [bold]{s.root}[/]")
 
 
 @app.command("add-node")
@@ -107,15 +117,13 @@ def add_node(
     json_out: JsonOpt = False,
 ) -> None:
     """Record a model node: checkpoint, architecture, parents, data reference and model FIM."""
-    from umig.arch import ArchSpec, parse_arch_args
-    from umig.data import parse_labels
 
     if not weights.exists():
         raise UmigError(f"weights file {weights} does not exist")
     if recipe is not None and not recipe.exists():
         raise UmigError(f"recipe file {recipe} does not exist")
     s = open_store(store)
-    shape = tuple(int(x) for x in input_shape.split(",")) if input_shape else None
+    shape = parse_shape(input_shape) if input_shape else None
     info = s.add_node(
         name,
         weights,
@@ -129,17 +137,13 @@ def add_node(
         classes=parse_labels(classes) if classes else None,
         head=head,
         input_shape=shape,
-        fim=not no_fim,
+        compute_fim=not no_fim,
         meta=parse_kv(meta, "--meta"),
         recipe=recipe,
     )
-    if json_out:
-        R.print_json(info.to_json())
-    else:
-        R.console.print(
-            f"added node [bold]{info.name}[/] ({info.framework}, head {info.head}, {len(info.classes)} classes, "
-            f"{info.data_size} samples)"
-        )
+    R.emit(info, as_json=json_out, to_json=lambda i: i.to_json(),
+           human=lambda i: f"added node [bold]{i.name}[/] ({i.framework}, head {i.head}, {len(i.classes)} classes, "
+                           f"{i.data_size} samples)")
 
 
 @app.command()
@@ -153,7 +157,7 @@ def link(
 ) -> None:
     """Add an inheritance edge between two existing nodes (refused if it closes a cycle)."""
     open_store(store).link(parent, child, relation=relation, weight=weight)
-    R.console.print(f"linked {parent} -> {child} ({relation})")
+    R.emit(None, as_json=False, human=lambda _: f"linked {parent} -> {child} ({relation})")
 
 
 @graph_app.command("show")
@@ -167,40 +171,25 @@ def graph_show(
 ) -> None:
     """Show the lineage graph as a tree, table, DOT, JSON or picture."""
     g = open_store(store).graph()
-    fmt = "json" if json_out else format
-    if output is not None and output.suffix.lower() in (".png", ".svg", ".pdf"):
-        R.graph_image(g, output)
-        R.console.print(f"wrote {output}")
+    fmt = graph_format("json" if json_out else format, output)
+    if output is not None:  # a file is written whatever --json says; stdout gets one line naming it
+        R.write_graph(g, output, fmt)
+        R.emit(None, as_json=False, human=lambda _: f"wrote {output}")
         return
+    R.emit(g, as_json=fmt == "json", to_json=R.graph_json, human=lambda g: R.graph_view(g, fmt, max_nodes))
+
+
+def graph_format(fmt: str, output: Path | None) -> str:
+    """The format ``graph show`` writes: "image" for a picture file, else tree|table|dot|json|summary."""
+    if output is not None and output.suffix.lower() in (".png", ".svg", ".pdf"):
+        return "image"
     if output is not None and fmt not in ("dot", "json"):  # --output g.dot: the suffix picks the format
         fmt = {".dot": "dot", ".gv": "dot", ".json": "json"}.get(output.suffix.lower(), "")
         if not fmt:
             raise UmigError(f"--output {output}: use a .dot, .json, .png, .svg or .pdf file (or --format dot|json)")
     if fmt not in ("tree", "table", "dot", "json", "summary"):
         raise UmigError(f"unknown format '{fmt}' (tree, table, dot, json, summary)")
-    if fmt in ("dot", "json"):
-        text = R.graph_dot(g) if fmt == "dot" else None
-        if output is not None:
-            import json as _json
-
-            output.write_text(text if text is not None else _json.dumps(R.graph_json(g), indent=2))
-            R.console.print(f"wrote {output}")
-        elif text is not None:
-            sys.stdout.write(text)
-        else:
-            R.print_json(R.graph_json(g))
-        return
-    if fmt == "summary" or g.number_of_nodes() > max_nodes:
-        # A large graph gets a bounded summary (counts per framework and depth, the first levels), never a flood.
-        R.console.print(R.summary_table(g))
-        R.console.print(R.first_levels(g, max_nodes))
-        return
-    if fmt == "table":
-        from umig.graph import bfs_order
-
-        R.console.print(R.node_table(g, bfs_order(g)[:max_nodes]))
-    else:
-        R.console.print(R.graph_tree(g, max_nodes))
+    return fmt
 
 
 @node_app.command("show")
@@ -212,34 +201,7 @@ def node_show(
 ) -> None:
     """Show one node: architecture, classes, data, parents, versions."""
     s = open_store(store)
-    info = s.node(name)
-    versions = s.versions(name)
-    fim = s.fim(name)
-    data = info.to_json()
-    data["versions"] = [
-        {"version": v.version, "operation": v.operation, "purged": v.purged, "adapter": bool(v.delta),
-         "created": v.created}
-        for v in versions
-    ]
-    data["fim"] = (
-        {"weight_shape": list(fim.weight.shape), "bias_shape": list(fim.bias.shape) if fim.bias is not None else None,
-         "classes": list(fim.classes), "samples": fim.samples, "kind": fim.kind, "temperature": fim.temperature}
-        if fim is not None
-        else None
-    )
-    if json_out:
-        R.print_json(data)
-        return
-    from rich.table import Table
-
-    t = Table(title=f"node {name}", show_header=False)
-    t.add_column("key", style="bold")
-    t.add_column("value")
-    for k in ("framework", "arch", "head", "classes", "data", "data_size", "label_counts", "version",
-              "parents", "children", "meta", "recipe", "fim"):
-        v = data[k]
-        t.add_row(k, R._json_default(v) if not isinstance(v, (str, int)) else str(v))
-    R.console.print(t)
+    R.emit(R.node_json(s.node(name), s.versions(name), s.fim(name)), as_json=json_out, human=R.node_view)
 
 
 @app.command()
@@ -253,10 +215,7 @@ def export(
 ) -> None:
     """Write a node's full weights (any adapter merged) to one safetensors file."""
     path = open_store(store).export(name, output, version=version)
-    if json_out:
-        R.print_json({"node": name, "path": str(path)})
-    else:
-        R.console.print(f"exported {name} to {path}")
+    R.emit({"node": name, "path": str(path)}, as_json=json_out, human=lambda _: f"exported {name} to {path}")
 
 
 @app.command()
@@ -269,10 +228,7 @@ def remove(
 ) -> None:
     """Remove a node (refused while it has children, unless --recursive)."""
     removed = open_store(store).remove(name, recursive=recursive)
-    if json_out:
-        R.print_json({"removed": removed})
-    else:
-        R.console.print(f"removed {', '.join(removed)}")
+    R.emit({"removed": removed}, as_json=json_out, human=lambda d: f"removed {', '.join(d['removed'])}")
 
 
 @app.command()
@@ -280,14 +236,10 @@ def remove(
 def gc(store: StoreOpt = None, json_out: JsonOpt = False) -> None:
     """Delete blobs nothing refers to (left behind by killed runs)."""
     freed = open_store(store).gc()
-    if json_out:
-        R.print_json({"freed_bytes": freed})
-    else:
-        R.console.print(f"freed {freed} bytes")
+    R.emit({"freed_bytes": freed}, as_json=json_out, human=lambda d: f"freed {d['freed_bytes']} bytes")
 
 
 def parse_label_list(text: str) -> list[int]:
-    from umig.data import parse_labels
 
     return list(parse_labels(text))
 
@@ -295,7 +247,13 @@ def parse_label_list(text: str) -> list[int]:
 @app.command()
 @handles_errors
 def unlearn(
-    labels: Annotated[str, typer.Option("--labels", "-l", help="Labels to forget, e.g. 1,2 or 0-4.")],
+    labels: Annotated[Optional[str], typer.Option("--labels", "-l", help="Labels to forget, e.g. 1,2 or 0-4.")] = None,
+    samples: Annotated[Optional[Path], typer.Option(
+        "--samples", help="Index file (.npy, or safetensors tensor 'indices') of samples to forget, into --data.")] = None,
+    data: Annotated[Optional[str], typer.Option(
+        "--data", help="The dataset --samples indexes (any data reference; matched by fingerprint).")] = None,
+    client: Annotated[list[str], typer.Option(
+        "--client", help="Forget everything in NODE's own training data, at every round (repeatable).")] = [],
     method: Annotated[str, typer.Option(help="Unlearning method (see 'umig methods').")] = "fiun",
     param: Annotated[list[str], typer.Option("--param", "-p", help="Method parameter key=value (repeatable).")] = [],
     discovery: Annotated[str, typer.Option(help="Discovery policy: first (paper) or all.")] = "first",
@@ -313,28 +271,29 @@ def unlearn(
     store: StoreOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Forget labels across every affected model of the lineage, as one operation."""
+    """Forget labels, samples or clients across every affected model of the lineage, as one operation."""
     s = open_store(store)
-    forget = parse_label_list(labels)
+    if samples is not None and data is None:
+        raise UmigError("--samples needs --data naming the dataset its indices refer to")
+    if data is not None and samples is None:
+        raise UmigError("--data goes with --samples")
+    if labels is None and samples is None and not client:
+        raise UmigError("nothing to forget: give --labels, --samples with --data, or --client")
+    forget = ForgetSet(labels=parse_label_list(labels) if labels is not None else (),
+                       samples=(sample_set(read_indices(samples), data),) if samples is not None else ())
     params = parse_kv(param, "--param")
     if dry_run:
-        result = s.plan_unlearning(forget, method=method, params=params, policy=discovery,
+        result = s.plan_unlearning(forget, clients=client, method=method, params=params, policy=discovery,
                                    from_nodes=from_node or None)
-        if json_out:
-            R.print_json(result.to_json())
-        else:
-            R.console.print(R.plan_view(result))
+        R.emit(result, as_json=json_out, to_json=lambda r: r.to_json(), human=R.plan_view)
         return
     with R.phase_progress(enabled=not json_out) as progress:
         result = s.unlearn(
-            forget, method=method, params=params, policy=discovery, from_nodes=from_node or None,
+            forget, clients=client, method=method, params=params, policy=discovery, from_nodes=from_node or None,
             workers=workers, device=device, workers_per_device=workers_per_device, backend=backend,
             ray_address=ray_address, evaluate=eval, eval_data=eval_data, progress=progress,
         )
-    if json_out:
-        R.print_json(result.to_json())
-    else:
-        R.console.print(R.result_table(result))
+    R.emit(result, as_json=json_out, to_json=lambda r: r.to_json(), human=R.result_table)
 
 
 @app.command()
@@ -346,10 +305,8 @@ def revert(
 ) -> None:
     """Move every node of an operation back to its previous version, bit for bit."""
     nodes = open_store(store).revert(operation)
-    if json_out:
-        R.print_json({"operation": operation, "reverted": nodes})
-    else:
-        R.console.print(f"reverted {operation}: {len(nodes)} node(s) back to their previous version")
+    R.emit({"operation": operation, "reverted": nodes}, as_json=json_out,
+           human=lambda _: f"reverted {operation}: {len(nodes)} node(s) back to their previous version")
 
 
 @app.command()
@@ -365,14 +322,9 @@ def purge(
     s._operation(operation)  # unknown id: clear error before asking
     if not yes and sys.stdin.isatty():
         typer.confirm(f"purge {operation}? this cannot be undone", abort=True)
-    out = s.purge(operation)
-    if json_out:
-        R.print_json(out)
-    else:
-        R.console.print(
-            f"purged {operation}: {out['versions_purged']} superseded version(s), {out['blobs_deleted']} blob(s), "
-            f"{out['bytes_freed']} bytes"
-        )
+    R.emit(s.purge(operation), as_json=json_out,
+           human=lambda d: f"purged {operation}: {d['versions_purged']} superseded version(s), "
+                           f"{d['blobs_deleted']} blob(s), {d['bytes_freed']} bytes")
 
 
 @app.command()
@@ -383,11 +335,7 @@ def history(
     json_out: JsonOpt = False,
 ) -> None:
     """The audit log of unlearning operations."""
-    entries = open_store(store).history(node=node)
-    if json_out:
-        R.print_json(entries)
-    else:
-        R.console.print(R.history_table(entries))
+    R.emit(open_store(store).history(node=node), as_json=json_out, human=R.history_table)
 
 
 @app.command("eval")
@@ -401,26 +349,15 @@ def eval_node(
     json_out: JsonOpt = False,
 ) -> None:
     """AD_f / AD_r of one node on its effective training data (and --data)."""
-    from umig.unlearning import evaluate_node
-
     out = evaluate_node(open_store(store), name, parse_label_list(labels), data=data, version=version)
-    if json_out:
-        R.print_json(out)
-    else:
-        R.console.print(R.eval_table(out))
+    R.emit(out, as_json=json_out, human=R.eval_table)
 
 
 @app.command()
 @handles_errors
 def methods(json_out: JsonOpt = False) -> None:
     """List installed unlearning methods with their parameters and defaults."""
-    from unlearners.base import describe
-
-    out = describe()
-    if json_out:
-        R.print_json(out)
-    else:
-        R.console.print(R.methods_table(out))
+    R.emit(describe(), as_json=json_out, human=R.methods_table)
 
 
 if __name__ == "__main__":  # pragma: no cover

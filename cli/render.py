@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,29 @@ console = Console()
 err_console = Console(stderr=True)
 
 FRAMEWORK_STYLE = {"fl": "cyan", "ddp": "magenta", "il": "green", "tl": "yellow", "other": "white"}
+
+
+def emit(
+    data: Any,
+    *,
+    as_json: bool,
+    human: Callable[[Any], Any] | None = None,
+    to_json: Callable[[Any], Any] | None = None,
+) -> None:
+    """The CLI's one output path; every command ends here instead of branching on ``--json`` itself.
+
+    ``as_json``: ``data`` (passed through ``to_json`` first when given; an object with a ``to_json()`` method is
+    serialised through it) goes to stdout as plain JSON, nothing else. Otherwise ``human(data)`` says what a person
+    sees: a rich renderable or markup string, a list/tuple of them (printed in turn), or None when it wrote its own
+    output (raw DOT). Without ``human`` the JSON is the human output too. Errors never come here: they leave through
+    the CLI's single ``error:`` line on stderr.
+    """
+    if as_json or human is None:
+        print_json(to_json(data) if to_json is not None else data)
+        return
+    view = human(data)
+    for item in () if view is None else view if isinstance(view, (list, tuple)) else (view,):
+        console.print(item)
 
 
 def print_json(data: Any) -> None:
@@ -167,6 +190,57 @@ def graph_json(g: nx.DiGraph) -> dict:
     }
 
 
+def graph_view(g: nx.DiGraph, fmt: str, max_nodes: int) -> Any:
+    """What ``graph show`` prints for a non-JSON format (see ``emit``); DOT is written raw, not through rich."""
+    if fmt == "dot":
+        sys.stdout.write(graph_dot(g))
+        return None
+    if fmt == "summary" or g.number_of_nodes() > max_nodes:
+        # A large graph gets a bounded summary (counts per framework and depth, the first levels), never a flood.
+        return summary_table(g), first_levels(g, max_nodes)
+    if fmt == "table":
+        return node_table(g, G.bfs_order(g)[:max_nodes])
+    return graph_tree(g, max_nodes)
+
+
+def write_graph(g: nx.DiGraph, path: Path, fmt: str) -> None:
+    """``graph show --output``: a picture (fmt "image"), DOT or JSON file."""
+    if fmt == "image":
+        graph_image(g, path)
+    elif fmt == "dot":
+        path.write_text(graph_dot(g))
+    else:
+        path.write_text(json.dumps(graph_json(g), indent=2))
+
+
+def node_json(info: Any, versions: Iterable[Any], fim: Any) -> dict:
+    """``node show`` data: the node record, its versions and a description of its model FIM."""
+    data = info.to_json()
+    data["versions"] = [
+        {"version": v.version, "operation": v.operation, "purged": v.purged, "adapter": bool(v.delta_blob),
+         "created": v.created}
+        for v in versions
+    ]
+    data["fim"] = (
+        {"weight_shape": list(fim.weight.shape), "bias_shape": list(fim.bias.shape) if fim.bias is not None else None,
+         "classes": list(fim.classes), "samples": fim.samples, "kind": fim.kind, "temperature": fim.temperature}
+        if fim is not None
+        else None
+    )
+    return data
+
+
+def node_view(data: dict) -> Table:
+    t = Table(title=f"node {data['name']}", show_header=False)
+    t.add_column("key", style="bold")
+    t.add_column("value")
+    for k in ("framework", "arch", "head", "classes", "data", "data_size", "label_counts", "version",
+              "parents", "children", "meta", "recipe", "fim"):
+        v = data[k]
+        t.add_row(k, _json_default(v) if not isinstance(v, (str, int)) else str(v))
+    return t
+
+
 def graph_dot(g: nx.DiGraph) -> str:
     def q(s: str) -> str:
         return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
@@ -224,7 +298,13 @@ class phase_progress:
     def __enter__(self):
         if not self.enabled:
             return None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                   TimeElapsedColumn(), console=err_console, transient=False)
@@ -245,9 +325,17 @@ def _pct(v: Any) -> str:
     return "-" if v is None else f"{100 * v:.1f}"
 
 
+def forget_text(forget: dict, labels: list[int]) -> str:
+    """A forget set's audit record in a few words: labels, sample counts, clients."""
+    parts = [f"labels {_ranges(labels)}"] if labels else []
+    for smp in (forget or {}).get("samples", []):
+        parts.append(f"client {smp['client']}" if "client" in smp else f"{smp['count']} samples")
+    return ", ".join(parts) or "-"
+
+
 def plan_view(result: Any) -> Table:
     plan = result.plan
-    t = Table(title=f"plan: forget {_ranges(list(plan.labels))} with {result.method} "
+    t = Table(title=f"plan: forget {forget_text(plan.forget, list(plan.labels))} with {result.method} "
                     f"({len(plan.discovery)} discovery, {len(plan.inherited)} inherited)")
     t.add_column("phase")
     t.add_column("tasks", justify="right")
@@ -257,6 +345,9 @@ def plan_view(result: Any) -> Table:
         shown = ", ".join(nodes[:8]) + (f" ... (+{len(nodes) - 8})" if len(nodes) > 8 else "")
         extra = f" [dim]{ph['merge_groups']} merge group(s)[/]" if "merge_groups" in ph else ""
         t.add_row(ph["name"], str(len(nodes)), shown + extra)
+    for node, (gone, left) in plan.counts.items():
+        if gone:
+            t.add_row("[dim]holds forget data[/]", "", f"[dim]{node}: {gone} forgotten, {left} remain[/]")
     if any("merge_groups" in ph for ph in result.phases):  # merge groups mean something to FIUn only
         for key, nodes in plan.groups[:20]:
             t.add_row("[dim]merge group[/]", str(len(nodes)), f"[dim]from {', '.join(sorted(key))}[/]")
@@ -264,7 +355,7 @@ def plan_view(result: Any) -> Table:
 
 
 def result_table(result: Any) -> Table:
-    t = Table(title=f"{result.operation}: forgot {_ranges(list(result.labels))} with {result.method} "
+    t = Table(title=f"{result.operation}: forgot {forget_text(result.plan.forget, list(result.labels))} with {result.method} "
                     f"on {len(result.nodes)} node(s) in {result.wall_s:.3f} s (eval {result.eval_s:.1f} s)")
     for col in ("node", "role", "version", "AD_f train", "AD_r train", "AD_f held-out", "AD_r held-out", "s"):
         t.add_column(col, justify="left" if col in ("node", "role") else "right")

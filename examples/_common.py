@@ -23,7 +23,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from umig.store import Store  # noqa: E402
+from umig.api import Store  # noqa: E402
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -113,8 +113,8 @@ def summary_line(result: UnlearnResult) -> str:
 
 
 def print_result(con: Console, result: UnlearnResult) -> None:
-    """Print an unlearning operation's before/after table (``cli.render.result_table``) and its summary line."""
-    from cli.render import result_table
+    """Print an unlearning operation's before/after table (``umig.cli.render.result_table``) and its summary line."""
+    from umig.cli.render import result_table
 
     con.print(result_table(result))
     print(summary_line(result))

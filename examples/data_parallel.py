@@ -22,7 +22,7 @@ from umig.arch import ArchSpec
 from umig.data import digits_client_split, parse_labels
 from umig.demo import DEFAULT_ARCH as ARCH, DIGITS_TEST, DIGITS_TRAIN
 from umig.lineage import DataParallelRecorder, FisherCapture, fit, fresh_model, subset_ref
-from umig.store import Store
+from umig.api import Store
 from umig.train import Recipe, fedavg
 
 
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(ap, argv, capture_fim="local epoch")
     if args.quick:
         args.syncs, args.local_epochs = 2, 1
-    from cli.render import summary_table
+    from umig.cli.render import summary_table
 
     con = console()
     with example_store(args.store, prefix="umig-ddp-") as store:

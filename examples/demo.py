@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from umig.demo import DEFAULT_RECIPE, build_fl_digits  # noqa: E402
-from umig.store import Store  # noqa: E402
+from umig.api import Store  # noqa: E402
 from umig.train import Recipe  # noqa: E402
 
 
@@ -33,7 +33,7 @@ def umig(*args: str, store: Path) -> str:
     """Run the real CLI, echoing the command like a user would type it."""
     print(f"\n$ umig {' '.join(args)}", flush=True)
     env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": os.environ.get("COLUMNS", "150")}
-    proc = subprocess.run([sys.executable, "-m", "cli.main", *args, "--store", str(store)],
+    proc = subprocess.run([sys.executable, "-m", "umig.cli.main", *args, "--store", str(store)],
                           text=True, capture_output=True, env=env)
     sys.stdout.write(proc.stdout)
     sys.stderr.write(proc.stderr)

@@ -24,7 +24,7 @@ from umig.arch import ArchSpec
 from umig.data import digits_client_split, parse_labels
 from umig.demo import DEFAULT_ARCH as ARCH, DIGITS_TEST, DIGITS_TRAIN
 from umig.lineage import FederatedRecorder, FisherCapture, fit, fresh_model, subset_ref
-from umig.store import Store
+from umig.api import Store
 from umig.train import Recipe, fedavg
 
 
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(ap, argv, capture_fim="training epoch")
     if args.quick:
         args.rounds, args.epochs = 1, 1
-    from cli.render import graph_tree
+    from umig.cli.render import graph_tree
 
     con = console()
     with example_store(args.store, prefix="umig-fl-") as store:

@@ -23,7 +23,7 @@ from umig.arch import ArchSpec
 from umig.data import parse_labels, resolve
 from umig.demo import DEFAULT_ARCH as ARCH, DIGITS_TEST, DIGITS_TRAIN
 from umig.lineage import FisherCapture, IncrementalRecorder, fit, fresh_model, inherit_weights, subset_ref
-from umig.store import Store
+from umig.api import Store
 from umig.train import Recipe
 
 DEFAULT_STEPS = ((0, 1, 2, 3, 4, 5), (6, 7), (8, 9))
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(ap, argv, capture_fim="training epoch")
     if args.quick:
         args.epochs = 2
-    from cli.render import node_table
+    from umig.cli.render import node_table
 
     con = console()
     with example_store(args.store, prefix="umig-il-") as store:

@@ -28,7 +28,7 @@ from umig.arch import ArchSpec
 from umig.data import parse_labels, resolve
 from umig.demo import DEFAULT_ARCH as ARCH, DIGITS_TEST, DIGITS_TRAIN
 from umig.lineage import FederatedRecorder, fit, fresh_model, subset_ref
-from umig.store import Store
+from umig.api import Store
 from umig.train import Recipe, fedavg
 
 CLIENT_LABELS = ((0, 1, 2, 3, 4), (5, 6, 7, 8, 9), (0, 2, 3, 4, 5, 6, 8, 9))
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         args.rounds, args.epochs = 1, 2
     from rich.table import Table
 
-    from cli.render import graph_tree, result_table
+    from umig.cli.render import graph_tree, result_table
 
     con = console()
     with example_store(args.store, prefix="umig-multiroot-") as store:

@@ -29,7 +29,7 @@ from federated import build  # the federated lineage of examples/federated.py
 from umig.data import parse_labels, resolve
 from umig.demo import DIGITS_TEST
 from umig.lineage import evaluate_models, retrain_reference
-from umig.store import Store
+from umig.api import Store
 
 MAX_AD_F = 0.01
 MAX_GAP = 0.03
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         args.rounds, args.epochs = 1, 1
     from rich.table import Table
 
-    from cli.render import plan_view, result_table
+    from umig.cli.render import plan_view, result_table
 
     con = console()
     tmp = tempfile.mkdtemp(prefix="umig-pipeline-")

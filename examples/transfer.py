@@ -29,7 +29,7 @@ from umig.arch import ArchSpec
 from umig.data import parse_labels
 from umig.demo import DEFAULT_ARCH as ARCH, DIGITS_TEST, DIGITS_TRAIN
 from umig.lineage import FisherCapture, TransferRecorder, fit, fresh_model, inherit_weights, subset_ref
-from umig.store import Store
+from umig.api import Store
 from umig.train import Recipe
 
 BASE = (0, 1, 2, 3, 4, 5)
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(ap, argv, capture_fim="training epoch")
     if args.quick:
         args.epochs, args.head_epochs = 2, 3
-    from cli.render import node_table
+    from umig.cli.render import node_table
 
     con = console()
     with example_store(args.store, prefix="umig-tl-") as store:

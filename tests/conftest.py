@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from umig.demo import build_fl_digits
-from umig.store import Store
+from umig.api import Store
 from umig.train import Recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,7 +45,7 @@ def fl_store(fl_template: Path, tmp_path: Path) -> Store:
 def umig_cli(*args: str, store: Path | None = None, check: bool = False, timeout: float = 300,
              env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the real `umig` command line in a subprocess."""
-    cmd = [sys.executable, "-m", "cli.main", *args]
+    cmd = [sys.executable, "-m", "umig.cli.main", *args]
     if store is not None:
         cmd += ["--store", str(store)]
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200", **(env or {})}

@@ -18,7 +18,7 @@ import typer.main
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from cli.main import app
+from umig.cli.main import app
 from conftest import store_state, umig_cli
 from umig.data import digits_client_split, save_subset
 from umig.models import digits_cnn
@@ -286,10 +286,10 @@ def test_bad_input_exit_1_one_line_store_unchanged(copy, lineage, tmp_path):
 
 
 def test_corrupted_blob_fails_naming_the_node(copy, tmp_path):
-    from umig.store import Store
+    from umig.api import Store
 
     with Store.open(copy) as s:
-        body, fim = s.version("c1").body, s.version("c1").fim
+        body, fim = s.version("c1").body_blob, s.version("c1").fim_blob
         body_path, fim_path = s.blobs.path(body), s.blobs.path(fim)
     for p in (body_path, fim_path):
         b = bytearray(p.read_bytes())

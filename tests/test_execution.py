@@ -17,8 +17,8 @@ import torch
 from umig.blobs import BlobStore, BufferedBlobStore
 from umig import execution as E
 from umig.errors import UmigError, UnlearningError
-from umig.store import Store
-from unlearners.base import Task
+from umig.api import Store
+from umig.unlearners.base import Task
 
 FOUR_GPUS = lambda: 4  # noqa: E731 - a mocked device count
 
@@ -289,22 +289,22 @@ def test_store_batch_commits_only_durable_blobs_and_rolls_back_cleanly(tmp_path)
     with pytest.raises(RuntimeError, match="abort"):
         with store.batch():
             for i in range(5):
-                store.add_node(f"m{i}", arch.build(), arch, fim=False)
+                store.add_node(f"m{i}", arch.build(), arch, compute_fim=False)
             raise RuntimeError("abort")
     assert len(store) == 0 and store.blobs.all_digests() == before  # every deferred blob removed again
     with store.batch():
         for i in range(5):
-            store.add_node(f"m{i}", arch.build(), arch, fim=False)
+            store.add_node(f"m{i}", arch.build(), arch, compute_fim=False)
     plain = BlobStore(tmp_path / "s" / "blobs")
     for i in range(5):
         v = store.version(f"m{i}")
-        assert plain.exists(v.body) and plain.exists(v.head)  # on disk once the batch committed
+        assert plain.exists(v.body_blob) and plain.exists(v.head_blob)  # on disk once the batch committed
     store.close()
 
 
 # ----------------------------------------------------------- real unlearning
 def _heads(store: Store) -> dict[str, dict[str, torch.Tensor]]:
-    return {n.name: store.blobs.load(store.version(n.name).head) for n in store.nodes()}
+    return {n.name: store.blobs.load(store.version(n.name).head_blob) for n in store.nodes()}
 
 
 def test_pool_results_match_the_in_process_path(fl_store: Store, tmp_path: Path):

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from umig.errors import ArchError, UmigError
+from umig.errors import ArchError, LabelError, UmigError
+from umig.heads import label_rows
 from umig.fisher import (
     FIM,
     FisherDataError,
@@ -14,7 +15,6 @@ from umig.fisher import (
     FisherShapeError,
     autograd_fisher,
     head_fisher,
-    label_rows,
     merge_max,
     weighted_mean,
 )
@@ -138,7 +138,7 @@ def test_hook_removed_and_modes_restored_even_on_error(digits):
     assert torch.equal(fim.weight, again.weight)
     bad = y[:20].clone()
     bad[0] = 99
-    with pytest.raises(FisherDataError):
+    with pytest.raises(LabelError):
         head_fisher(model, "4", [(x[:20], bad)], CLASSES)
     assert [m.training for m in model.modules()] == before
     assert len(model[4]._forward_hooks) == 0
@@ -288,7 +288,7 @@ def test_tensors_round_trip_through_safetensors(tmp_path):
 def test_fim_validates_shape_and_classes():
     with pytest.raises(FisherShapeError):
         FIM(torch.ones(3, 2), None, (0, 1), 1)
-    with pytest.raises(FisherDataError, match="more than once"):
+    with pytest.raises(LabelError, match="more than once"):
         FIM(torch.ones(2, 2), None, (1, 1), 1)
 
 
@@ -296,5 +296,5 @@ def test_label_rows():
     rows = label_rows(torch.tensor([7, 3, 7, 100]), (100, 3, 7), strict=False)
     assert rows.tolist() == [2, 1, 2, 0]
     assert label_rows(torch.tensor([-5, 8]), (100, 3, 7), strict=False).tolist() == [-1, -1]
-    with pytest.raises(FisherDataError, match="label 8"):
+    with pytest.raises(LabelError, match="label 8"):
         label_rows(torch.tensor([3, 8]), (100, 3, 7))

@@ -150,7 +150,7 @@ def test_imbalanced_paths_node_planned_once():
 def test_plan_json_shape():
     p = G.plan(chain_graph(), [1, 2])
     j = p.to_json()
-    assert set(j) == {"labels", "policy", "discovery", "inherited", "affected", "merge_groups"}
+    assert set(j) == {"labels", "policy", "discovery", "inherited", "affected", "holders", "merge_groups"}
     assert j["labels"] == [1, 2]
     assert j["inherited"] == ["b", "c", "e"]
     assert {tuple(m["discovery"]) for m in j["merge_groups"]} == {("a",), ("d",), ("a", "d")}

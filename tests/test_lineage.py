@@ -27,7 +27,7 @@ from umig.lineage import (
     retrain_reference,
     subset_ref,
 )
-from umig.store import Store
+from umig.api import Store
 from umig.train import Recipe, fedavg
 
 TRAIN = "sklearn:digits?split=train"
@@ -232,14 +232,16 @@ def test_transfer_base_and_heads(store, labels_of):
 
 # ------------------------------------------------------------------ device and compat
 def test_fisher_pass_runs_on_the_models_device(store, labels_of, monkeypatch):
+    from umig import ingest
+
     seen = []
-    orig = store.add_node
+    orig = ingest.add_node
 
     def spy(*args, **kwargs):
         seen.append(kwargs.get("device"))
         return orig(*args, **kwargs)
 
-    monkeypatch.setattr(store, "add_node", spy)
+    monkeypatch.setattr(ingest, "add_node", spy)
     rec = FederatedRecorder(store, MLP)
     m = model()
     rec.initial(m)

@@ -25,7 +25,7 @@ PLUGIN = '''
 
 import torch
 
-from unlearners.base import NodeUnlearner, NodeUpdate, Param
+from umig.unlearners.base import NodeUnlearner, NodeUpdate, Param
 
 
 class Lower(NodeUnlearner):
@@ -99,7 +99,7 @@ def test_third_party_unlearner_installs_lists_and_runs(plugin_site, fl_store):
         assert node["plugin"] == "tinyplug" and node["AD_f_heldout_after"] == 0.0
         assert node["AD_r_heldout_after"] >= node["AD_r_heldout_before"] - 0.05
 
-    from umig.store import Store
+    from umig.api import Store
 
     with Store.open(root) as store:
         assert store.history()[-1]["method"] == "tiny"

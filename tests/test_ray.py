@@ -15,7 +15,7 @@ ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'umig
 
 from umig.errors import UmigError  # noqa: E402
 from umig.execution import ProcessPool, RayBackend, make_backend  # noqa: E402
-from umig.store import Store  # noqa: E402
+from umig.api import Store  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def local_ray():
 
 
 def _current(store: Store) -> dict[str, tuple[int, dict[str, torch.Tensor]]]:
-    return {n.name: (n.version, store.blobs.load(store.version(n.name).head)) for n in store.nodes()}
+    return {n.name: (n.version, store.blobs.load(store.version(n.name).head_blob)) for n in store.nodes()}
 
 
 def test_ray_unlearning_is_identical_to_the_local_pool(local_ray, fl_store: Store, tmp_path: Path):

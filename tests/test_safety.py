@@ -18,7 +18,7 @@ import torch
 from conftest import REPO, store_state, umig_cli
 from umig.errors import IntegrityError, LockTimeout
 from umig.models import digits_cnn
-from umig.store import Store
+from umig.api import Store
 
 AFFECTED = ["fl/r1/c0", "fl/r1/c1", "fl/r1/c2", "fl/r1/global", "fl/r2/c0", "fl/r2/c1", "fl/r2/c2",
             "fl/r2/global"]
@@ -80,7 +80,7 @@ def unlearn_process(root: Path, tmp_path: Path, *extra: str):
     """``umig unlearn --workers 2`` in the background; output goes to files (an orphaned worker
     holding a pipe could never block the test). Everything it started is killed afterwards."""
     token = uuid.uuid4().hex
-    cmd = [sys.executable, "-m", "cli.main", "unlearn", "--labels", "1,2", "--workers", "2", "--device", "cpu",
+    cmd = [sys.executable, "-m", "umig.cli.main", "unlearn", "--labels", "1,2", "--workers", "2", "--device", "cpu",
            "--store", str(root), *extra]
     env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200", "UMIG_TEST_MARK": token}
     with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err:
@@ -202,7 +202,7 @@ def test_sigkill_worker_fails_cleanly_and_changes_nothing(fl_store, tmp_path):
 def test_failed_request_rolls_back_rows_and_blobs(fl_store):
     # An inherited node's head is corrupted: phase 1 writes unlearning FIMs and phase 2 some heads,
     # then the request fails; nothing of it may remain.
-    head = fl_store.blobs.path(fl_store.version("fl/r2/c1").head)
+    head = fl_store.blobs.path(fl_store.version("fl/r2/c1").head_blob)
     data = bytearray(head.read_bytes())
     data[-2] ^= 0x10
     head.write_bytes(bytes(data))

@@ -19,7 +19,7 @@ from conftest import REPO, umig_cli
 from umig import arch as A
 from umig import graph as G
 from umig.execution import InProcess
-from umig.store import Store
+from umig.api import Store
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import bench_scale  # noqa: E402
@@ -44,7 +44,7 @@ def test_synthetic_fl_lineage_shape(small: Store):
     aggregates = [n for n in g if n.endswith("/global")]
     assert len(aggregates) == rounds and all(g.in_degree(a) == clients for a in aggregates)
     assert G.summary(g)["frameworks"] == {"fl": g.number_of_nodes()}
-    assert all(small.version(n).fim for n in g if n != "fl/init")  # FIUn needs a model FIM everywhere
+    assert all(small.version(n).fim_blob for n in g if n != "fl/init")  # FIUn needs a model FIM everywhere
     plan = small.plan_unlearning([3]).plan
     # Label 3 is held by clients c with 3 in {c, c+1, c+3} mod 10: c = 0, 2, 3 of the first round.
     assert plan.discovery == ["fl/r1/c0", "fl/r1/c2", "fl/r1/c3"]
@@ -123,17 +123,17 @@ def test_evaluation_finds_lineage_data_in_one_pass(small: Store, monkeypatch):
 
 def test_unlearning_shares_every_unchanged_blob(small: Store):
     before = small.blobs.all_digests()
-    bodies = {n.name: small.version(n.name).body for n in small.nodes()}
+    bodies = {n.name: small.version(n.name).body_blob for n in small.nodes()}
     op = small.unlearn([3], evaluate=False)
     new = small.blobs.all_digests() - before
-    heads = {small.version(n.name).head for n in op.nodes}
+    heads = {small.version(n.name).head_blob for n in op.nodes}
     unlearning_fims = {r[0] for r in small.db.execute(
         "SELECT digest FROM operation_blobs WHERE operation=?", (op.operation,))}
     assert len(heads) == len(op.nodes) and len(unlearning_fims) == len(op.plan.discovery)
     assert new == heads | unlearning_fims  # nothing else was written: bodies and model FIMs are shared
     for n in op.nodes:
         v = small.version(n.name)
-        assert v.body == bodies[n.name] and v.fim == small.version(n.name, n.version_before).fim
+        assert v.body_blob == bodies[n.name] and v.fim_blob == small.version(n.name, n.version_before).fim_blob
 
 
 def test_bulk_recording_validates_each_architecture_once(tmp_path: Path, monkeypatch):
@@ -149,21 +149,21 @@ def test_bulk_recording_validates_each_architecture_once(tmp_path: Path, monkeyp
     bulk = Store.init(tmp_path / "bulk")
     with bulk.batch():
         for i, sd in enumerate(states):
-            bulk.add_node(f"m{i}", sd, arch, fim=False)
+            bulk.add_node(f"m{i}", sd, arch, compute_fim=False)
     assert len(calls) == 1
     for i, sd in enumerate(states):
         fresh = Store.init(tmp_path / f"fresh{i}")
-        fresh.add_node(f"m{i}", sd, arch, fim=False)
+        fresh.add_node(f"m{i}", sd, arch, compute_fim=False)
         for part in ("body", "head"):
             # Compared by content: safetensors writes header metadata in no fixed key order.
-            x = fresh.blobs.load_with_metadata(getattr(fresh.version(f"m{i}"), part))
-            y = bulk.blobs.load_with_metadata(getattr(bulk.version(f"m{i}"), part))
+            x = fresh.blobs.load_with_metadata(getattr(fresh.version(f"m{i}"), part + "_blob"))
+            y = bulk.blobs.load_with_metadata(getattr(bulk.version(f"m{i}"), part + "_blob"))
             assert x[1] == y[1] and x[0].keys() == y[0].keys()
             assert all(torch.equal(x[0][k], y[0][k]) and x[0][k].dtype == y[0][k].dtype for k in x[0])
         fresh.close()
     # A float64 state is stored as the model's float32, with or without the cache.
-    bulk.add_node("m64", {k: v.double() for k, v in states[0].items()}, arch, fim=False)
-    bulk.add_node("m64b", {k: v.double() for k, v in states[1].items()}, arch, fim=False)
+    bulk.add_node("m64", {k: v.double() for k, v in states[0].items()}, arch, compute_fim=False)
+    bulk.add_node("m64b", {k: v.double() for k, v in states[1].items()}, arch, compute_fim=False)
     assert all(t.dtype == torch.float32 for t in bulk.state_dict("m64b").values())
     bulk.close()
 

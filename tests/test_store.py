@@ -14,7 +14,8 @@ from umig.arch import ArchSpec
 from umig.data import digits_client_split, save_subset
 from umig.errors import ArchError, DataError, GraphError, IntegrityError, NotFoundError, UmigError
 from umig.models import digits_cnn
-from umig.store import SCHEMA_VERSION, Store
+from umig.api import Store
+from umig.store import SCHEMA_VERSION
 
 DIGITS = "sklearn:digits?split=train"
 CNN = ArchSpec("umig.models:digits_cnn", {"num_classes": 10})
@@ -139,7 +140,7 @@ def test_add_node_from_module_records_everything(small):
     assert tuple(fim.weight.shape) == (10, 64) and tuple(fim.bias.shape) == (10,)
     assert fim.classes == tuple(range(10)) and fim.samples == small.shard_size
     v = small.version("a")
-    assert v.version == 0 and v.operation is None and not v.purged and v.delta is None
+    assert v.version == 0 and v.operation is None and not v.purged and v.delta_blob is None
     assert all(small.blobs.exists(d) for d in v.blobs())
 
 
@@ -304,17 +305,17 @@ def test_remove_refused_with_children_unless_recursive(small):
 
 def test_corrupted_or_missing_blob_fails_naming_the_node(small, tmp_path):
     v = small.version("a")
-    flip_byte(small.blobs.path(v.body))
+    flip_byte(small.blobs.path(v.body_blob))
     for call in (lambda: small.state_dict("a"), lambda: small.load_model("a"),
                  lambda: small.export("a", tmp_path / "out.safetensors")):
         with pytest.raises(IntegrityError, match=r"node 'a' is corrupted"):
             call()
     assert not (tmp_path / "out.safetensors").exists()
-    flip_byte(small.blobs.path(v.fim))
+    flip_byte(small.blobs.path(v.fim_blob))
     with pytest.raises(IntegrityError, match="node 'a'"):
         small.fim("a")
-    flip_byte(small.blobs.path(v.body))  # repaired: the body loads again
-    small.blobs.path(v.head).unlink()
+    flip_byte(small.blobs.path(v.body_blob))  # repaired: the body loads again
+    small.blobs.path(v.head_blob).unlink()
     with pytest.raises(NotFoundError, match=r"node 'a' is missing"):
         small.state_dict("a")
 

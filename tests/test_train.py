@@ -117,7 +117,7 @@ def test_train_maps_label_ids_through_classes(digits):
     assert accuracy(model, fixed(xs, ys), classes) > 0.9
     # Swapping the rows' meaning must turn a good classifier into a bad one.
     assert accuracy(model, fixed(xs, ys), (3, 7)) < 0.1
-    with pytest.raises(ValueError, match=r"\[0, 1"):
+    with pytest.raises(ValueError, match="is not among the head.s classes"):
         train(model, make_batches(x[:64], y[:64]), Recipe(epochs=1), classes)
 
 
@@ -127,7 +127,7 @@ def test_train_rejects_bad_inputs(digits):
         train(digits_cnn(num_classes=5), make_batches(x[:64], y[:64] % 3), Recipe(epochs=1), (0, 1, 2))
     with pytest.raises(ValueError, match="no batches"):
         train(digits_cnn(), lambda epoch: iter(()), Recipe(epochs=1), CLASSES)
-    with pytest.raises(ValueError, match="duplicate"):
+    with pytest.raises(ValueError, match="more than once"):
         train(digits_cnn(), make_batches(x[:64], y[:64]), Recipe(epochs=1), (1, 1, 2))
 
 

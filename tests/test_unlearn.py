@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli.main import app
+from umig.cli.main import app
 from conftest import store_state, umig_cli
 from umig.arch import ArchSpec
 from umig.data import resolve
@@ -20,7 +20,7 @@ from umig.fisher import FIM, merge_max
 from umig.models import digits_cnn
 from umig.train import Recipe, train
 from umig.unlearning import evaluate_node
-from unlearners.fiun import fiun_update
+from umig.unlearners.fiun import fiun_update
 
 DIGITS = "sklearn:digits?split=train"
 HELDOUT = "sklearn:digits?split=test"
@@ -187,7 +187,7 @@ def test_python_api_unlearn_purge_and_revert_rules(fl_store):
     for n in AFFECTED:
         v = s.version(n)
         assert v.version == 1 and v.operation == r1.operation
-        assert v.body == old[n].body and v.fim == old[n].fim and v.head != old[n].head
+        assert v.body_blob == old[n].body_blob and v.fim_blob == old[n].fim_blob and v.head_blob != old[n].head_blob
 
     # A second operation on top: the first cannot be reverted before it.
     r2 = s.unlearn([5], evaluate=False, from_nodes=["fl/r2/c0"])
@@ -206,8 +206,8 @@ def test_python_api_unlearn_purge_and_revert_rules(fl_store):
     assert out["versions_purged"] == len(AFFECTED) and out["bytes_freed"] > 0
     assert out["blobs_deleted"] == len(AFFECTED) + len(DISCOVERY)
     for n in AFFECTED:
-        assert not s.blobs.exists(old[n].head), n
-        assert s.blobs.exists(old[n].body) and s.blobs.exists(old[n].fim)  # still used by version 1
+        assert not s.blobs.exists(old[n].head_blob), n
+        assert s.blobs.exists(old[n].body_blob) and s.blobs.exists(old[n].fim_blob)  # still used by version 1
         assert s.version(n, 0).purged
         with pytest.raises(UmigError, match="purged"):
             s.state_dict(n, 0)

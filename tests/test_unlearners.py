@@ -11,9 +11,9 @@ from umig.demo import DEFAULT_ARCH
 from umig.errors import UmigError, UnlearningError
 from umig.models import digits_cnn
 from umig.train import fedavg
-from unlearners import base as U
-from unlearners.channel import ablation_effects, channel_index, select_channels
-from unlearners.fused import layer_l1, layers, masks, rank_layers
+from umig import unlearner as U
+from umig.unlearners.channel import ablation_effects, channel_index, select_channels
+from umig.unlearners.fused import layer_l1, layers, masks, rank_layers
 
 HELDOUT = "sklearn:digits?split=test"
 ARCH = DEFAULT_ARCH
@@ -61,7 +61,7 @@ def test_fused_forgets_with_adapter_blob_and_reverts_bit_exact(fl_store):
     for node in res.nodes:
         m, old, new = node.metrics, versions[node.name], fl_store.version(node.name)
         # "base + adapter": the base blobs are shared with the previous version, the adapter is its own blob.
-        assert (new.body, new.head) == (old.body, old.head) and old.delta is None and new.delta
+        assert (new.body_blob, new.head_blob) == (old.body_blob, old.head_blob) and old.delta_blob is None and new.delta_blob
         assert m["critical_layers"] == [name for name, _ in m["layer_ranking"][:2]]
         assert len(m["layer_ranking"]) == 4  # digits_cnn: 2 convs, 1 hidden linear, the head (BN excluded)
         assert 0 < m["adapter_nonzero"] <= m["adapter_params"] < 0.05 * m["params_total"] + 4
@@ -75,7 +75,7 @@ def test_fused_forgets_with_adapter_blob_and_reverts_bit_exact(fl_store):
     g = "fl/r2/global"
     after = fl_store.state_dict(g)
     crit = res.nodes[1].metrics["critical_layers"]
-    delta = fl_store.blobs.load(fl_store.version(g).delta)
+    delta = fl_store.blobs.load(fl_store.version(g).delta_blob)
     for k, v in after.items():
         if not any(k.startswith(c + ".") for c in crit):
             assert torch.equal(v, before[g][k]), k
@@ -99,12 +99,12 @@ def test_fused_forgets_with_adapter_blob_and_reverts_bit_exact(fl_store):
 def test_fused_paper_objective_and_local_round_for_root(fl_store):
     # A root node with data (no parents): CLI runs one local round on its retain data.
     fl_store.add_node("solo", fl_store.state_dict("fl/r2/global"), ARCH,
-                      data=fl_store.node_data("fl/r1/c0"), recipe={"epochs": 1}, fim=False)
+                      data=fl_store.node_data("fl/r1/c0"), recipe={"epochs": 1}, compute_fim=False)
     res = fl_store.unlearn([3], method="fused", from_nodes=["solo"], evaluate=False,
                            params={"objective": "paper", "rounds": 1, "local_epochs": 1})
     m = res.nodes[0].metrics
     assert res.nodes[0].name == "solo" and m["cli_from"] == "local round" and m["clients"] == 1
-    assert fl_store.version("solo").delta
+    assert fl_store.version("solo").delta_blob
 
 
 def test_fused_merge_stores_full_weights_that_purge_can_drop(fl_store):
@@ -113,7 +113,7 @@ def test_fused_merge_stores_full_weights_that_purge_can_drop(fl_store):
     base = fl_store.state_dict(g)
     res = fl_store.unlearn([3], method="fused", params={**params, "merge": True}, from_nodes=[g], evaluate=False)
     m = res.nodes[0].metrics
-    assert m["stored_as"] == "merged" and fl_store.version(g).delta is None
+    assert m["stored_as"] == "merged" and fl_store.version(g).delta_blob is None
     merged = fl_store.state_dict(g)
     changed = sum(int((merged[k] != base[k]).sum()) for k in base)
     assert 0 < changed <= m["adapter_nonzero"]  # only the adapter's entries, merged into the weights
@@ -240,7 +240,7 @@ def test_inherited_node_without_the_label_uses_its_ancestors_forget_samples(fl_s
     # A fine-tuned child of the last global model whose own data never held label 3.
     no3 = fl_store.node_data("fl/r2/c0").filter_labels(drop=[3])
     fl_store.add_node("fl/no3", fl_store.state_dict("fl/r2/global"), ARCH, parents=["fl/r2/global"], data=no3,
-                      fim=False, recipe={"epochs": 1})
+                      compute_fim=False, recipe={"epochs": 1})
     res = fl_store.unlearn([3], method="channel", eval_data=HELDOUT, params={"epochs": 2})
     m = {n.name: n.metrics for n in res.nodes}
     assert m["fl/no3"]["forget_from"] == "ancestors" and m["fl/r2/c0"]["forget_from"] == "own data"
@@ -256,11 +256,13 @@ def test_retrain_along_the_lineage(fl_store):
         assert node.metrics["AD_f_train_after"] == 0.0 and node.metrics["AD_f_heldout_after"] == 0.0
         # Retrained from scratch along the lineage: retained accuracy close to what training gave originally.
         assert node.metrics["AD_r_heldout_after"] > node.metrics["AD_r_heldout_before"] - 0.1
-        assert fl_store.version(node.name).delta is None
+        assert fl_store.version(node.name).delta_blob is None
     # Aggregates re-aggregate their retrained clients (sequential generations see the new weights).
     for rnd in (1, 2):
         clients = [f"fl/r{rnd}/c{i}" for i in range(3)]
-        weights = [w for _, _, w in fl_store.node(f"fl/r{rnd}/global").parents]
+        # FedAvg weights re-scaled by the share of its data each client keeps without label 3.
+        weights = [w * (1 - fl_store.node(p).label_counts.get(3, 0) / fl_store.node(p).data_size)
+                   for p, _, w in fl_store.node(f"fl/r{rnd}/global").parents]
         expect = fedavg([fl_store.state_dict(c) for c in clients], weights)
         got = fl_store.state_dict(f"fl/r{rnd}/global")
         assert all(torch.equal(expect[k], got[k]) for k in got)
@@ -281,7 +283,7 @@ def test_retrain_method_matches_the_library_retraining_reference(fl_store):
 
 def test_retrain_refuses_without_recipe_and_leaves_store_unchanged(fl_store):
     fl_store.add_node("fl/ft", fl_store.state_dict("fl/r2/global"), ARCH,
-                      parents=["fl/r2/global"], data=fl_store.node_data("fl/r2/c0"), fim=False)
+                      parents=["fl/r2/global"], data=fl_store.node_data("fl/r2/c0"), compute_fim=False)
     state = store_state(fl_store.root)
     with pytest.raises(UnlearningError, match=r"recipe.*fl/ft"):
         fl_store.unlearn([3], method="retrain")
@@ -292,7 +294,7 @@ def test_missing_prerequisites_are_clear_errors_before_anything_runs(fl_store):
     # A node whose data holds only the label to forget has no retain data.
     only3 = fl_store.node_data("fl/r2/c0").filter_labels(keep=[3])
     fl_store.add_node("fl/only3", fl_store.state_dict("fl/r2/global"), ARCH,
-                      parents=["fl/r2/global"], data=only3, fim=False, recipe={"epochs": 1})
+                      parents=["fl/r2/global"], data=only3, compute_fim=False, recipe={"epochs": 1})
     state = store_state(fl_store.root)
     for method in ("fused", "channel", "finetune", "distill"):
         with pytest.raises(UnlearningError, match=r"fl/only3.*no retain data"):
@@ -317,7 +319,7 @@ def test_baselines_update_full_weights(fl_store, method, params):
     before = snapshot(fl_store, ["fl/r2/global"])
     res = fl_store.unlearn([3], method=method, params=params, from_nodes=["fl/r2/global"])
     (node,) = res.nodes
-    assert node.metrics["params_changed"] > 0 and fl_store.version("fl/r2/global").delta is None
+    assert node.metrics["params_changed"] > 0 and fl_store.version("fl/r2/global").delta_blob is None
     if method == "gradient-ascent":
         assert node.metrics["AD_f_train_after"] < node.metrics["AD_f_train_before"]
     fl_store.revert(res.operation)
@@ -353,16 +355,23 @@ class _EmptyDelta(U.NodeUnlearner):
         return U.NodeUpdate(delta={})
 
 
-def test_node_update_with_state_and_delta_keeps_both(fl_store, monkeypatch):
-    monkeypatch.setitem(U.BUILTINS, "test-state-and-delta", "test_unlearners:_StateAndDelta")
-    monkeypatch.setitem(U.BUILTINS, "test-empty-delta", "test_unlearners:_EmptyDelta")
+@pytest.fixture
+def test_methods():
+    U.register("test-state-and-delta", "test_unlearners:_StateAndDelta")
+    U.register("test-empty-delta", "test_unlearners:_EmptyDelta")
+    yield
+    U.unregister("test-state-and-delta")
+    U.unregister("test-empty-delta")
+
+
+def test_node_update_with_state_and_delta_keeps_both(fl_store, test_methods):
     g = "fl/r2/global"
     before = fl_store.state_dict(g)
     fl_store.unlearn([3], method="test-state-and-delta", from_nodes=[g], evaluate=False)
-    assert fl_store.version(g).delta is not None
+    assert fl_store.version(g).delta_blob is not None
     assert torch.equal(fl_store.state_dict(g)["fc.bias"][3], before["fc.bias"][3] - 100.0 - 1.0)
     v = fl_store.version(g)
     fl_store.unlearn([3], method="test-empty-delta", from_nodes=[g], evaluate=False)
     w = fl_store.version(g)
-    assert (w.body, w.head, w.delta) == (v.body, v.head, v.delta)
+    assert (w.body_blob, w.head_blob, w.delta_blob) == (v.body_blob, v.head_blob, v.delta_blob)
 

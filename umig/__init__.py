@@ -5,22 +5,18 @@ unlearning, revert, purge, history), the result types of the engine and the
 lineage recorders used from training code.
 """
 
+from umig.api import Store
 from umig.errors import UmigError
-from umig.store import NodeInfo, Store, Version
+from umig.lineage import (
+           DataParallelRecorder,
+           FederatedRecorder,
+           IncrementalRecorder,
+           TransferRecorder,
+)
+from umig.store import NodeInfo, Version
+from umig.unlearning import NodeOutcome, UnlearnResult
 
 __version__ = "0.1.0"
 
-__all__ = ["Store", "NodeInfo", "Version", "UmigError", "__version__"]
-
-
-def __getattr__(name: str):
-    # Heavier modules load on first use so `import umig` stays cheap for the CLI.
-    if name in ("UnlearnResult", "NodeOutcome"):
-        from umig import unlearning
-
-        return getattr(unlearning, name)
-    if name in ("FederatedRecorder",):
-        from umig import lineage
-
-        return getattr(lineage, name)
-    raise AttributeError(f"module 'umig' has no attribute {name!r}")
+__all__ = ["Store", "NodeInfo", "Version", "UmigError", "UnlearnResult", "NodeOutcome", "FederatedRecorder",
+           "DataParallelRecorder", "IncrementalRecorder", "TransferRecorder", "__version__"]

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from umig.errors import ArchError
@@ -211,8 +212,6 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
     if not p.is_file():
         raise ArchError(f"{p}: checkpoint file not found")
     if suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         try:
             return load_file(str(p), device="cpu")
         except Exception as exc:  # SafetensorError for bad headers, OSError/ValueError for odd files
@@ -278,6 +277,15 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
     except RuntimeError as exc:
         msg = " ".join(str(exc).split())
         raise ArchError(f"checkpoint does not fit the architecture: {msg[:300]}") from exc
+
+
+def build_model(arch: ArchSpec | Mapping[str, Any], state_dict: Mapping[str, Tensor] | None = None) -> nn.Module:
+    """The one way to get a node's model: build ``arch`` and, if given, load ``state_dict`` strictly (eval mode)."""
+    spec = arch if isinstance(arch, ArchSpec) else ArchSpec.from_json(arch)
+    model = spec.build()
+    if state_dict is not None:
+        load_weights(model, state_dict)
+    return model.eval()
 
 
 def count_parameters(model: nn.Module) -> int:

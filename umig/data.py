@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from torch import Tensor
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset, TensorDataset
 
@@ -556,8 +557,6 @@ def _load_digits(split: str | None, ref: DataRef) -> Data:
 
 
 def _load_safetensors(path: str, ref: DataRef) -> Data:
-    from safetensors.torch import load_file
-
     if not os.path.isfile(path):
         raise DataError(f"data reference {ref.source}: file not found")
     try:
@@ -652,6 +651,29 @@ def _load_indices(ref: DataRef) -> np.ndarray:
             f"data reference {ref}: subset file {path} must hold a 1-D integer index array (got {dtype} {shape})"
         )
     return arr.astype(np.int64, copy=False)
+
+
+def read_indices(path: str | os.PathLike[str]) -> np.ndarray:
+    """An int64 index file (``.npy``, or a safetensors tensor ``indices``), as written by :func:`save_subset`."""
+    text = _canonical_subset(os.fspath(path))
+    return _load_indices(DataRef(f"indices:{text}", subset=text))
+
+
+def source_positions(ref: DataRef | str) -> tuple[Data, np.ndarray]:
+    """The whole source a reference narrows, and for each item of ``resolve(ref)`` (in order)
+    its index in that source: ``subset`` indices, then the ``only_labels`` filter.
+
+    Two nodes trained on parts of one dataset are compared through these indices.
+    """
+    ref = parse_ref(ref) if isinstance(ref, str) else ref
+    base = _load_source(ref)
+    if ref.subset is not None:
+        idx = _as_index_tensor(_load_indices(ref), len(base), f"data reference {ref}: subset file {ref.subset}")
+    else:
+        idx = torch.arange(len(base))
+    if ref.only_labels is not None:
+        idx = idx[torch.isin(base.targets[idx], torch.tensor(ref.only_labels, dtype=torch.long))]
+    return base, idx.numpy().astype(np.int64, copy=False)
 
 
 def resolve(ref: DataRef | str) -> Data:

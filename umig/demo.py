@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
+from umig.api import Store
 from umig.arch import ArchSpec
 from umig.data import digits_client_split, resolve
 from umig.lineage import FederatedRecorder, subset_ref
-from umig.store import Store
 from umig.train import Recipe, fedavg, train
 
 DIGITS_TRAIN = "sklearn:digits?split=train"

@@ -31,3 +31,7 @@ class LockTimeout(UmigError):
 
 class UnlearningError(UmigError):
     """An unlearning request that cannot be planned or executed (unknown labels, missing prerequisites)."""
+
+
+class LabelError(UmigError, ValueError):
+    """A label id a head cannot predict, or a class list naming a label twice."""

@@ -12,7 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from umig.errors import ArchError
-from umig.fisher import eval_mode, input_dtype, label_rows, move_input
+from umig.fisher import eval_mode, input_dtype, move_input
+from umig.heads import label_rows
 
 __all__ = [
     "predict_labels",

@@ -1,7 +1,7 @@
 """Execution backends: run a phase of independent tasks in-process, in a worker pool, or on Ray.
 
 Every backend has one interface, :meth:`Backend.run`, taking a list of
-``unlearners.base.Task`` and returning their results in order. Workers read
+``umig.unlearners.base.Task`` and returning their results in order. Workers read
 blobs and write new ones; they never touch the metadata database (only the
 coordinating process commits). Each result comes back with the digests of the
 blobs its task created, so the coordinator can delete them if the operation
@@ -43,8 +43,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from umig.arch import build_model
 from umig.blobs import BufferedBlobStore
+from umig.data import Data, DataRef, verify
 from umig.errors import UmigError, UnlearningError
+from umig.store import NodeSnapshot, load_state
 
 Progress = Callable[[int, int], None]  # (done, total)
 BACKENDS = ("local", "ray")
@@ -141,33 +144,19 @@ class WorkerEnv:
         return self.blobs.load(snap.head_blob, owner=snap.name)
 
     def state_from_digests(self, digests: Mapping[str, str | None], owner: str | None = None) -> dict[str, torch.Tensor]:
-        from umig.store import apply_delta
+        return load_state(self.blobs, digests, owner=owner)
 
-        sd = self.blobs.load(digests["body"], owner=owner)
-        sd.update(self.blobs.load(digests["head"], owner=owner))
-        if digests.get("delta"):
-            apply_delta(sd, self.blobs.load(digests["delta"], owner=owner))
-        return sd
+    def state_dict(self, snap: NodeSnapshot) -> dict[str, torch.Tensor]:
+        return load_state(self.blobs, snap.blobs(), owner=snap.name)
 
-    def state_dict(self, snap: Any) -> dict[str, torch.Tensor]:
-        return self.state_from_digests({"body": snap.body, "head": snap.head_blob, "delta": snap.delta}, snap.name)
+    def build(self, snap: NodeSnapshot) -> nn.Module:
+        return build_model(snap.arch)
 
-    def build(self, snap: Any) -> nn.Module:
-        from umig.arch import ArchSpec
+    def load_model(self, snap: NodeSnapshot, state: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+        return build_model(snap.arch, state if state is not None else self.state_dict(snap)).to(self.device)
 
-        return ArchSpec.from_json(snap.arch).build()
-
-    def load_model(self, snap: Any, state: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
-        from umig.arch import load_weights
-
-        model = self.build(snap)
-        load_weights(model, state if state is not None else self.state_dict(snap))
-        return model.to(self.device).eval()
-
-    def node_data(self, snap: Any):
+    def node_data(self, snap: NodeSnapshot) -> Data | None:
         """The node's own training data, resolved once per worker and checked against its fingerprint."""
-        from umig.data import DataRef, verify
-
         if snap.data_ref is None:
             return None
         key = (repr(sorted(snap.data_ref.items())), snap.data_fingerprint)

@@ -24,18 +24,20 @@ import torch
 from torch import Tensor, nn
 
 from umig.errors import ArchError, UmigError
+from umig.heads import check_unique, label_rows
 
 __all__ = [
     "FIM",
     "FisherError",
     "FisherShapeError",
+    "FisherCapture",
+    "logit_grad_sq",
     "FisherDataError",
     "head_fisher",
     "weighted_mean",
     "merge_max",
     "autograd_fisher",
     "resolve_head",
-    "label_rows",
     "eval_mode",
     "input_dtype",
     "move_input",
@@ -76,7 +78,7 @@ class FIM:
 
     def __post_init__(self) -> None:
         classes = tuple(int(c) for c in self.classes)
-        _check_unique(classes, "FIM classes")
+        check_unique(classes, "FIM classes")
         weight = self.weight.detach().to(device="cpu", dtype=torch.float32)
         if weight.dim() != 2 or weight.shape[0] != len(classes):
             raise FisherShapeError(
@@ -146,7 +148,7 @@ class FIM:
         on it, so that row carries no information.
         """
         classes = tuple(int(c) for c in classes)
-        _check_unique(classes, "target classes")
+        check_unique(classes, "target classes")
         if classes == self.classes:
             return self
         src = label_rows(torch.tensor(classes, dtype=torch.int64), self.classes, strict=False)
@@ -167,34 +169,6 @@ class FIM:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _check_unique(classes: tuple[int, ...], what: str) -> None:
-    if len(set(classes)) != len(classes):
-        dup = sorted({c for c in classes if classes.count(c) > 1})
-        raise FisherDataError(f"{what} list label ids more than once: {dup}")
-
-
-def label_rows(labels: Tensor, classes: Sequence[int], *, strict: bool = True) -> Tensor:
-    """Map label ids to head rows (``classes[row] == label``), vectorised, on ``labels``' device.
-
-    With ``strict`` a label absent from ``classes`` raises ``FisherDataError`` naming it;
-    otherwise its row is -1.
-    """
-    labels = labels.reshape(-1).to(torch.int64)
-    if len(classes) == 0:
-        rows = torch.full_like(labels, -1)
-    else:
-        table = torch.as_tensor(list(classes), dtype=torch.int64, device=labels.device)
-        sorted_cls, order = torch.sort(table)
-        pos = torch.searchsorted(sorted_cls, labels).clamp_(max=len(classes) - 1)
-        found = sorted_cls[pos] == labels
-        rows = torch.where(found, order[pos], torch.full_like(pos, -1))
-    if strict and labels.numel() and bool((rows < 0).any()):
-        missing = int(labels[rows < 0][0])
-        shown = list(classes) if len(classes) <= 20 else f"{len(classes)} labels"
-        raise FisherDataError(f"label {missing} is not among the head's classes ({shown})")
-    return rows
 
 
 def resolve_head(model: nn.Module, head: nn.Module | str) -> nn.Linear:
@@ -273,6 +247,22 @@ def _check_width(head: nn.Linear, classes: Sequence[int]) -> None:
 # --------------------------------------------------------------------------- closed form
 
 
+def logit_grad_sq(z: Tensor, rows: Tensor, kind: str, temperature: float) -> Tensor:
+    """Per-sample squared gradient of the cross-entropy w.r.t. the logits: the closed form's core.
+
+    Empirical Fisher: ``(e - p)^2`` (``e`` the one-hot target); true Fisher: ``p (1 - p)``. The
+    head's diagonal Fisher is then ``g.T @ h^2`` (weight) and ``g.sum(0)`` (bias), over N samples.
+    """
+    p = torch.softmax(z / temperature, dim=1)
+    if kind != "empirical":
+        return p * (1.0 - p)
+    # (e - p)^2 without materialising e: p^2 everywhere, (1 - p)^2 at the target.
+    g = p.square()
+    idx = torch.arange(p.shape[0], device=z.device)
+    g[idx, rows] = (1.0 - p[idx, rows]).square()
+    return g
+
+
 def head_fisher(
     model: nn.Module,
     head: nn.Module | str,
@@ -292,7 +282,7 @@ def head_fisher(
     """
     _check_kind(kind, temperature)
     classes = tuple(int(c) for c in classes)
-    _check_unique(classes, "classes")
+    check_unique(classes, "classes")
     lin = resolve_head(model, head)
     _check_width(lin, classes)
     x_dtype = input_dtype(model)
@@ -324,15 +314,7 @@ def head_fisher(
                     )
                 if y.numel() == 0:
                     continue
-                rows = label_rows(y, classes)
-                p = torch.softmax(z / temperature, dim=1)
-                if kind == "empirical":
-                    # (e - p)^2 without materialising e: p^2 everywhere, (1 - p)^2 at the target.
-                    g = p.square()
-                    idx = torch.arange(p.shape[0], device=dev)
-                    g[idx, rows] = (1.0 - p[idx, rows]).square()
-                else:
-                    g = p * (1.0 - p)
+                g = logit_grad_sq(z, label_rows(y, classes), kind, temperature)
                 f_w.addmm_(g.T, h.square())
                 f_b += g.sum(0)
                 n += int(y.numel())
@@ -348,6 +330,85 @@ def head_fisher(
         kind=kind,
         temperature=temperature,
     )
+
+
+class FisherCapture:
+    """The model FIM accumulated from a training epoch's own forward passes (no extra pass).
+
+    A forward hook on the head reads its input ``h`` and logits ``z`` while the training
+    loop runs, on the training device, and adds the closed-form diagonal Fisher of every
+    batch (the same closed form as :func:`head_fisher`). Wrap the *last* epoch's
+    batches with :meth:`wrap` so the hook knows their labels::
+
+        cap = FisherCapture(model, classes)
+        for epoch in range(epochs):
+            batches = loader(epoch)
+            for x, y in (cap.wrap(batches) if epoch == epochs - 1 else batches):
+                ...forward, loss, step...
+        rec.client(r, c, model, shard, fim=cap.fim())
+
+    It approximates the post-training FIM: the weights still move during that epoch and
+    BatchNorm/dropout run in training mode. ``kind``/``temperature`` must match the
+    store's Fisher settings (``store.fisher_settings()``).
+    """
+
+    def __init__(self, model: nn.Module, classes: Sequence[int], *, head: str = "fc", kind: str = "empirical",
+                 temperature: float = 1.0) -> None:
+        self.classes = tuple(int(c) for c in classes)
+        self.kind, self.temperature = kind, float(temperature)
+        self.lin = resolve_head(model, head)
+        self._y: Tensor | None = None
+        self._f_w: Tensor | None = None
+        self._f_b: Tensor | None = None
+        self.samples = 0
+        self._handle = self.lin.register_forward_hook(self._hook)
+
+    def wrap(self, batches):
+        """Yield ``batches`` unchanged, telling the hook each batch's labels."""
+        try:
+            for x, y in batches:
+                self._y = y
+                yield x, y
+        finally:
+            self._y = None
+
+    def _hook(self, _mod: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        if self._y is None:
+            return
+        with torch.no_grad():
+            h = inputs[0].detach().reshape(-1, self.lin.in_features).float()
+            z = output.detach().reshape(-1, self.lin.out_features).float()
+            y = self._y.to(z.device).reshape(-1)
+            self._y = None  # one head call per batch
+            if y.numel() != z.shape[0] or not y.numel():
+                return
+            g = logit_grad_sq(z, label_rows(y, self.classes), self.kind, self.temperature)
+            if self._f_w is None:
+                self._f_w = torch.zeros(len(self.classes), self.lin.in_features, device=z.device)
+                self._f_b = torch.zeros(len(self.classes), device=z.device)
+            self._f_w.addmm_(g.T, h.square())
+            self._f_b += g.sum(0)
+            self.samples += int(y.numel())
+
+    def close(self) -> None:
+        """Remove the hook (``fim()`` still works afterwards)."""
+        self._handle.remove()
+
+    def __enter__(self) -> FisherCapture:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def fim(self):
+        """The captured :class:`FIM` (CPU tensors); closes the hook."""
+        self.close()
+        if not self.samples:
+            raise FisherDataError("FisherCapture saw no labelled batch: wrap the last epoch's batches with wrap()")
+        return FIM(weight=(self._f_w / self.samples).cpu(),
+                   bias=(self._f_b / self.samples).cpu() if self.lin.bias is not None else None,
+                   classes=self.classes, samples=self.samples, kind=self.kind, temperature=self.temperature)
+
 
 
 # --------------------------------------------------------------------------- merges
@@ -455,7 +516,7 @@ def autograd_fisher(
     if per_batch and kind != "empirical":
         raise FisherError("per_batch autograd Fisher is only defined for kind='empirical'")
     classes = tuple(int(c) for c in classes)
-    _check_unique(classes, "classes")
+    check_unique(classes, "classes")
     lin = resolve_head(model, head)
     _check_width(lin, classes)
     x_dtype = input_dtype(model)

@@ -9,7 +9,7 @@ I/O; the store builds the graph and the engine executes the plan.
 from __future__ import annotations
 
 from collections import Counter, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -61,18 +61,25 @@ def bfs_order(g: nx.DiGraph) -> list[str]:
 
 
 def discovery_nodes(
-    g: nx.DiGraph, labels: Iterable[int], policy: str = "first", order: Sequence[str] | None = None
+    g: nx.DiGraph, labels: Iterable[int], policy: str = "first", order: Sequence[str] | None = None,
+    holders: Iterable[str] = (),
 ) -> list[str]:
     """Discovery nodes for a forget set, in BFS order.
 
-    ``first`` (the paper's default) keeps nodes whose own data holds a forgotten
-    label and that have no such node upstream; ``all`` keeps every such node.
+    A node *holds* the forget set when its own data has a forgotten label or is one of
+    ``holders`` (nodes whose own data holds forgotten samples, found by the caller).
+    ``first`` (the paper's default) keeps holders that have no holder upstream; ``all``
+    keeps every holder.
+
+    >>> g = nx.DiGraph([("a", "b"), ("b", "c")])
+    >>> discovery_nodes(g, [], holders=["b", "c"]), discovery_nodes(g, [], "all", holders=["b", "c"])
+    (['b'], ['b', 'c'])
     """
     if policy not in POLICIES:
         raise UnlearningError(f"unknown discovery policy '{policy}' (choose from {', '.join(POLICIES)})")
     forget = frozenset(labels)
     order = list(order) if order is not None else bfs_order(g)
-    holds = {n for n in order if forget & (g.nodes[n].get("labels") or frozenset())}
+    holds = {n for n in order if forget & (g.nodes[n].get("labels") or frozenset())} | set(holders)
     if policy == "all":
         return [n for n in order if n in holds]
     # One linear pass: a node is shadowed when any parent is a discovery node or shadowed.
@@ -122,6 +129,8 @@ class Plan:
     affected: list[str]  # BFS/topological order
     upstream: dict[str, frozenset[str]]
     groups: list[tuple[frozenset[str], list[str]]] = field(default_factory=list)
+    forget: dict = field(default_factory=dict)  # the forget set's audit record (umig.forget)
+    counts: dict[str, tuple[int, int]] = field(default_factory=dict)  # node -> (forgotten, remaining) of its own data
 
     @property
     def inherited(self) -> list[str]:
@@ -139,10 +148,13 @@ class Plan:
     def to_json(self) -> dict:
         return {
             "labels": list(self.labels),
+            **({"forget": self.forget} if self.forget else {}),
             "policy": self.policy,
             "discovery": self.discovery,
             "inherited": self.inherited,
             "affected": self.affected,
+            # Every node whose own data holds forgotten items (discovery or not), with its counts.
+            "holders": {n: {"forgotten": c[0], "remaining": c[1]} for n, c in self.counts.items() if c[0]},
             "merge_groups": [
                 {"discovery": sorted(key), "nodes": nodes} for key, nodes in self.groups
             ],
@@ -155,22 +167,27 @@ def plan(
     *,
     policy: str = "first",
     from_nodes: Sequence[str] | None = None,
+    holders: Iterable[str] = (),
+    what: str | None = None,
 ) -> Plan:
     """Plan an unlearning request: discovery nodes, affected subgraph, merge groups.
 
-    Raises ``UnlearningError`` for labels no node was trained on and for a
-    request that touches nothing.
+    ``labels`` and ``holders`` (nodes whose own data holds forgotten samples) say what is
+    forgotten; ``what`` names it in messages. Raises ``UnlearningError`` for labels no node
+    was trained on and for a request that touches nothing.
     """
     forget = tuple(sorted(set(int(x) for x in labels)))
-    if not forget:
-        raise UnlearningError("no labels to forget were given")
+    holders = [n for n in holders]
+    if not forget and not holders:
+        raise UnlearningError("the forget set is empty: no labels, samples or clients were given")
     unseen = sorted(set(forget) - seen_labels(g))
     if unseen:
         raise UnlearningError(
             f"label(s) {','.join(map(str, unseen))} were never in any node's training data"
         )
+    what = what or f"label(s) {','.join(map(str, forget))}"
     order = bfs_order(g)
-    discovery = discovery_nodes(g, forget, policy, order)
+    discovery = discovery_nodes(g, forget, policy, order, holders)
     up = upstream_discovery(g, discovery, order)
     affected = [n for n in order if n in up]
     if from_nodes:
@@ -187,7 +204,7 @@ def plan(
         discovery = [n for n in discovery if n in sources]
         if not affected:
             raise UnlearningError(
-                f"nothing below {', '.join(from_nodes)} was trained on label(s) {','.join(map(str, forget))}"
+                f"nothing below {', '.join(from_nodes)} was trained on {what}"
             )
     groups: dict[frozenset[str], list[str]] = {}
     for n in affected:
@@ -230,3 +247,40 @@ def effective_ancestors(g: nx.DiGraph, node: str) -> list[str]:
         raise NotFoundError(f"unknown node '{node}'")
     members = nx.ancestors(g, node) | {node}
     return [n for n in nx.topological_sort(g.subgraph(members))]
+
+
+def data_lineage(g: nx.DiGraph, own: Mapping[str, Hashable]) -> dict[str, tuple[Hashable, ...]]:
+    """For every node, the data it has seen: the distinct keys of ``own`` (node -> data key)
+    held by the node and its ancestors, in the order they first appear in :func:`bfs_order`.
+
+    One topological pass for the whole graph (not an ancestor search per node); equal
+    results are the same tuple object, so a large FL lineage holds a handful of them.
+
+    >>> g = nx.DiGraph([("c0", "agg"), ("c1", "agg"), ("agg", "ft")])
+    >>> data_lineage(g, {"c0": "A", "c1": "B", "ft": "A"})["ft"]
+    ('A', 'B')
+    """
+    order = bfs_order(g)
+    rank: dict[Hashable, int] = {}
+    for i, n in enumerate(order):
+        if n in own:
+            rank.setdefault(own[n], i)
+    sets: dict[str, frozenset] = {}
+    interned: dict[frozenset, frozenset] = {}
+    for n in order:
+        acc: frozenset | None = None
+        for p in g.predecessors(n):
+            s = sets[p]
+            acc = s if acc is None or acc <= s else (acc if s <= acc else acc | s)
+        acc = acc or frozenset()
+        if n in own and own[n] not in acc:
+            acc = acc | {own[n]}
+        sets[n] = interned.setdefault(acc, acc)
+    ordered: dict[int, tuple[Hashable, ...]] = {}
+    out: dict[str, tuple[Hashable, ...]] = {}
+    for n in order:
+        s = sets[n]
+        if id(s) not in ordered:
+            ordered[id(s)] = tuple(sorted(s, key=rank.__getitem__))
+        out[n] = ordered[id(s)]
+    return out

@@ -33,7 +33,7 @@ FederatedRecorder also records server-side fine-tuning of the global model
 (``server``); every recorder accepts ``name=``/``parent=``/``meta=`` overrides and
 ``rec.record(...)`` writes any other node with the recorder's defaults.
 
-Model FIMs stay on the training device. By default :meth:`Store.add_node` computes
+Model FIMs stay on the training device. By default :meth:`umig.ingest.add_node` computes
 each node's model FIM with one forward pass over its data on the device the model
 already lives on (never moving it to the CPU); that pass costs about a third of one
 training epoch. :class:`FisherCapture` instead accumulates it from the last training
@@ -64,9 +64,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from umig.arch import ArchSpec
+from umig import graph as G
+from umig import ingest, unlearning
+from umig.arch import ArchSpec, build_model
 from umig.data import Data, parse_ref, resolve, save_subset
-from umig.store import NodeInfo, Store
+from umig.errors import UmigError
+from umig.evaluate import unlearning_accuracy
+from umig.fisher import FisherCapture
+from umig.store import NodeInfo, SqlStore
+from umig.train import Recipe, fit, fresh_model, inherit_weights, retrain_node
+from umig.unlearner import retained_share
 
 __all__ = [
     "DataParallelRecorder",
@@ -76,7 +83,6 @@ __all__ = [
     "LineageRecorder",
     "Reference",
     "TransferRecorder",
-    "effective_data",
     "evaluate_models",
     "fit",
     "fresh_model",
@@ -89,7 +95,7 @@ __all__ = [
 Model = nn.Module | Mapping[str, Tensor]
 
 
-def subset_ref(store: Store, source: str, indices: Sequence[int] | np.ndarray | torch.Tensor,
+def subset_ref(store: SqlStore, source: str, indices: Sequence[int] | np.ndarray | torch.Tensor,
                only_labels: Sequence[int] | None = None) -> Data:
     """Data for ``indices`` of a reference, with its index file kept in the store (content-addressed)."""
     idx = np.asarray(torch.as_tensor(indices).cpu().numpy(), dtype=np.int64)
@@ -124,14 +130,14 @@ class LineageRecorder:
 
     framework = "other"
 
-    def __init__(self, store: Store, arch: Any = None, *, prefix: str = "node",
+    def __init__(self, store: SqlStore, arch: Any = None, *, prefix: str = "node",
                  classes: Sequence[int] | None = None, head: str | None = None, recipe: Any = None,
-                 device: str | torch.device | None = None, fim: bool = True, fisher_batch: int = 512,
+                 device: str | torch.device | None = None, compute_fim: bool = True, fisher_batch: int = 512,
                  num_classes_arg: str = "num_classes") -> None:
         self.store, self.arch, self.prefix = store, arch, prefix
         self.classes = tuple(int(c) for c in classes) if classes is not None else None
         self.head_module, self.recipe, self.device = head, recipe, device
-        self.fim, self.fisher_batch, self.num_classes_arg = fim, fisher_batch, num_classes_arg
+        self.compute_fim, self.fisher_batch, self.num_classes_arg = compute_fim, fisher_batch, num_classes_arg
         self.nodes: list[str] = []
         self.seconds = 0.0
         self._mass: dict[str, int] = {}
@@ -139,7 +145,7 @@ class LineageRecorder:
     def record(self, name: str, model: Model, *, arch: Any = None, parents: Sequence[str | tuple[str, float | None]] = (),
                relation: str | None = None, data: Data | str | None = None, classes: Sequence[int] | None = None,
                recipe: Any = None, meta: Mapping[str, Any] | None = None, fim: Any = None) -> NodeInfo:
-        """Write one node (and its in-edges) through :meth:`Store.add_node`.
+        """Write one node (and its in-edges) through :meth:`umig.ingest.add_node`.
 
         ``fim`` is a model FIM the training loop already has (:class:`FisherCapture`);
         by default the store computes it with one forward pass over the node's data.
@@ -149,11 +155,11 @@ class LineageRecorder:
         if spec is None:
             raise ValueError(f"node '{name}': no architecture given (pass arch= to the recorder or the call)")
         device = self.device if self.device is not None else model_device(model)
-        info = self.store.add_node(
-            name, model, spec, parents=list(parents), relation=relation, framework=self.framework, data=data,
+        info = ingest.add_node(
+            self.store, name, model, spec, parents=list(parents), relation=relation, framework=self.framework, data=data,
             classes=classes if classes is not None else self.classes, head=self.head_module,
             recipe=recipe if recipe is not None else self.recipe, meta=dict(meta or {}),
-            fim=fim if fim is not None else self.fim,
+            fim=fim, compute_fim=self.compute_fim,
             fisher_batch=self.fisher_batch, device=device)
         self.nodes.append(info.name)
         own = info.data_size
@@ -205,7 +211,7 @@ class _RoundRecorder(LineageRecorder):
     member_word = "client"
     merge_relation = "aggregate"
 
-    def __init__(self, store: Store, arch: Any, **kwargs: Any) -> None:
+    def __init__(self, store: SqlStore, arch: Any, **kwargs: Any) -> None:
         super().__init__(store, arch, **kwargs)
         self.global_node: str | None = None
         self._pending: dict[int, list[str]] = {}
@@ -276,11 +282,11 @@ class FederatedRecorder(_RoundRecorder):
     member_word = "client"
     merge_relation = "aggregate"
 
-    def __init__(self, store: Store, arch: Any, *, prefix: str = "fl", classes: Sequence[int] | None = None,
+    def __init__(self, store: SqlStore, arch: Any, *, prefix: str = "fl", classes: Sequence[int] | None = None,
                  head: str | None = None, recipe: Any = None, device: str | torch.device | None = None,
-                 fim: bool = True, fisher_batch: int = 512) -> None:
+                 compute_fim: bool = True, fisher_batch: int = 512) -> None:
         super().__init__(store, arch, prefix=prefix, classes=classes, head=head, recipe=recipe, device=device,
-                         fim=fim, fisher_batch=fisher_batch)
+                         compute_fim=compute_fim, fisher_batch=fisher_batch)
 
     def client(self, round: int, client: int | str, model: Model, data: Data | str, *, recipe: Any = None,
                name: str | None = None, parent: str | None = None, meta: Mapping[str, Any] | None = None,
@@ -329,11 +335,11 @@ class DataParallelRecorder(_RoundRecorder):
     member_word = "rank"
     merge_relation = "sync"
 
-    def __init__(self, store: Store, arch: Any, *, prefix: str = "ddp", classes: Sequence[int] | None = None,
+    def __init__(self, store: SqlStore, arch: Any, *, prefix: str = "ddp", classes: Sequence[int] | None = None,
                  head: str | None = None, recipe: Any = None, device: str | torch.device | None = None,
-                 fim: bool = True, fisher_batch: int = 512) -> None:
+                 compute_fim: bool = True, fisher_batch: int = 512) -> None:
         super().__init__(store, arch, prefix=prefix, classes=classes, head=head, recipe=recipe, device=device,
-                         fim=fim, fisher_batch=fisher_batch)
+                         compute_fim=compute_fim, fisher_batch=fisher_batch)
 
     def shard(self, step: int, rank: int, model: Model, data: Data | str, *, recipe: Any = None,
               name: str | None = None, parent: str | None = None, meta: Mapping[str, Any] | None = None,
@@ -360,10 +366,10 @@ class IncrementalRecorder(LineageRecorder):
 
     framework = "il"
 
-    def __init__(self, store: Store, arch: Any, *, prefix: str = "il", head: str | None = None, recipe: Any = None,
-                 device: str | torch.device | None = None, fim: bool = True, fisher_batch: int = 512,
+    def __init__(self, store: SqlStore, arch: Any, *, prefix: str = "il", head: str | None = None, recipe: Any = None,
+                 device: str | torch.device | None = None, compute_fim: bool = True, fisher_batch: int = 512,
                  num_classes_arg: str = "num_classes") -> None:
-        super().__init__(store, arch, prefix=prefix, head=head, recipe=recipe, device=device, fim=fim,
+        super().__init__(store, arch, prefix=prefix, head=head, recipe=recipe, device=device, compute_fim=compute_fim,
                          fisher_batch=fisher_batch, num_classes_arg=num_classes_arg)
         self.last: str | None = None
         self.steps = 0
@@ -399,10 +405,10 @@ class TransferRecorder(LineageRecorder):
 
     framework = "tl"
 
-    def __init__(self, store: Store, arch: Any, *, prefix: str = "tl", head: str | None = None, recipe: Any = None,
-                 device: str | torch.device | None = None, fim: bool = True, fisher_batch: int = 512,
+    def __init__(self, store: SqlStore, arch: Any, *, prefix: str = "tl", head: str | None = None, recipe: Any = None,
+                 device: str | torch.device | None = None, compute_fim: bool = True, fisher_batch: int = 512,
                  num_classes_arg: str = "num_classes") -> None:
-        super().__init__(store, arch, prefix=prefix, head=head, recipe=recipe, device=device, fim=fim,
+        super().__init__(store, arch, prefix=prefix, head=head, recipe=recipe, device=device, compute_fim=compute_fim,
                          fisher_batch=fisher_batch, num_classes_arg=num_classes_arg)
         self.base_node: str | None = None
         self._heads = 0
@@ -435,154 +441,6 @@ class TransferRecorder(LineageRecorder):
 
 
 # ------------------------------------------------------------------ training helpers
-def fresh_model(arch: ArchSpec | Mapping[str, Any], seed: int) -> nn.Module:
-    """A freshly initialised model, seeded so a retrain builds the same initial weights."""
-    spec = arch if isinstance(arch, ArchSpec) else ArchSpec.from_json(arch)
-    torch.manual_seed(seed)
-    return spec.build()
-
-
-def inherit_weights(model: nn.Module, parent: Model, parent_classes: Sequence[int], classes: Sequence[int],
-                    head: str = "fc") -> nn.Module:
-    """Load ``parent``'s weights into ``model``; head rows are copied by label id.
-
-    Every non-head tensor must match in shape. Rows of labels the parent had are copied
-    (an incremental step keeps what it knew); rows of new labels keep ``model``'s own
-    initialisation. Returns ``model``.
-    """
-    src = parent.state_dict() if isinstance(parent, nn.Module) else dict(parent)
-    own = model.state_dict()
-    prefix = head + "."
-    new: dict[str, Tensor] = {}
-    row_of = {int(c): r for r, c in enumerate(parent_classes)}
-    pairs = [(r, row_of[int(c)]) for r, c in enumerate(classes) if int(c) in row_of]
-    for k, v in own.items():
-        if not k.startswith(prefix):
-            if k not in src:
-                raise ValueError(f"parent has no tensor '{k}'")
-            if tuple(src[k].shape) != tuple(v.shape):
-                raise ValueError(f"'{k}': parent {tuple(src[k].shape)} vs model {tuple(v.shape)}")
-            new[k] = src[k].detach().to(v.device, v.dtype).clone()
-            continue
-        t = v.detach().clone()
-        p = src.get(k)
-        if p is not None and pairs and p.dim() >= 1 and p.shape[1:] == t.shape[1:]:
-            dst_rows = torch.tensor([a for a, _ in pairs])
-            src_rows = torch.tensor([b for _, b in pairs])
-            t[dst_rows] = p[src_rows].to(t.device, t.dtype)
-        new[k] = t
-    model.load_state_dict(new)
-    return model
-
-
-class FisherCapture:
-    """The model FIM accumulated from a training epoch's own forward passes (no extra pass).
-
-    A forward hook on the head reads its input ``h`` and logits ``z`` while the training
-    loop runs, on the training device, and adds the closed-form diagonal Fisher of every
-    batch (same formula as :func:`umig.fisher.head_fisher`). Wrap the *last* epoch's
-    batches with :meth:`wrap` so the hook knows their labels::
-
-        cap = FisherCapture(model, classes)
-        for epoch in range(epochs):
-            batches = loader(epoch)
-            for x, y in (cap.wrap(batches) if epoch == epochs - 1 else batches):
-                ...forward, loss, step...
-        rec.client(r, c, model, shard, fim=cap.fim())
-
-    It approximates the post-training FIM: the weights still move during that epoch and
-    BatchNorm/dropout run in training mode. ``kind``/``temperature`` must match the
-    store's Fisher settings (``store.fisher_settings()``).
-    """
-
-    def __init__(self, model: nn.Module, classes: Sequence[int], *, head: str = "fc", kind: str = "empirical",
-                 temperature: float = 1.0) -> None:
-        from umig.fisher import resolve_head
-
-        self.classes = tuple(int(c) for c in classes)
-        self.kind, self.temperature = kind, float(temperature)
-        self.lin = resolve_head(model, head)
-        self._y: Tensor | None = None
-        self._f_w: Tensor | None = None
-        self._f_b: Tensor | None = None
-        self.samples = 0
-        self._handle = self.lin.register_forward_hook(self._hook)
-
-    def wrap(self, batches):
-        """Yield ``batches`` unchanged, telling the hook each batch's labels."""
-        try:
-            for x, y in batches:
-                self._y = y
-                yield x, y
-        finally:
-            self._y = None
-
-    def _hook(self, _mod: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-        from umig.fisher import label_rows
-
-        if self._y is None:
-            return
-        with torch.no_grad():
-            h = inputs[0].detach().reshape(-1, self.lin.in_features).float()
-            z = output.detach().reshape(-1, self.lin.out_features).float()
-            y = self._y.to(z.device).reshape(-1)
-            self._y = None  # one head call per batch
-            if y.numel() != z.shape[0] or not y.numel():
-                return
-            rows = label_rows(y, self.classes)
-            p = torch.softmax(z / self.temperature, dim=1)
-            if self.kind == "empirical":
-                g = p.square()
-                idx = torch.arange(p.shape[0], device=p.device)
-                g[idx, rows] = (1.0 - p[idx, rows]).square()
-            else:
-                g = p * (1.0 - p)
-            if self._f_w is None:
-                self._f_w = torch.zeros(len(self.classes), self.lin.in_features, device=z.device)
-                self._f_b = torch.zeros(len(self.classes), device=z.device)
-            self._f_w.addmm_(g.T, h.square())
-            self._f_b += g.sum(0)
-            self.samples += int(y.numel())
-
-    def close(self) -> None:
-        """Remove the hook (``fim()`` still works afterwards)."""
-        self._handle.remove()
-
-    def __enter__(self) -> FisherCapture:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def fim(self):
-        """The captured :class:`umig.fisher.FIM` (CPU tensors); closes the hook."""
-        from umig.fisher import FIM, FisherDataError
-
-        self.close()
-        if not self.samples:
-            raise FisherDataError("FisherCapture saw no labelled batch: wrap the last epoch's batches with wrap()")
-        return FIM(weight=(self._f_w / self.samples).cpu(),
-                   bias=(self._f_b / self.samples).cpu() if self.lin.bias is not None else None,
-                   classes=self.classes, samples=self.samples, kind=self.kind, temperature=self.temperature)
-
-
-def fit(model: nn.Module, data: Data, recipe: Any, classes: Sequence[int],
-        device: str | torch.device | None = None, capture: FisherCapture | None = None) -> dict[str, float]:
-    """Train ``model`` on ``data`` with ``recipe``: shuffled epochs seeded by ``recipe.seed + epoch``.
-
-    With ``capture``, the last epoch's forward passes also accumulate the model FIM.
-    """
-    from umig.train import Recipe, train
-
-    rec = recipe if isinstance(recipe, Recipe) else Recipe.from_json(dict(recipe))
-
-    def batches(epoch: int):
-        it = data.batches(rec.batch_size, shuffle=True, seed=rec.seed + epoch, device=device)
-        return capture.wrap(it) if capture is not None and epoch == rec.epochs - 1 else it
-
-    return train(model, batches, rec, classes, device=device)
-
-
 # ------------------------------------------------------------------ retraining reference
 @dataclass
 class Reference:
@@ -599,16 +457,12 @@ class Reference:
         """Seconds to retrain ``node`` and every retrained node it inherits from (sequential dependence)."""
         return sum(self.seconds[n] for n in self.ancestors[node] | {node} if n in self.seconds)
 
-    def model(self, store: Store, node: str) -> nn.Module:
+    def model(self, store: SqlStore, node: str) -> nn.Module:
         """The retrained model of ``node`` (eval mode, CPU)."""
-        from umig.arch import load_weights
-
-        m = ArchSpec.from_json(store.node(node).arch).build()
-        load_weights(m, self.states[node])
-        return m.eval()
+        return build_model(store.node(node).arch, self.states[node])
 
 
-def retrain_reference(store: Store, labels: Sequence[int], *, policy: str = "first",
+def retrain_reference(store: SqlStore, labels: Sequence[int], *, policy: str = "first",
                       train_fn: Callable[[str, nn.Module, Data, Any, Sequence[int]], Any] | None = None,
                       device: str | torch.device | None = None,
                       progress: Callable[[str, float], None] | None = None) -> Reference:
@@ -628,13 +482,11 @@ def retrain_reference(store: Store, labels: Sequence[int], *, policy: str = "fir
     ``train_fn(name, model, data, recipe, classes)`` replaces :func:`fit`. Nodes are not
     changed in the store; the retrained weights come back in a :class:`Reference`.
     """
-    from umig import graph as G
-    from umig.errors import UmigError
-    from umig.train import Recipe, fedavg
-
     forget = tuple(sorted({int(x) for x in labels}))
-    plan = store.plan_unlearning(forget, policy=policy).plan
+    plan = unlearning.plan_unlearning(store, forget, policy=policy).plan
     g = store.graph()
+    snaps = store.snapshots(list(g))
+    counts = plan.counts  # node with data -> (forgotten, remaining), as the retrain method sees them
     affected = list(plan.affected)
     states: dict[str, dict[str, Tensor]] = {}
     seconds: dict[str, float] = {}
@@ -651,35 +503,25 @@ def retrain_reference(store: Store, labels: Sequence[int], *, policy: str = "fir
     for name in affected:
         t0 = time.perf_counter()
         info = store.node(name)
-        spec = ArchSpec.from_json(info.arch)
         recipe = Recipe.from_json(info.recipe) if info.recipe else None
-        parents = [(p, w) for p, _, w in info.parents]
-        relations = {r for _, r, _ in info.parents}
-        if parents:
-            ws = [w if w is not None else max(store.node(p).data_size, 1) for p, w in parents]
-            start = state_of(parents[0][0]) if len(parents) == 1 else fedavg([state_of(p) for p, _ in parents], ws)
-        else:
-            start = None
         data = store.node_data(name)
-        if relations & {"aggregate", "sync"} and data is None:
-            states[name] = {k: v.clone() for k, v in start.items()}
-        else:
-            model = fresh_model(spec, recipe.seed if recipe else 0)
-            if start is not None:
-                parent_classes = store.node(parents[0][0]).classes
-                inherit_weights(model, start, parent_classes, info.classes, head=info.head)
-            if data is not None:
-                keep = data.filter_labels(drop=forget)
-                if len(keep):
-                    if recipe is None:
-                        raise UmigError(f"cannot retrain node '{name}': it has data but no recorded recipe")
-                    if device is not None:
-                        model.to(device)
-                    if train_fn is not None:
-                        train_fn(name, model, keep, recipe, info.classes)
-                    else:
-                        fit(model, keep, recipe, info.classes, device=device)
-            states[name] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        parents = []
+        for p, _, w in info.parents:
+            weight = w if w is not None else float(max(snaps[p].data_size, 1))
+            if data is None:  # FedAvg re-weighted by the data each parent keeps (as the retrain method does)
+                weight *= retained_share(snaps, counts, p)
+                if weight <= 0:
+                    continue
+            parents.append((state_of(p), weight, snaps[p].classes))
+        keep = data.filter_labels(drop=forget) if data is not None else None
+        model = fresh_model(info.arch, recipe.seed if recipe else 0)
+        try:
+            retrain_node(model, parents=parents, classes=info.classes, head=info.head, data=keep, recipe=recipe,
+                         aggregate=data is None and bool(parents) and all(tuple(c) == info.classes for *_, c in parents),
+                         device=device, train_fn=(lambda m, d, r, c, _n=name: train_fn(_n, m, d, r, c)) if train_fn else None)
+        except UmigError as e:
+            raise UmigError(f"cannot retrain node '{name}': {e}") from None
+        states[name] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         seconds[name] = time.perf_counter() - t0
         if progress:
             progress(name, seconds[name])
@@ -688,40 +530,15 @@ def retrain_reference(store: Store, labels: Sequence[int], *, policy: str = "fir
     return Reference(labels=forget, nodes=affected, states=states, seconds=seconds, wall_s=wall, ancestors=ancestors)
 
 
-def effective_data(store: Store, name: str) -> Data | None:
-    """The node's effective training data (its own and every ancestor's), restricted to its classes.
-
-    The same set ``store.unlearn`` evaluates a node on ("train" columns).
-    """
-    from umig import graph as G
-
-    info = store.node(name)
-    parts, seen = [], set()
-    for a in G.effective_ancestors(store.graph(), name):
-        n = store.node(a)
-        if n.data_ref is None:
-            continue
-        key = repr(sorted(n.data_ref.items()))
-        if key not in seen:
-            seen.add(key)
-            parts.append(store.node_data(a))
-    if not parts:
-        return None
-    return (parts[0] if len(parts) == 1 else Data.concat(parts)).filter_labels(keep=info.classes)
-
-
-def evaluate_models(store: Store, models: Mapping[str, Model], labels: Sequence[int], *,
+def evaluate_models(store: SqlStore, models: Mapping[str, Model], labels: Sequence[int], *,
                     heldout: str | Data | None = None, device: str | torch.device | None = None,
                     batch_size: int = 512) -> dict[str, dict[str, float | None]]:
     """AD_f / AD_r of given weights for nodes, keyed like ``UnlearnResult`` metrics.
 
     ``models`` maps node name -> module or state dict (e.g. ``Reference.states``). Returns
     ``{node: {"AD_f_train": .., "AD_r_train": .., "AD_f_heldout": .., "AD_r_heldout": ..}}``
-    on the node's :func:`effective_data` and on ``heldout`` (restricted to the node's classes).
+    on the node's effective training data (``store.effective_data``) and on ``heldout`` (restricted to the node's classes).
     """
-    from umig.arch import load_weights
-    from umig.evaluate import unlearning_accuracy
-
     forget = {int(x) for x in labels}
     held = resolve(heldout) if isinstance(heldout, str) else heldout
     out: dict[str, dict[str, float | None]] = {}
@@ -730,9 +547,8 @@ def evaluate_models(store: Store, models: Mapping[str, Model], labels: Sequence[
         if isinstance(m, nn.Module):
             model = m
         else:
-            model = ArchSpec.from_json(info.arch).build()
-            load_weights(model, m)
-        sets = {"train": effective_data(store, name)}
+            model = build_model(info.arch, m)
+        sets = {"train": store.effective_data(name)}
         if held is not None:
             sets["heldout"] = held.filter_labels(keep=info.classes)
         row: dict[str, float | None] = {}

@@ -21,7 +21,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import re
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -32,17 +31,21 @@ from typing import Any
 
 import networkx as nx
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from umig import graph as G
+from umig.arch import build_model
 from umig.blobs import BlobStore, BufferedBlobStore
+from umig.data import Data, DataRef, verify
+from umig.delta import apply as apply_delta
 from umig.errors import GraphError, LockTimeout, NotFoundError, UmigError
+from umig.fisher import FIM
 
 DB_NAME = "umig.db"
 DEFAULT_STORE = ".umig"
 FRAMEWORKS = ("fl", "ddp", "il", "tl", "other")
 RELATIONS = ("aggregate", "sync", "finetune", "increment", "transfer", "copy")
-_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:@/+-]{0,199}$")
 
 # Ordered migrations: index i brings the schema from version i to i + 1.
 MIGRATIONS: list[str] = [
@@ -116,24 +119,70 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX operation_blobs_op ON operation_blobs(operation);
     """,
+    # 2: what an operation forgot (umig.forget.ForgetSet.to_json: kinds, fingerprints, counts, digests).
+    """
+    ALTER TABLE operations ADD COLUMN forget TEXT;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
 @dataclass(frozen=True)
 class Version:
+    """One version of a node: digests of the blobs that make it up."""
+
     node: str
     version: int
-    body: str
-    head: str
-    delta: str | None
-    fim: str | None
+    body_blob: str  # every tensor but the head
+    head_blob: str  # the classifier head's weight and bias
+    delta_blob: str | None  # a sparse delta on body + head (adapters), see umig.delta
+    fim_blob: str | None  # the model FIM
     operation: str | None
     purged: bool
     created: float
 
     def blobs(self) -> list[str]:
-        return [d for d in (self.body, self.head, self.delta, self.fim) if d]
+        return [d for d in (self.body_blob, self.head_blob, self.delta_blob, self.fim_blob) if d]
+
+
+@dataclass(frozen=True)
+class NodeSnapshot:
+    """A node at its current version, as a worker needs it, without touching the database."""
+
+    name: str
+    version: int
+    arch: dict
+    head: str  # the head module's name
+    classes: tuple[int, ...]
+    body_blob: str
+    head_blob: str
+    delta_blob: str | None
+    fim_blob: str | None
+    data_ref: dict | None
+    data_fingerprint: str | None
+    data_size: int
+    labels: frozenset[int]
+    recipe: dict | None
+    framework: str
+    parents: tuple[tuple[str, str, float | None], ...]  # (name, relation, weight)
+
+    def blobs(self) -> dict[str, str | None]:
+        """The version's blob digests by part, the form workers rebuild weights from."""
+        return {"body": self.body_blob, "head": self.head_blob, "delta": self.delta_blob}
+
+
+@dataclass(frozen=True)
+class NewVersion:
+    """A version an operation adds to a node (blob digests already written)."""
+
+    node: str
+    role: str
+    version_before: int
+    body_blob: str
+    head_blob: str
+    delta_blob: str | None
+    fim_blob: str | None
+    metrics: Mapping[str, Any]
 
 
 @dataclass(frozen=True)
@@ -189,8 +238,12 @@ class _Txn:
     released: set[str] = field(default_factory=set)  # blobs to delete once the transaction commits
 
 
-class Store:
-    """A lineage store on disk. Open with :meth:`init` or :meth:`open`."""
+class SqlStore:
+    """The lineage store's metadata (SQLite) and blobs. Open with :meth:`init` or :meth:`open`.
+
+    The only class that executes SQL: every query, and every row -> entity mapping, is here.
+    Users open the facade ``umig.Store``, which adds ``add_node`` and ``unlearn``.
+    """
 
     def __init__(self, root: Path, db: sqlite3.Connection) -> None:
         self.root = root
@@ -206,7 +259,7 @@ class Store:
         return Path(os.environ.get("UMIG_STORE", DEFAULT_STORE))
 
     @classmethod
-    def init(cls, path: str | Path | None = None, *, exist_ok: bool = False) -> "Store":
+    def init(cls, path: str | Path | None = None, *, exist_ok: bool = False) -> "SqlStore":
         """Create a store directory (or open it when ``exist_ok`` and it already is one)."""
         root = Path(path) if path is not None else cls.default_path()
         if (root / DB_NAME).exists():
@@ -222,7 +275,7 @@ class Store:
         return cls._connect(root)
 
     @classmethod
-    def open(cls, path: str | Path | None = None) -> "Store":
+    def open(cls, path: str | Path | None = None) -> "SqlStore":
         """Open an existing store; migrates its schema when it is older than this umig."""
         root = Path(path) if path is not None else cls.default_path()
         if not (root / DB_NAME).exists():
@@ -230,7 +283,7 @@ class Store:
         return cls._connect(root)
 
     @classmethod
-    def _connect(cls, root: Path) -> "Store":
+    def _connect(cls, root: Path) -> "SqlStore":
         db = sqlite3.connect(root / DB_NAME, isolation_level=None, timeout=60, check_same_thread=False)
         db.row_factory = sqlite3.Row
         try:
@@ -274,7 +327,7 @@ class Store:
         self.blobs.close()
         self.db.close()
 
-    def __enter__(self) -> "Store":
+    def __enter__(self) -> "SqlStore":
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -414,7 +467,7 @@ class Store:
         names: dict[int, str] = {}
         # Bulk inserts, and each distinct classes/label-counts text parsed once (shared, read-only values).
         classes: dict[str, tuple[int, ...]] = {}
-        labels: dict[str, frozenset[int]] = {}
+        labels: dict[str, tuple[frozenset[int], dict[int, int]]] = {}
         rows = []
         for nid, name, cls, counts, framework, size, version, head in self.db.execute(
             "SELECT id, name, classes, label_counts, framework, data_size, version, head FROM nodes ORDER BY id"
@@ -423,9 +476,10 @@ class Store:
             if cls not in classes:
                 classes[cls] = tuple(json.loads(cls))
             if counts not in labels:
-                labels[counts] = frozenset(int(k) for k in json.loads(counts))
-            rows.append((name, {"classes": classes[cls], "labels": labels[counts], "framework": framework,
-                                "data_size": size, "version": version, "head": head}))
+                parsed = {int(k): int(v) for k, v in json.loads(counts).items()}
+                labels[counts] = (frozenset(parsed), parsed)
+            rows.append((name, {"classes": classes[cls], "labels": labels[counts][0], "label_counts": labels[counts][1],
+                                "framework": framework, "data_size": size, "version": version, "head": head}))
         g.add_nodes_from(rows)
         g.add_edges_from(
             (names[p], names[c], {"relation": rel, "weight": w})
@@ -455,207 +509,94 @@ class Store:
         v = self.version(name, version)
         if v.purged:
             raise UmigError(f"version {v.version} of node '{name}' was purged")
-        sd = self.blobs.load(v.body, owner=name)
-        sd.update(self.blobs.load(v.head, owner=name))
-        if v.delta:
-            apply_delta(sd, self.blobs.load(v.delta, owner=name))
-        return sd
+        return load_state(self.blobs, {"body": v.body_blob, "head": v.head_blob, "delta": v.delta_blob}, owner=name)
 
     def load_model(self, name: str, version: int | None = None, *, device: str | torch.device = "cpu") -> nn.Module:
         """Build the node's architecture and load its weights (eval mode)."""
-        from umig.arch import ArchSpec, load_weights
+        return build_model(self.node(name).arch, self.state_dict(name, version)).to(device)
 
-        info = self.node(name)
-        model = ArchSpec.from_json(info.arch).build()
-        load_weights(model, self.state_dict(name, version))
-        return model.to(device).eval()
-
-    def fim(self, name: str, version: int | None = None):
-        """The node's model FIM (``umig.fisher.FIM``) or ``None`` when it has none."""
-        from umig.fisher import FIM
-
+    def fim(self, name: str, version: int | None = None) -> FIM | None:
+        """The node's model FIM or ``None`` when it has none."""
         v = self.version(name, version)
-        if not v.fim:
+        if not v.fim_blob:
             return None
-        tensors, meta = self.blobs.load_with_metadata(v.fim, owner=name)
+        tensors, meta = self.blobs.load_with_metadata(v.fim_blob, owner=name)
         return FIM.from_tensors(tensors, meta)
 
-    def node_data(self, name: str):
+    def node_data(self, name: str) -> Data | None:
         """Resolve the node's own training data, checking its fingerprint (``None`` when data-less)."""
-        from umig.data import DataRef, verify
-
         info = self.node(name)
         if info.data_ref is None:
             return None
         return verify(DataRef.from_json(info.data_ref), info.data_fingerprint)
 
+    def effective_data(self, name: str) -> Data | None:
+        """The node's effective training data: its own and every ancestor's (each dataset once),
+        restricted to its classes; what ``unlearn`` evaluates a node on ("train" columns)."""
+        info = self.node(name)
+        g = self.graph()
+        own = {n: json.dumps(ref, sort_keys=True) for n, (ref, _) in self.data_refs().items()}
+        holder = {k: n for n, k in reversed(list(own.items()))}
+        ancestors = nx.ancestors(g, name) | {name}
+        lineage = G.data_lineage(g.subgraph(ancestors), {n: k for n, k in own.items() if n in ancestors})[name]
+        parts = [self.node_data(holder[k]) for k in lineage]
+        if not parts:
+            return None
+        return (parts[0] if len(parts) == 1 else Data.concat(parts)).filter_labels(keep=info.classes)
+
     # ------------------------------------------------------------- add / edit
-    def add_node(
+    def insert_node(
         self,
         name: str,
-        weights: nn.Module | Mapping[str, torch.Tensor] | str | Path,
-        arch: Any,
         *,
-        arch_args: Mapping[str, Any] | None = None,
-        parents: Sequence[str | tuple[str, float | None]] = (),
-        relation: str | None = None,
-        framework: str = "other",
-        data: Any = None,
-        data_ref: str | None = None,
-        subset: str | None = None,
-        only_labels: str | Sequence[int] | None = None,
-        classes: Sequence[int] | None = None,
-        head: str | None = None,
-        input_shape: Sequence[int] | None = None,
-        fim: Any = True,
-        meta: Mapping[str, Any] | None = None,
-        recipe: Any = None,
-        fisher_batch: int = 256,
-        device: str | torch.device | None = None,
+        arch: dict,
+        head: str,
+        classes: Sequence[int],
+        input_shape: Sequence[int] | None,
+        data_ref: dict | None,
+        data_fingerprint: str | None,
+        label_counts: Mapping[int, int],
+        framework: str,
+        meta: Mapping[str, Any],
+        recipe: dict | None,
+        parents: Sequence[tuple[str, float | None]],
+        relation: str,
+        body: Mapping[str, torch.Tensor],
+        head_tensors: Mapping[str, torch.Tensor],
+        fim: FIM | None,
     ) -> NodeInfo:
-        """Record a model node (version 0) with its edges, data reference and model FIM.
+        """Write a validated node (version 0): its blobs first, then its rows and edges in one transaction.
 
-        ``weights`` is an ``nn.Module``, a state dict or a path (``.safetensors``,
-        or ``.pt`` read with ``weights_only=True``). ``data`` is a reference string,
-        a ``umig.data.Data``, or a ``torch.utils.data.Dataset`` with ``data_ref``
-        naming it. ``fim``: True computes the model FIM (one forward pass over the data),
-        False skips it, or pass a ``umig.fisher.FIM`` already computed (e.g. during training
-        by ``umig.lineage.FisherCapture``). Everything is validated before anything is written.
+        ``umig.ingest.add_node`` validates and prepares every argument; call that instead.
         """
-        from umig import arch as A
-        from umig import data as D
-        from umig import fisher as F
-
-        if not _NAME_RE.match(name or ""):
-            raise UmigError(f"invalid node name {name!r} (letters, digits and _.:@/+- only)")
-        if framework not in FRAMEWORKS:
-            raise UmigError(f"unknown framework '{framework}' (choose from {', '.join(FRAMEWORKS)})")
-        if relation is not None and relation not in RELATIONS:
-            raise UmigError(f"unknown relation '{relation}' (choose from {', '.join(RELATIONS)})")
-        if self.has_node(name):
-            raise GraphError(f"node '{name}' already exists")
-        # An existing node's full name wins over NAME:WEIGHT (names may contain ':', e.g. 'ckpt:3').
-        parent_list = [(p, None) if isinstance(p, str) and self.has_node(p) else _parse_parent(p) for p in parents]
-        for p, _ in parent_list:
-            if p == name:
-                raise GraphError(f"node '{name}' cannot be its own parent (cycle)")
-            if not self.has_node(p):
-                raise NotFoundError(f"unknown parent node '{p}'")
-        if len({p for p, _ in parent_list}) != len(parent_list):
-            raise GraphError(f"node '{name}' lists a parent twice")
-        relation = relation or _default_relation(framework, len(parent_list))
-
-        spec = arch if isinstance(arch, A.ArchSpec) else A.ArchSpec(str(arch), dict(arch_args or {}))
-        if not isinstance(weights, nn.Module):
-            weights = A.load_state_dict_file(weights) if isinstance(weights, (str, Path)) else dict(weights)
-        # Rebuilding from the spec and the dummy forward that finds the head depend only on the
-        # architecture and the state's keys/shapes/dtypes: done once per combination (bulk recording).
-        given = weights.state_dict() if isinstance(weights, nn.Module) else weights
-        vkey = (json.dumps(spec.to_json(), sort_keys=True, default=str), head,
-                tuple(input_shape) if input_shape else None, isinstance(weights, nn.Module),
-                tuple((k, tuple(v.shape), v.dtype) for k, v in given.items()))
-        validated = self.__dict__.setdefault("_validated", {})
-        hit = validated.get(vkey)
-        if hit is not None:
-            hinfo, template = hit
-            state = {k: v.detach().cpu() for k, v in given.items()}
-            model = weights if isinstance(weights, nn.Module) else template
-            if model is template and fim and (data is not None or data_ref is not None):
-                A.load_weights(model, state)  # the FIM below runs this node's weights
-        elif isinstance(weights, nn.Module):
-            model = weights
-            state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-            rebuilt = spec.build()
-            A.load_weights(rebuilt, state)  # the spec must be able to rebuild this module later
-        else:
-            state = weights
-            model = spec.build()
-            A.load_weights(model, state)
-            state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        if hit is None:
-            if input_shape is None:
-                input_shape = getattr(model, "input_shape", None)
-            hinfo = A.find_head(model, head=head, input_shape=tuple(input_shape) if input_shape else None)
-            # Reuse only where the state is stored exactly as given (same keys and dtypes as the model's).
-            exact = isinstance(weights, nn.Module) or (
-                state.keys() == given.keys() and all(state[k].dtype == given[k].dtype for k in state))
-            if exact:
-                if len(validated) >= 64:
-                    validated.pop(next(iter(validated)))
-                validated[vkey] = (hinfo, None if isinstance(weights, nn.Module) else spec.build())
-        cls = tuple(int(c) for c in classes) if classes is not None else tuple(range(hinfo.out_features))
-        if len(cls) != hinfo.out_features:
-            raise UmigError(
-                f"--classes has {len(cls)} labels but head '{hinfo.name}' has {hinfo.out_features} outputs"
-            )
-        if len(set(cls)) != len(cls):
-            raise UmigError("--classes lists a label twice")
-
-        dataset = self._data_arg(data, data_ref, subset, only_labels)
-        counts: dict[int, int] = {}
-        fingerprint = None
-        ref_json = None
-        if dataset is not None:
-            counts = {int(k): int(v) for k, v in dataset.label_counts().items()}
-            unknown = sorted(set(counts) - set(cls))
-            if unknown:
-                raise UmigError(
-                    f"data of node '{name}' has label(s) {','.join(map(str, unknown))} that its head cannot predict"
-                )
-            fingerprint = D.fingerprint(dataset)
-            ref_json = dataset.ref.to_json() if dataset.ref is not None else None
-            if ref_json is None:
-                raise UmigError(f"data of node '{name}' needs a reference string (data_ref=...) to be recorded")
-
-        model_fim = None
-        if isinstance(fim, F.FIM):  # computed by the caller, e.g. during training (umig.lineage.FisherCapture)
-            if fim.feature_dim != hinfo.in_features:
-                raise UmigError(f"given FIM of node '{name}' has feature width {fim.feature_dim}, "
-                                f"head '{hinfo.name}' has {hinfo.in_features}")
-            want = self.fisher_settings()
-            if (fim.kind, fim.temperature) != (want["kind"], want["temperature"]):
-                raise UmigError(f"given FIM of node '{name}' is {fim.kind} at temperature {fim.temperature:g}; "
-                                f"this store uses {want['kind']} at {want['temperature']:g}")
-            model_fim = fim.aligned(cls)
-        elif fim:
-            if dataset is not None and len(dataset):
-                model_fim = F.head_fisher(
-                    model, hinfo.name, dataset.batches(fisher_batch, device=device), cls, **self.fisher_settings(),
-                    device=device,
-                )
-            elif parent_list:
-                model_fim = self._mean_parent_fim(parent_list, cls)
-
-        body, head_t = split_head(state, hinfo.name)
-        recipe_json = _recipe_json(recipe)
         with self.transaction():
             if self.has_node(name):  # a concurrent writer may have won the race
                 raise GraphError(f"node '{name}' already exists")
             body_d = self.put_tensors(body, {"part": "body"})
-            head_d = self.put_tensors(head_t, {"part": "head"})
-            fim_d = self.put_tensors(model_fim.to_tensors(), model_fim.metadata()) if model_fim else None
+            head_d = self.put_tensors(head_tensors, {"part": "head"})
+            fim_d = self.put_tensors(fim.to_tensors(), fim.metadata()) if fim else None
             now = time.time()
             cur = self.db.execute(
                 "INSERT INTO nodes(name, arch, head, classes, input_shape, data_ref, data_fingerprint, data_size, "
                 "label_counts, framework, meta, recipe, created, version) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,0)",
                 (
                     name,
-                    json.dumps(spec.to_json()),
-                    hinfo.name,
-                    json.dumps(list(cls)),
-                    json.dumps(list(hinfo.input_shape)) if hinfo.input_shape else None,
-                    json.dumps(ref_json) if ref_json else None,
-                    fingerprint,
-                    sum(counts.values()),
-                    json.dumps({str(k): v for k, v in sorted(counts.items())}),
+                    json.dumps(arch),
+                    head,
+                    json.dumps([int(c) for c in classes]),
+                    json.dumps(list(input_shape)) if input_shape else None,
+                    json.dumps(data_ref) if data_ref else None,
+                    data_fingerprint,
+                    sum(label_counts.values()),
+                    json.dumps({str(k): v for k, v in sorted(label_counts.items())}),
                     framework,
                     json.dumps(dict(meta or {}), default=str),
-                    json.dumps(recipe_json) if recipe_json else None,
+                    json.dumps(recipe) if recipe else None,
                     now,
                 ),
             )
             nid = cur.lastrowid
-            for p, w in parent_list:
+            for p, w in parents:
                 self.db.execute(
                     "INSERT INTO edges(parent, child, relation, weight) VALUES(?,?,?,?)",
                     (self._node_id(p), nid, relation, w),
@@ -666,36 +607,6 @@ class Store:
                 (nid, body_d, head_d, fim_d, now),
             )
         return self.node(name)
-
-    def _data_arg(self, data: Any, data_ref: str | None, subset: str | None, only_labels: Any):
-        from umig import data as D
-
-        if data is None:
-            if data_ref is None:
-                if subset or only_labels:
-                    raise UmigError("--subset/--only-labels need --data")
-                return None
-            data = data_ref
-        if isinstance(data, str):
-            return D.resolve(D.parse_ref(data, subset=subset, only_labels=only_labels))
-        if isinstance(data, D.Data):
-            return data
-        if isinstance(data, torch.utils.data.Dataset):
-            ref = D.parse_ref(data_ref) if data_ref else None
-            return D.from_dataset(data, ref=ref)
-        raise UmigError(f"unsupported data argument of type {type(data).__name__}")
-
-    def _mean_parent_fim(self, parents: list[tuple[str, float | None]], classes: tuple[int, ...]):
-        from umig import fisher as F
-
-        fims, weights = [], []
-        for p, w in parents:
-            pf = self.fim(p)
-            if pf is None:
-                return None
-            fims.append(pf)
-            weights.append(w if w is not None else max(self.node(p).data_size, 1))
-        return F.weighted_mean(fims, weights, classes=classes)
 
     def fisher_settings(self) -> dict[str, Any]:
         """Store-wide Fisher settings used for model FIMs (kind, temperature)."""
@@ -752,8 +663,6 @@ class Store:
 
     def export(self, name: str, path: str | Path, *, version: int | None = None) -> Path:
         """Write the node's full weights (adapters merged) as one safetensors file."""
-        from safetensors.torch import save_file
-
         sd = self.state_dict(name, version)
         info = self.node(name)
         path = Path(path)
@@ -780,17 +689,95 @@ class Store:
         return path
 
     # ------------------------------------------------------------ operations
-    def plan_unlearning(self, labels: Sequence[int], **kwargs: Any):
-        """The plan of an unlearning request without running it (see ``umig.unlearning.plan_unlearning``)."""
-        from umig.unlearning import plan_unlearning
+    def snapshots(self, names: Sequence[str]) -> dict[str, NodeSnapshot]:
+        """Bulk-read current-version snapshots of nodes (one query per 500 names, not one per node)."""
+        out: dict[str, NodeSnapshot] = {}
+        names = list(dict.fromkeys(names))
+        parents: dict[str, list[tuple[str, str, float | None]]] = {n: [] for n in names}
+        # Thousands of nodes share a few distinct JSON texts (arch, classes, data refs): parse each
+        # once; the parsed values are shared between the (frozen, read-only) snapshots.
+        parsed: dict[tuple[str, str], Any] = {}
 
-        return plan_unlearning(self, labels, **kwargs)
+        def load(kind: str, text: str | None) -> Any:
+            if text is None:
+                return None
+            v = parsed.get((kind, text))
+            if v is None:
+                v = json.loads(text)
+                v = tuple(v) if kind == "classes" else frozenset(int(k) for k in v) if kind == "labels" else v
+                parsed[(kind, text)] = v
+            return v
 
-    def unlearn(self, labels: Sequence[int], **kwargs: Any):
-        """Forget ``labels`` across the lineage as one operation (see ``umig.unlearning.unlearn``)."""
-        from umig.unlearning import unlearn
+        for i in range(0, len(names), 500):
+            part = names[i : i + 500]
+            marks = ",".join("?" * len(part))
+            for r in self.db.execute(
+                f"SELECT c.name AS child, p.name AS parent, e.relation, e.weight FROM edges e "
+                f"JOIN nodes c ON c.id=e.child JOIN nodes p ON p.id=e.parent WHERE c.name IN ({marks}) "
+                f"ORDER BY p.name",
+                part,
+            ):
+                parents[r["child"]].append((r["parent"], r["relation"], r["weight"]))
+            rows = self.db.execute(
+                f"SELECT n.*, v.body, v.head AS head_blob, v.delta, v.fim FROM nodes n "
+                f"JOIN versions v ON v.node=n.id AND v.version=n.version WHERE n.name IN ({marks})",
+                part,
+            ).fetchall()
+            for r in rows:
+                out[r["name"]] = NodeSnapshot(
+                    name=r["name"], version=r["version"], arch=load("arch", r["arch"]), head=r["head"],
+                    classes=load("classes", r["classes"]), body_blob=r["body"], head_blob=r["head_blob"],
+                    delta_blob=r["delta"], fim_blob=r["fim"], data_ref=load("json", r["data_ref"]),
+                    data_fingerprint=r["data_fingerprint"], data_size=r["data_size"],
+                    labels=load("labels", r["label_counts"]), recipe=load("json", r["recipe"]),
+                    framework=r["framework"], parents=tuple(parents[r["name"]]),
+                )
+        missing = [n for n in names if n not in out]
+        if missing:
+            raise NotFoundError(f"node(s) without a current version: {', '.join(missing[:5])}")
+        return {n: out[n] for n in names}
 
-        return unlearn(self, labels, **kwargs)
+    def data_refs(self) -> dict[str, tuple[dict, str | None]]:
+        """Every node that has data of its own: name -> (data reference, fingerprint)."""
+        return {
+            r[0]: (json.loads(r[1]), r[2])
+            for r in self.db.execute("SELECT name, data_ref, data_fingerprint FROM nodes WHERE data_ref IS NOT NULL")
+        }
+
+    def commit_operation(self, op_id: str, *, labels: Sequence[int], forget: Mapping[str, Any], method: str,
+                         params: Mapping[str, Any],
+                         plan: Mapping[str, Any], result: Mapping[str, Any], wall_s: float,
+                         versions: Sequence[NewVersion], blobs: Sequence[tuple[str, str]]) -> dict[str, int]:
+        """Record an operation: its new versions become current, with its audit rows, in one transaction.
+
+        ``blobs`` are ``(digest, kind)`` the operation keeps for its audit trail (e.g. unlearning FIMs).
+        Returns node -> new version number.
+        """
+        with self.transaction():
+            now = time.time()
+            ids = dict(self.db.execute("SELECT name, id FROM nodes").fetchall())
+            latest = dict(self.db.execute("SELECT node, MAX(version) FROM versions GROUP BY node").fetchall())
+            after = {v.node: latest[ids[v.node]] + 1 for v in versions}
+            self.db.execute(
+                "INSERT INTO operations(id, created, labels, forget, method, params, plan, result, wall_s, state) "
+                "VALUES(?,?,?,?,?,?,?,?,?, 'applied')",
+                (op_id, now, json.dumps(list(labels)), json.dumps(dict(forget)), method, json.dumps(dict(params), default=str),
+                 json.dumps(plan), json.dumps(result), wall_s),
+            )
+            self.db.executemany(
+                "INSERT INTO versions(node, version, body, head, delta, fim, operation, created) "
+                "VALUES(?,?,?,?,?,?,?,?)",
+                [(ids[v.node], after[v.node], v.body_blob, v.head_blob, v.delta_blob, v.fim_blob, op_id, now)
+                 for v in versions])
+            self.db.executemany("UPDATE nodes SET version=? WHERE id=?", [(after[v.node], ids[v.node]) for v in versions])
+            self.db.executemany(
+                "INSERT INTO operation_nodes(operation, node, role, version_before, version_after, metrics) "
+                "VALUES(?,?,?,?,?,?)",
+                [(op_id, ids[v.node], v.role, v.version_before, after[v.node], json.dumps(dict(v.metrics), default=float))
+                 for v in versions])
+            self.db.executemany("INSERT INTO operation_blobs(operation, digest, kind) VALUES(?,?,?)",
+                                [(op_id, d, k) for d, k in blobs])
+        return after
 
     def _operation(self, op_id: str) -> sqlite3.Row:
         row = self.db.execute("SELECT * FROM operations WHERE id=?", (op_id,)).fetchone()
@@ -873,6 +860,7 @@ class Store:
                 "operation": op["id"],
                 "created": op["created"],
                 "labels": json.loads(op["labels"]),
+                "forget": json.loads(op["forget"]) if op["forget"] else {"kinds": ["labels"], "labels": json.loads(op["labels"]), "samples": []},
                 "method": op["method"],
                 "params": json.loads(op["params"]),
                 "state": op["state"],
@@ -902,6 +890,15 @@ class Store:
 
 
 # ----------------------------------------------------------------- helpers
+def load_state(blobs: BlobStore, parts: Mapping[str, str | None], owner: str | None = None) -> dict[str, torch.Tensor]:
+    """A version's full weights from its blob digests by part: body + head, with any sparse delta added."""
+    sd = blobs.load(parts["body"], owner=owner)
+    sd.update(blobs.load(parts["head"], owner=owner))
+    if parts.get("delta"):
+        apply_delta(sd, blobs.load(parts["delta"], owner=owner))
+    return sd
+
+
 def split_head(state: Mapping[str, torch.Tensor], head: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Split a state dict into (body, head) so versions can share the body and change only the head."""
     prefix = head + "."
@@ -910,61 +907,8 @@ def split_head(state: Mapping[str, torch.Tensor], head: str) -> tuple[dict[str, 
     return body, head_t
 
 
-def apply_delta(state: dict[str, torch.Tensor], delta: Mapping[str, torch.Tensor]) -> None:
-    """Add a sparse delta in place: for parameter P, ``P::idx`` (flat int64) and ``P::val``."""
-    for key in delta:
-        if not key.endswith("::idx"):
-            continue
-        pname = key[: -len("::idx")]
-        if pname not in state:
-            raise UmigError(f"delta refers to unknown tensor '{pname}'")
-        t = state[pname].clone()
-        flat = t.view(-1)
-        flat.index_add_(0, delta[key].long(), delta[pname + "::val"].to(t.dtype))
-        state[pname] = t
-
-
 def _split_sql(script: str) -> list[str]:
     return [s.strip() for s in script.split(";") if s.strip()]
-
-
-def _parse_parent(p: str | tuple[str, float | None]) -> tuple[str, float | None]:
-    if isinstance(p, tuple):
-        return p[0], (float(p[1]) if p[1] is not None else None)
-    name, sep, weight = p.rpartition(":")
-    if sep and _is_float(weight):
-        return name, float(weight)
-    return p, None
-
-
-def _is_float(s: str) -> bool:
-    try:
-        float(s)
-    except ValueError:
-        return False
-    return True
-
-
-def _default_relation(framework: str, n_parents: int) -> str:
-    if framework == "fl" and n_parents > 1:
-        return "aggregate"
-    if framework == "ddp" and n_parents > 1:
-        return "sync"
-    return {"il": "increment", "tl": "transfer"}.get(framework, "finetune")
-
-
-def _recipe_json(recipe: Any) -> dict | None:
-    if recipe is None:
-        return None
-    if isinstance(recipe, Mapping):
-        from umig.train import Recipe
-
-        return Recipe.from_json(dict(recipe)).to_json()  # validates keys
-    if isinstance(recipe, (str, Path)):
-        from umig.train import Recipe
-
-        return Recipe.from_file(recipe).to_json()
-    return recipe.to_json()
 
 
 def _node_from_row(row: sqlite3.Row, parents=(), children=()) -> NodeInfo:
@@ -992,10 +936,10 @@ def _version_from_row(name: str, row: sqlite3.Row) -> Version:
     return Version(
         node=name,
         version=row["version"],
-        body=row["body"],
-        head=row["head"],
-        delta=row["delta"],
-        fim=row["fim"],
+        body_blob=row["body"],
+        head_blob=row["head"],
+        delta_blob=row["delta"],
+        fim_blob=row["fim"],
         operation=row["operation"],
         purged=bool(row["purged"]),
         created=row["created"],

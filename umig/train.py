@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from umig.arch import eval_mode
+from umig.arch import ArchSpec, eval_mode
 from umig.errors import NotFoundError, UmigError
+from umig.heads import check_unique, label_rows, shared_rows
 
 __all__ = ["Recipe", "accuracy", "fedavg", "train"]
 
@@ -117,24 +118,6 @@ class Recipe:
 # --------------------------------------------------------------------------------------------
 
 
-def _row_mapper(classes: Sequence[int]) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
-    """Return ``f(y) -> (rows, known)``: head row of each label id and whether it has one."""
-    ids = [int(c) for c in classes]
-    if not ids:
-        raise ValueError("classes is empty")
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"classes has duplicate label ids: {ids}")
-    sorted_ids, order = torch.sort(torch.tensor(ids, dtype=torch.int64))
-
-    def rows(y: Tensor) -> tuple[Tensor, Tensor]:
-        y = y.to(torch.int64)
-        pos = torch.searchsorted(sorted_ids.to(y.device), y).clamp_(max=len(ids) - 1)
-        known = sorted_ids.to(y.device)[pos] == y
-        return order.to(y.device)[pos], known
-
-    return rows
-
-
 def _in_prefix(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
 
@@ -161,13 +144,13 @@ def train(
     """Train ``model`` in place with cross-entropy; returns ``{"loss": last epoch mean, "seconds": ...}``.
 
     ``batches_fn(epoch)`` (epoch counts from 0) yields ``(x, y)`` batches of global label ids,
-    mapped to head rows through ``classes``; a label outside ``classes`` raises ValueError.
+    mapped to head rows through ``classes``; a label outside ``classes`` raises ``LabelError`` (a ValueError).
     ``torch.manual_seed(recipe.seed)`` runs first, so equal inputs give equal weights on CPU.
     ``progress(epoch, loss)`` is called after each epoch. Training flags and ``requires_grad``
     are restored afterwards.
     """
     start = time.perf_counter()
-    to_rows = _row_mapper(classes)
+    check_unique([int(c) for c in classes])
     dev = torch.device(device) if device is not None else _model_device(model)
     model.to(dev)
     torch.manual_seed(recipe.seed)
@@ -203,10 +186,7 @@ def train(
             total, count = 0.0, 0
             for x, y in batches_fn(epoch):
                 x, y = x.to(dev), y.to(dev)
-                rows, known = to_rows(y)
-                if not bool(known.all()):
-                    bad = sorted(set(y[~known].tolist()))
-                    raise ValueError(f"labels {bad} are not among the head's classes {list(classes)}")
+                rows = label_rows(y, classes)
                 logits = _logits(model(x))
                 if logits.shape[-1] != n_classes:
                     raise ValueError(f"model outputs {logits.shape[-1]} logits but classes has {n_classes} labels")
@@ -280,17 +260,117 @@ def accuracy(
     Labels outside ``classes`` count as wrong rather than raising: a head that had a class
     removed by unlearning must score 0 on it, not fail.
     """
-    to_rows = _row_mapper(classes)
+    check_unique([int(c) for c in classes])
     dev = torch.device(device) if device is not None else _model_device(model)
     model.to(dev)
     correct, count = 0, 0
     with eval_mode(model), torch.no_grad():
         for x, y in batches:
             x, y = x.to(dev), y.to(dev)
-            rows, known = to_rows(y)
+            rows = label_rows(y, classes, strict=False)
             pred = _logits(model(x)).argmax(dim=-1)
-            correct += int(((pred == rows) & known).sum())
+            correct += int(((pred == rows) & (rows >= 0)).sum())
             count += len(y)
     if count == 0:
         raise ValueError("accuracy: no examples in batches")
     return correct / count
+
+
+# ------------------------------------------------------------------ lineage training steps
+def fit(model: nn.Module, data: Any, recipe: Recipe | Mapping[str, Any], classes: Sequence[int],
+        device: str | torch.device | None = None, capture: Any = None) -> dict[str, float]:
+    """Train ``model`` on ``data`` (a ``umig.data.Data``) with ``recipe``: shuffled epochs seeded by
+    ``recipe.seed + epoch``, the way recorders' training loops and retraining do it.
+
+    With ``capture`` (a ``umig.fisher.FisherCapture``), the last epoch's forward passes also
+    accumulate the model FIM.
+    """
+    rec = recipe if isinstance(recipe, Recipe) else Recipe.from_json(dict(recipe))
+
+    def batches(epoch: int):
+        it = data.batches(rec.batch_size, shuffle=True, seed=rec.seed + epoch, device=device)
+        return capture.wrap(it) if capture is not None and epoch == rec.epochs - 1 else it
+
+    return train(model, batches, rec, classes, device=device)
+
+
+def fresh_model(arch: ArchSpec | Mapping[str, Any], seed: int) -> nn.Module:
+    """A freshly initialised model, seeded so a retrain builds the same initial weights."""
+    spec = arch if isinstance(arch, ArchSpec) else ArchSpec.from_json(arch)
+    torch.manual_seed(seed)
+    return spec.build()
+
+
+def inherit_weights(model: nn.Module, parent: nn.Module | Mapping[str, Tensor], parent_classes: Sequence[int],
+                    classes: Sequence[int], head: str = "fc", *, strict: bool = True) -> nn.Module:
+    """Load ``parent``'s weights into ``model``; head rows are copied by label id. Returns ``model``.
+
+    Rows of labels the parent had are copied (an incremental step keeps what it knew); rows
+    of new labels keep ``model``'s own initialisation. With ``strict`` every non-head tensor
+    must exist in the parent with the same shape (ValueError otherwise); without it, tensors
+    the parent lacks or shapes differently keep ``model``'s own values (a transfer fork).
+    """
+    src = parent.state_dict() if isinstance(parent, nn.Module) else dict(parent)
+    own = model.state_dict()
+    prefix = head + "."
+    dst_rows, src_rows = shared_rows(classes, parent_classes)
+    new: dict[str, Tensor] = {}
+    for k, v in own.items():
+        p = src.get(k)
+        if not k.startswith(prefix):
+            if p is None or tuple(p.shape) != tuple(v.shape):
+                if strict:
+                    raise ValueError(f"parent has no tensor '{k}'" if p is None else
+                                     f"'{k}': parent {tuple(p.shape)} vs model {tuple(v.shape)}")
+                new[k] = v
+                continue
+            new[k] = p.detach().to(v.device, v.dtype).clone()
+            continue
+        t = v.detach().clone()
+        if p is not None and len(dst_rows) and p.dim() >= 1 and p.shape[1:] == t.shape[1:]:
+            t[dst_rows.to(t.device)] = p[src_rows.to(p.device)].to(t.device, t.dtype)
+        new[k] = t
+    model.load_state_dict(new)
+    return model
+
+
+def retrain_node(model: nn.Module, *, parents: Sequence[tuple[Mapping[str, Tensor], float, Sequence[int]]],
+                 classes: Sequence[int], head: str, data: Any, recipe: Recipe | None, aggregate: bool,
+                 device: str | torch.device | None = None,
+                 train_fn: Callable[[nn.Module, Any, Recipe, Sequence[int]], Any] | None = None) -> dict[str, Any]:
+    """Rebuild one lineage node from its (retrained) parents, in place on ``model``: the one
+    retraining step behind the ``retrain`` method and ``umig.lineage.retrain_reference``.
+
+    ``parents``: ``(state, weight, classes)`` per in-edge. An ``aggregate`` node (FedAvg / sync,
+    no data of its own) becomes the weighted mean of its parents. Any other node starts from
+    ``model`` (freshly initialised by the caller, seeded by its recipe), takes its parents'
+    weights (their FedAvg when several heads agree, else the first parent's, rows by label id),
+    then trains on ``data`` (its data minus the forget set) with ``recipe`` (through ``train_fn``
+    when given, else :func:`fit`).
+    Returns what happened (``start``, ``trained``, ``samples``).
+    """
+    if aggregate:
+        if not parents:
+            raise ValueError("an aggregate needs parents")
+        model.load_state_dict(fedavg([s for s, _, _ in parents], [w for _, w, _ in parents]))
+        return {"start": "fedavg", "trained": False, "samples": 0}
+    start = "init"
+    if parents:
+        same = all(tuple(c) == tuple(classes) for _, _, c in parents)
+        if len(parents) > 1 and same:
+            model.load_state_dict(fedavg([s for s, _, _ in parents], [w for _, w, _ in parents]))
+        else:
+            state, _, pcls = parents[0]
+            inherit_weights(model, state, pcls, classes, head, strict=False)
+        start = "parents"
+    samples = len(data) if data is not None else 0
+    if samples:
+        if recipe is None:
+            raise UmigError("cannot retrain a node that has data but no recorded recipe")
+        if device is not None:
+            model.to(device)
+        if train_fn is not None:
+            train_fn(model, data, recipe, classes)
+        else:
+            fit(model, data, recipe, classes, device=device)
+    return {"start": start, "trained": bool(samples), "samples": samples}

@@ -15,10 +15,17 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import networkx as nx
+import numpy as np
+
 from umig import graph as G
+from umig import unlearner as U
+from umig.data import Data, DataRef, parse_ref, resolve, source_positions, verify
 from umig.errors import UnlearningError
+from umig.evaluate import unlearning_accuracy
 from umig.execution import Backend, make_backend
-from unlearners import base as U
+from umig.forget import ForgetSet, SampleSet, source_fingerprint
+from umig.store import NewVersion, SqlStore
 
 PhaseProgress = Callable[[str, int, int], None]  # (phase name, done, total)
 
@@ -77,75 +84,83 @@ class UnlearnResult:
         }
 
 
-def snapshots(store: Any, names: Sequence[str]) -> dict[str, U.NodeSnapshot]:
-    """Bulk-read current-version snapshots of nodes (one query per 500 names, not one per node)."""
-    out: dict[str, U.NodeSnapshot] = {}
-    names = list(dict.fromkeys(names))
-    parents: dict[str, list[tuple[str, str, float | None]]] = {n: [] for n in names}
-    # Thousands of nodes share a few distinct JSON texts (arch, classes, data refs): parse each
-    # once; the parsed values are shared between the (frozen, read-only) snapshots.
-    parsed: dict[tuple[str, str], Any] = {}
-
-    def load(kind: str, text: str | None) -> Any:
-        if text is None:
-            return None
-        v = parsed.get((kind, text))
-        if v is None:
-            v = json.loads(text)
-            v = tuple(v) if kind == "classes" else frozenset(int(k) for k in v) if kind == "labels" else v
-            parsed[(kind, text)] = v
-        return v
-
-    for i in range(0, len(names), 500):
-        part = names[i : i + 500]
-        marks = ",".join("?" * len(part))
-        for r in store.db.execute(
-            f"SELECT c.name AS child, p.name AS parent, e.relation, e.weight FROM edges e "
-            f"JOIN nodes c ON c.id=e.child JOIN nodes p ON p.id=e.parent WHERE c.name IN ({marks}) "
-            f"ORDER BY p.name",
-            part,
-        ):
-            parents[r["child"]].append((r["parent"], r["relation"], r["weight"]))
-        rows = store.db.execute(
-            f"SELECT n.*, v.body, v.head AS head_blob, v.delta, v.fim FROM nodes n "
-            f"JOIN versions v ON v.node=n.id AND v.version=n.version WHERE n.name IN ({marks})",
-            part,
-        ).fetchall()
-        for r in rows:
-            out[r["name"]] = U.NodeSnapshot(
-                name=r["name"], version=r["version"], arch=load("arch", r["arch"]), head=r["head"],
-                classes=load("classes", r["classes"]), body=r["body"], head_blob=r["head_blob"],
-                delta=r["delta"], fim=r["fim"], data_ref=load("json", r["data_ref"]),
-                data_fingerprint=r["data_fingerprint"], data_size=r["data_size"],
-                labels=load("labels", r["label_counts"]), recipe=load("json", r["recipe"]),
-                framework=r["framework"], parents=tuple(parents[r["name"]]),
-            )
-    missing = [n for n in names if n not in out]
-    if missing:
-        raise UnlearningError(f"node(s) without a current version: {', '.join(missing[:5])}")
-    return {n: out[n] for n in names}
+Forget = ForgetSet | Sequence[int]
 
 
-def _job(store: Any, labels: Sequence[int], method: U.Unlearner, params: Mapping[str, Any], policy: str,
+def forget_set(store: SqlStore, forget: Forget, clients: Sequence[str] = ()) -> ForgetSet:
+    """The request's forget set, with every client (given here or in ``forget``) resolved to
+    the sample set of that node's own training data (its reference and subset)."""
+    fs = forget if isinstance(forget, ForgetSet) else ForgetSet(labels=tuple(forget))
+    samples = list(fs.samples)
+    for name in dict.fromkeys(clients):
+        info = store.node(name)
+        if info.data_ref is None:
+            raise UnlearningError(f"node '{name}' has no training data of its own to forget (is it an aggregate?)")
+        ref = DataRef.from_json(info.data_ref)
+        _, positions = source_positions(ref)
+        samples.append(SampleSet(dataset=source_fingerprint(ref.source), source=ref.source,
+                                 indices=np.unique(positions), size=int(positions.size), client=name))
+    return ForgetSet(labels=fs.labels, samples=tuple(samples))
+
+
+def _holdings(store: SqlStore, fs: ForgetSet, g: Any) -> tuple[dict[str, np.ndarray], dict[str, tuple[int, int]]]:
+    """Per node with data: positions (within its own data) of forgotten samples, and
+    (forgotten, remaining) counts. Labels alone are counted from label counts, without I/O."""
+    positions: dict[str, np.ndarray] = {}
+    counts: dict[str, tuple[int, int]] = {}
+    datasets = {s.dataset for s in fs.samples}
+    labels = set(fs.labels)
+    for name, (ref_json, _fp) in store.data_refs().items():
+        if name not in g:
+            continue
+        size = int(g.nodes[name].get("data_size", 0))
+        by_label = sum(c for lab, c in g.nodes[name].get("label_counts", {}).items() if lab in labels)
+        ref = DataRef.from_json(ref_json)
+        if datasets and source_fingerprint(ref.source) in datasets:
+            base, pos = source_positions(ref)
+            mask = fs.mask(base.targets[pos].numpy(), source_fingerprint(ref.source), pos)
+            positions[name] = np.flatnonzero(mask)
+            gone = int(mask.sum())
+        else:
+            gone = by_label
+        counts[name] = (gone, size - gone)
+    return positions, counts
+
+
+def _job(store: SqlStore, forget: ForgetSet, method: U.Unlearner, params: Mapping[str, Any], policy: str,
          from_nodes: Sequence[str] | None, seed: int) -> U.Job:
+    if not forget:
+        raise UnlearningError("the forget set is empty: no labels, samples or clients were given")
     g = store.graph()
-    plan = G.plan(g, labels, policy=policy, from_nodes=from_nodes)
-    # Parents are part of a node's lineage context (FedAvg clients, retrain inputs).
+    positions, counts = _holdings(store, forget, g)
+    if forget.samples and not any(counts.get(n, (0, 0))[0] for n in positions):
+        named = "; ".join(s.to_json().get("client") or s.source for s in forget.samples)
+        raise UnlearningError(f"no node was trained on the samples to forget ({named}): "
+                              "no node's data comes from that dataset or holds those indices")
+    plan = G.plan(g, forget.labels, policy=policy, from_nodes=from_nodes,
+                  holders=[n for n in g if counts.get(n, (0, 0))[0] and n in positions], what=forget.describe())
+    plan.forget, plan.counts = forget.to_json(), counts
+    # Parents are part of a node's lineage context (FedAvg clients, retrain inputs); so are the
+    # nodes below an aggregate whose data it stands for (multi-layer FL).
     names = set(plan.affected) | set(plan.discovery)  # with --from, a discovery node may lie outside
     for n in plan.affected:
-        names.update(g.predecessors(n))
+        names.update(nx.ancestors(g, n))
     order = [n for n in G.bfs_order(g) if n in names]
     return U.Job(store_root=str(store.root), labels=plan.labels, plan=plan, graph=g,
-                 nodes=snapshots(store, order), params=dict(params), seed=seed)
+                 nodes=store.snapshots(order), params=dict(params), seed=seed, forget=forget,
+                 positions={n: positions[n] for n in order if n in positions},
+                 counts={n: counts[n] for n in order if n in counts})
 
 
-def plan_unlearning(store: Any, labels: Sequence[int], *, method: str = "fiun",
+def plan_unlearning(store: SqlStore, forget: Forget = (), *, clients: Sequence[str] = (), method: str = "fiun",
                     params: Mapping[str, Any] | None = None, policy: str = "first",
                     from_nodes: Sequence[str] | None = None) -> UnlearnResult:
     """The plan of a request, without running it (``umig unlearn --dry-run``)."""
     m = U.get(method)
     resolved = m.resolve_params(params or {})
-    job = _job(store, labels, m, resolved, policy, from_nodes, 0)
+    fs = forget_set(store, forget, clients)
+    m.check_kinds(fs)
+    job = _job(store, fs, m, resolved, policy, from_nodes, 0)
     m.check(job)
     return UnlearnResult(
         operation=None, labels=job.labels, method=method, params=resolved, plan=job.plan,
@@ -156,7 +171,7 @@ def plan_unlearning(store: Any, labels: Sequence[int], *, method: str = "fiun",
     )
 
 
-def _drive(method: U.Unlearner, job: U.Job, backend: Backend, store: Any,
+def _drive(method: U.Unlearner, job: U.Job, backend: Backend, store: SqlStore,
            progress: PhaseProgress | None) -> list[U.NodeResult]:
     phase_names = [p["name"] for p in method.describe_phases(job)]
     gen = method.schedule(job)
@@ -178,9 +193,10 @@ def _drive(method: U.Unlearner, job: U.Job, backend: Backend, store: Any,
 
 
 def unlearn(
-    store: Any,
-    labels: Sequence[int],
+    store: SqlStore,
+    forget: Forget = (),
     *,
+    clients: Sequence[str] = (),
     method: str = "fiun",
     params: Mapping[str, Any] | None = None,
     policy: str = "first",
@@ -195,12 +211,15 @@ def unlearn(
     seed: int = 0,
     progress: PhaseProgress | None = None,
 ) -> UnlearnResult:
-    """Forget ``labels`` across the lineage as one operation; see the module docstring."""
+    """Forget ``forget`` (a :class:`umig.forget.ForgetSet`, or labels) and the data of ``clients``
+    across the lineage as one operation; see the module docstring."""
     m = U.get(method)
     resolved = m.resolve_params(params or {})
     eval_ref = _eval_ref(eval_data) if eval_data else None
+    fs = forget_set(store, forget, clients)
+    m.check_kinds(fs)
     with store.transaction():
-        job = _job(store, labels, m, resolved, policy, from_nodes, seed)
+        job = _job(store, fs, m, resolved, policy, from_nodes, seed)
         m.check(job)
         be = backend if isinstance(backend, Backend) else make_backend(
             str(store.root), workers=workers, device=device, workers_per_device=workers_per_device,
@@ -225,92 +244,50 @@ def unlearn(
 
 
 def _eval_ref(ref: str) -> dict:
-    from umig.data import parse_ref, resolve
-
     r = parse_ref(ref)
     resolve(r)  # fail early, before anything runs, when it does not resolve
     return r.to_json()
 
 
-def _commit(store: Any, job: U.Job, method: str, params: dict, by_node: dict[str, U.NodeResult],
+def _commit(store: SqlStore, job: U.Job, method: str, params: dict, by_node: dict[str, U.NodeResult],
             metrics: dict[str, dict], wall: float, eval_s: float, backend: dict) -> UnlearnResult:
     op_id = "op-" + uuid.uuid4().hex[:10]
-    now = time.time()
-    outcomes: list[NodeOutcome] = []
-    version_rows, op_rows, node_updates = [], [], []
-    ids = {r[0]: r[1] for r in store.db.execute("SELECT name, id FROM nodes")}
-    latest = dict(store.db.execute("SELECT node, MAX(version) FROM versions GROUP BY node").fetchall())
+    versions = []
     for name in job.plan.affected:
         snap, r = job.nodes[name], by_node[name]
-        nid = ids[name]
-        after = latest[nid] + 1
-        delta = None if r.drop_delta else (r.delta or snap.delta)
-        version_rows.append((nid, after, r.body or snap.body, r.head or snap.head_blob, delta,
-                             r.fim or snap.fim, op_id, now))
-        node_updates.append((after, nid))
-        m = {**r.metrics, **metrics.get(name, {})}
-        op_rows.append((op_id, nid, job.plan.role(name), snap.version, after, json.dumps(m, default=float)))
-        outcomes.append(NodeOutcome(name, job.plan.role(name), snap.version, after, r.seconds, m))
-    result = UnlearnResult(
+        after = r.blobs_after(snap)
+        versions.append(NewVersion(
+            node=name, role=job.plan.role(name), version_before=snap.version, body_blob=after["body"],
+            head_blob=after["head"], delta_blob=after["delta"], fim_blob=r.fim_blob or snap.fim_blob,
+            metrics={**r.metrics, **metrics.get(name, {})}))
+    numbers = store.commit_operation(
+        op_id, labels=job.labels, forget=job.forget.to_json(), method=method, params=params, plan=job.plan.to_json(),
+        result={"eval_s": eval_s, "backend": backend}, wall_s=wall, versions=versions, blobs=job.op_blobs)
+    outcomes = [NodeOutcome(v.node, v.role, v.version_before, numbers[v.node], by_node[v.node].seconds,
+                            dict(v.metrics)) for v in versions]
+    return UnlearnResult(
         operation=op_id, labels=job.labels, method=method, params=params, plan=job.plan,
         phases=[], nodes=outcomes, wall_s=wall, eval_s=eval_s, backend=backend)
-    db = store.db
-    db.execute(
-        "INSERT INTO operations(id, created, labels, method, params, plan, result, wall_s, state) "
-        "VALUES(?,?,?,?,?,?,?,?, 'applied')",
-        (op_id, now, json.dumps(list(job.labels)), method, json.dumps(params, default=str),
-         json.dumps(job.plan.to_json()), json.dumps({"eval_s": eval_s, "backend": backend}), wall),
-    )
-    db.executemany(
-        "INSERT INTO versions(node, version, body, head, delta, fim, operation, created) VALUES(?,?,?,?,?,?,?,?)",
-        version_rows)
-    db.executemany("UPDATE nodes SET version=? WHERE id=?", node_updates)
-    db.executemany(
-        "INSERT INTO operation_nodes(operation, node, role, version_before, version_after, metrics) "
-        "VALUES(?,?,?,?,?,?)", op_rows)
-    db.executemany("INSERT INTO operation_blobs(operation, digest, kind) VALUES(?,?,?)",
-                   [(op_id, d, k) for d, k in job.op_blobs])
-    return result
 
 
 # ---------------------------------------------------------------- evaluation
-def _evaluate(store: Any, job: U.Job, by_node: dict[str, U.NodeResult], backend: Backend, eval_ref: dict | None,
+def _evaluate(store: SqlStore, job: U.Job, by_node: dict[str, U.NodeResult], backend: Backend, eval_ref: dict | None,
               progress: PhaseProgress | None) -> dict[str, dict]:
     g = job.graph
-    data_refs = {
-        r[0]: (json.loads(r[1]), r[2])
-        for r in store.db.execute("SELECT name, data_ref, data_fingerprint FROM nodes WHERE data_ref IS NOT NULL")
-    }
-    # The data refs of every node's effective lineage, in one topological pass (not one ancestor
-    # search per node): identical sets are interned, so a big FL lineage holds a handful of them.
-    order = G.bfs_order(g)
-    own = {n: json.dumps(data_refs[n][0], sort_keys=True) for n in order if n in data_refs}
-    rank: dict[str, int] = {}
-    for i, n in enumerate(order):
-        if n in own:
-            rank.setdefault(own[n], i)
-    lineage_refs: dict[str, frozenset[str]] = {}
-    interned: dict[frozenset[str], frozenset[str]] = {}
-    for n in order:
-        acc: frozenset[str] | None = None
-        for p in g.predecessors(n):
-            s = lineage_refs[p]
-            acc = s if acc is None or acc <= s else (acc if s <= acc else acc | s)
-        acc = acc or frozenset()
-        if n in own and own[n] not in acc:
-            acc = acc | {own[n]}
-        lineage_refs[n] = interned.setdefault(acc, acc)
+    data_refs = store.data_refs()
+    # One topological pass gives every node's data lineage; nodes sharing one share its list.
+    own = {n: json.dumps(ref, sort_keys=True) for n, (ref, _) in data_refs.items() if n in g}
+    holder = {k: n for n, k in reversed(list(own.items()))}
+    lineage_refs = G.data_lineage(g, own)
     shared: dict[int, tuple[tuple[str, ...], list[tuple[dict, str | None]]]] = {}
     tasks = []
     for name in job.plan.affected:
         snap, r = job.nodes[name], by_node[name]
-        refs = lineage_refs[name]
-        if id(refs) not in shared:  # one list per interned set: pickled once per chunk
-            keys = tuple(sorted(refs, key=rank.__getitem__))
-            shared[id(refs)] = (keys, [data_refs[order[rank[k]]] for k in keys])
-        keys, train = shared[id(refs)]
-        after = {"body": r.body or snap.body, "head": r.head or snap.head_blob,
-                 "delta": None if r.drop_delta else (r.delta or snap.delta)}
+        keys = lineage_refs[name]
+        if id(keys) not in shared:  # one list per interned set: pickled once per chunk
+            shared[id(keys)] = (keys, [data_refs[holder[k]] for k in keys])
+        keys, train = shared[id(keys)]
+        after = r.blobs_after(snap)
         tasks.append(U.Task(fn="umig.unlearning:eval_task", node=name, cost=float(len(train) or 1), payload={
             "snap": snap, "after": after, "labels": job.labels, "train": train, "train_key": keys,
             "heldout": eval_ref}))
@@ -322,9 +299,6 @@ def _evaluate(store: Any, job: U.Job, by_node: dict[str, U.NodeResult], backend:
 
 def eval_task(payload: dict[str, Any], env: Any) -> dict[str, Any]:
     """Worker: AD_f / AD_r before and after, on the node's effective training data and held-out data."""
-    from umig.data import Data, DataRef, resolve, verify
-    from umig.evaluate import unlearning_accuracy
-
     snap = payload["snap"]
     labels = set(payload["labels"])
     classes = set(snap.classes)
@@ -367,20 +341,16 @@ def eval_task(payload: dict[str, Any], env: Any) -> dict[str, Any]:
     return out
 
 
-def evaluate_node(store: Any, name: str, labels: Sequence[int], *, data: str | None = None,
+def evaluate_node(store: SqlStore, name: str, labels: Sequence[int], *, data: str | None = None,
                   version: int | None = None, device: str = "cpu") -> dict[str, Any]:
     """AD_f / AD_r of one node (at ``version``) on its effective training data and on ``data``."""
-    from umig.data import parse_ref, resolve
-    from umig.evaluate import unlearning_accuracy
-    from umig.lineage import effective_data
-
     forget = set(int(x) for x in labels)
     if not forget:
         raise UnlearningError("no labels were given")
     info = store.node(name)
     model = store.load_model(name, version, device=device)
     sets = {}
-    train = effective_data(store, name)
+    train = store.effective_data(name)
     if train is not None:
         sets["train"] = train
     if data:

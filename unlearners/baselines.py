@@ -20,17 +20,27 @@ from __future__ import annotations
 
 import time
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from umig.data import Data
 from umig.errors import UnlearningError
-from umig.fisher import label_rows
-from umig.train import Recipe, fedavg, train
-from unlearners.base import Job, NodeContext, NodeSnapshot, NodeUnlearner, NodeUpdate, Param
+from umig.heads import label_rows
+from umig.train import Recipe, accuracy, fit, retrain_node
+from umig.unlearner import (
+    Job,
+    NodeContext,
+    NodeSnapshot,
+    NodeUnlearner,
+    NodeUpdate,
+    Param,
+    retained_share,
+    source_names,
+)
 
 OPTIMIZERS = ("sgd", "adam")
 
@@ -41,44 +51,18 @@ def seed_of(*parts: Any) -> int:
     return zlib.crc32(":".join(map(str, parts)).encode()) & 0x7FFFFFFF
 
 
-def source_names(nodes: Mapping[str, NodeSnapshot], name: str) -> list[tuple[str, float]]:
-    """Whose data trains ``name``: itself when it has data, else its parents that have data.
-
-    Returns ``(node, weight)``; a parent's weight is its edge weight (FedAvg data share) or, when
-    the edge has none, the parent's data size.
-    """
-    snap = nodes[name]
-    if snap.data_ref is not None:
-        return [(name, 1.0)]
-    out = []
-    for p, _rel, w in snap.parents:
-        ps = nodes.get(p)
-        if ps is not None and ps.data_ref is not None:
-            out.append((p, float(w) if w is not None else float(max(ps.data_size, 1))))
-    return out
-
-
-def has_retain(snap: NodeSnapshot, labels: Iterable[int]) -> bool:
-    return bool(set(snap.labels) - set(int(x) for x in labels))
-
-
-def has_forget(snap: NodeSnapshot, labels: Iterable[int]) -> bool:
-    return bool(set(snap.labels) & set(int(x) for x in labels))
-
-
 def forget_source_names(nodes: Mapping[str, NodeSnapshot], name: str,
-                        labels: Iterable[int]) -> tuple[list[tuple[str, float]], bool]:
-    """Whose forget samples stand for ``name``: its own sources that hold a forgotten label or, when none
-    does (an inherited node whose own data never had the label), the nearest ancestors whose own data
-    has it (the discovery nodes it inherited the label from). Returns ``(sources, from_ancestors)``."""
-    direct = [(s, w) for s, w in source_names(nodes, name) if has_forget(nodes[s], labels)]
+                        holds: Callable[[str], bool]) -> tuple[list[tuple[str, float]], bool]:
+    """Whose forget samples stand for ``name``: its own sources that hold forgotten data or, when none
+    does (an inherited node whose own data never had it), the nearest ancestors whose own data
+    has it (the discovery nodes it inherited it from). Returns ``(sources, from_ancestors)``."""
+    direct = [(s, w) for s, w in source_names(nodes, name) if holds(s)]
     if direct:
         return direct, False
     frontier = [p for p, _, _ in nodes[name].parents]
     seen = {name}
     while frontier:
-        found = sorted({n for n in frontier if n in nodes and nodes[n].data_ref is not None
-                        and has_forget(nodes[n], labels)})
+        found = sorted({n for n in frontier if n in nodes and nodes[n].data_ref is not None and holds(n)})
         if found:
             return [(n, float(max(nodes[n].data_size, 1))) for n in found], True
         nxt = []
@@ -96,12 +80,12 @@ def check_data(job: Job, method: str, *, retain: bool = True, forget: bool = Fal
     for n in job.plan.affected:
         srcs = source_names(job.nodes, n)
         if not srcs:
-            problems.append(f"{n} (no training data of its own and no parent with data)")
+            problems.append(f"{n} (no training data of its own or below it)")
             continue
-        if retain and not any(has_retain(job.nodes[s], job.labels) for s, _ in srcs):
-            where = "its data" if srcs[0][0] == n else "its parents' data"
-            problems.append(f"{n} ({where} holds only the labels to forget: no retain data)")
-        if forget and not forget_source_names(job.nodes, n, job.labels)[0]:
+        if retain and not any(job.holds_retain(s) for s, _ in srcs):
+            where = "its data" if srcs[0][0] == n else "the data below it"
+            problems.append(f"{n} ({where} holds only what is to be forgotten: no retain data)")
+        if forget and not forget_source_names(job.nodes, n, job.holds_forget)[0]:
             problems.append(f"{n} (no forget data of its own, its parents' or its ancestors')")
     if problems:
         more = f" and {len(problems) - 5} more" if len(problems) > 5 else ""
@@ -123,7 +107,7 @@ def retain_sources(ctx: NodeContext) -> list[tuple[str, float, Any]]:
 def forget_sources(ctx: NodeContext) -> list[tuple[str, float, Any]]:
     """``(name, weight, Data)`` of the forget samples that stand for this node (see :func:`forget_source_names`)."""
     out = []
-    for name, w in forget_source_names(ctx.snapshots, ctx.node.name, ctx.labels)[0]:
+    for name, w in forget_source_names(ctx.snapshots, ctx.node.name, ctx.holds_forget)[0]:
         d = ctx.forget_data(name)
         if d is not None and len(d):
             out.append((name, w, d))
@@ -131,8 +115,6 @@ def forget_sources(ctx: NodeContext) -> list[tuple[str, float, Any]]:
 
 
 def concat(datas: Sequence[Any]):
-    from umig.data import Data
-
     return datas[0] if len(datas) == 1 else Data.concat(list(datas))
 
 
@@ -149,10 +131,6 @@ def cpu_state(model: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
-def rows_of(y: Tensor, classes: Sequence[int]) -> Tensor:
-    return label_rows(y, classes)
-
-
 def make_optimizer(params: Iterable[Tensor], name: str, lr: float, momentum: float = 0.9) -> torch.optim.Optimizer:
     params = list(params)
     if name == "sgd":
@@ -163,12 +141,6 @@ def make_optimizer(params: Iterable[Tensor], name: str, lr: float, momentum: flo
 def _recipe(p: Mapping[str, Any], seed: int) -> Recipe:
     return Recipe(optimizer=p["optimizer"], lr=float(p["lr"]), epochs=int(p["epochs"]),
                   batch_size=int(p["batch_size"]), seed=seed)
-
-
-def train_on(model: nn.Module, data: Any, recipe: Recipe, classes: Sequence[int], device: Any) -> dict[str, float]:
-    """``umig.train.train`` over shuffled, seeded epochs of ``data`` (what the demo's clients do)."""
-    return train(model, lambda e: data.batches(recipe.batch_size, shuffle=True, seed=recipe.seed + e),
-                 recipe, classes, device=device)
 
 
 def _common_params(epochs: int, lr: float, optimizer: str = "adam") -> dict[str, Param]:
@@ -198,35 +170,13 @@ def _update(ctx: NodeContext, before: Mapping[str, Tensor], model: nn.Module, **
 
 
 # ------------------------------------------------------------------ retrain
-def inherit(model: nn.Module, parent: Mapping[str, Tensor], parent_classes: Sequence[int],
-            classes: Sequence[int], head: str) -> None:
-    """Start ``model`` from a parent's weights: every tensor of equal name and shape is copied;
-    head rows (weight and bias) are copied by label id where the heads differ (incremental)."""
-    sd = model.state_dict()
-    prefix = head + "."
-    pos = {c: i for i, c in enumerate(parent_classes)}
-    shared = [(r, pos[c]) for r, c in enumerate(classes) if c in pos]
-    for k, v in sd.items():
-        pv = parent.get(k)
-        if pv is None:
-            continue
-        if pv.shape == v.shape and (not k.startswith(prefix) or tuple(parent_classes) == tuple(classes)):
-            sd[k] = pv.to(v.dtype).clone()
-        elif k.startswith(prefix) and shared and pv.dim() == v.dim() and pv.shape[1:] == v.shape[1:]:
-            t = v.clone()
-            rows = torch.tensor([r for r, _ in shared])
-            prow = torch.tensor([q for _, q in shared])
-            t[rows] = pv[prow].to(v.dtype)
-            sd[k] = t
-    model.load_state_dict(sd)
-
-
 class Retrain(NodeUnlearner):
     """Retrain every affected node without the forget data, along the lineage (topological order)."""
 
     name = "retrain"
     description = ("Gold standard: retrain affected nodes without the forget data in topological order "
                    "(recorded recipes; aggregates re-aggregate their retrained parents by FedAvg).")
+    kinds = frozenset({"labels", "samples", "client"})
     params: Mapping[str, Param] = {}
     sequential = True
 
@@ -255,41 +205,29 @@ class Retrain(NodeUnlearner):
         t0 = time.perf_counter()
         snap = ctx.node
         before = ctx.state_of(snap.name)
-        parents = ctx.parents()
-        if snap.data_ref is None:
-            # An aggregate (or sync/copy) re-aggregates its parents, retrained where they were affected.
-            states, weights = [], []
-            for p, _rel, w in parents:
-                states.append(self._parent_state(ctx, p))
-                weights.append(float(w) if w is not None else float(max(ctx.snapshots[p].data_size, 1)))
-            try:
-                new = fedavg(states, weights)
-            except ValueError as e:
-                raise UnlearningError(f"node '{snap.name}': cannot re-aggregate its parents: {e}") from None
-            model = ctx.build()
-            model.load_state_dict(new)
-            return _update(ctx, before, model, retrain="fedavg", parents=len(states),
-                           seconds_train=time.perf_counter() - t0)
-        recipe = Recipe.from_json(snap.recipe)
-        torch.manual_seed(recipe.seed)
+        parents = []
+        for p, _rel, w in ctx.parents():
+            weight = float(w) if w is not None else float(max(ctx.snapshots[p].data_size, 1))
+            if snap.data_ref is None:
+                # FedAvg re-weighted by the data each parent keeps; a client left with none drops out.
+                weight *= retained_share(ctx.snapshots, ctx.counts, p)
+                if weight <= 0:
+                    continue
+            parents.append((self._parent_state(ctx, p), weight, ctx.snapshots[p].classes))
+        if snap.data_ref is None and ctx.parents() and not parents:
+            raise UnlearningError(f"node '{snap.name}': every node it aggregates is forgotten entirely")
+        recipe = Recipe.from_json(snap.recipe) if snap.recipe else None
+        torch.manual_seed(recipe.seed if recipe else 0)
         model = ctx.build()
-        start = "init"
-        if parents:
-            same = [p for p, _, _ in parents if tuple(ctx.snapshots[p].classes) == tuple(snap.classes)]
-            if len(parents) > 1 and len(same) == len(parents):
-                ws = [float(w) if w is not None else float(max(ctx.snapshots[p].data_size, 1)) for p, _, w in parents]
-                model.load_state_dict(fedavg([self._parent_state(ctx, p) for p, _, _ in parents], ws))
-            else:
-                p = parents[0][0]
-                inherit(model, self._parent_state(ctx, p), ctx.snapshots[p].classes, snap.classes, snap.head)
-            start = "parents"
         retain = ctx.retain_data()
-        trained = retain is not None and len(retain) > 0
-        if trained:
-            train_on(model, retain, recipe, snap.classes, ctx.device)
-        return _update(ctx, before, model, retrain=start, trained=trained,
-                       retain_samples=len(retain) if retain is not None else 0,
-                       seconds_train=time.perf_counter() - t0)
+        try:
+            # A data-less node re-aggregates its parents, retrained where they were affected.
+            done = retrain_node(model, parents=parents, classes=snap.classes, head=snap.head, data=retain,
+                                recipe=recipe, aggregate=snap.data_ref is None, device=ctx.device)
+        except ValueError as e:
+            raise UnlearningError(f"node '{snap.name}': cannot re-aggregate its parents: {e}") from None
+        return _update(ctx, before, model, retrain=done["start"], trained=done["trained"],
+                       retain_samples=done["samples"], seconds_train=time.perf_counter() - t0)
 
 
 # ----------------------------------------------------------------- finetune
@@ -298,6 +236,7 @@ class Finetune(NodeUnlearner):
 
     name = "finetune"
     description = "Baseline: fine-tune all parameters on the retain data."
+    kinds = frozenset({"labels", "samples", "client"})
     params: Mapping[str, Param] = _common_params(3, 0.001)
 
     def check(self, job: Job) -> None:
@@ -309,7 +248,7 @@ class Finetune(NodeUnlearner):
         before = ctx.state_of(ctx.node.name)
         model = ctx.model()
         data = concat([d for _, _, d in retain_sources(ctx)])
-        train_on(model, data, _recipe(ctx.params, seed_of(ctx.seed, ctx.node.name)), ctx.classes, ctx.device)
+        fit(model, data, _recipe(ctx.params, seed_of(ctx.seed, ctx.node.name)), ctx.classes, ctx.device)
         return _update(ctx, before, model, retain_samples=len(data), seconds_train=time.perf_counter() - t0)
 
 
@@ -319,6 +258,7 @@ class GradientAscent(NodeUnlearner):
 
     name = "gradient-ascent"
     description = "Baseline: maximise the loss on the forget data until its accuracy falls to stop_at."
+    kinds = frozenset({"labels", "samples", "client"})
     params: Mapping[str, Param] = {
         **_common_params(20, 0.005, "sgd"),
         "stop_at": Param(0.05, "stop once accuracy on the whole forget data is at most this"),
@@ -329,8 +269,6 @@ class GradientAscent(NodeUnlearner):
         check_data(job, self.name, retain=False, forget=True)
 
     def unlearn_node(self, ctx: NodeContext) -> NodeUpdate:
-        from umig.train import accuracy
-
         t0 = time.perf_counter()
         p = ctx.params
         before = ctx.state_of(ctx.node.name)
@@ -352,7 +290,7 @@ class GradientAscent(NodeUnlearner):
             for x, y in data.batches(p["batch_size"], shuffle=True, seed=seed + epoch):
                 x, y = x.to(ctx.device), y.to(ctx.device)
                 z = model(x)
-                rows = rows_of(y, ctx.classes)
+                rows = label_rows(y, ctx.classes)
                 # The batch is already forgotten: check the whole set before ascending any further.
                 if float((z.argmax(1) == rows).float().mean()) <= p["stop_at"]:
                     acc = forget_acc()
@@ -374,6 +312,7 @@ class Distill(NodeUnlearner):
 
     name = "distill"
     description = "Baseline: distil the original model into a student using only the retain data."
+    kinds = frozenset({"labels", "samples", "client"})
     params: Mapping[str, Param] = {
         **_common_params(10, 0.01),
         "temperature": Param(2.0, "softmax temperature of teacher and student"),

@@ -40,10 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import vmap
-
-from umig.errors import UnlearningError
-from unlearners.base import Job, NodeContext, NodeUnlearner, NodeUpdate, Param
-from unlearners.baselines import (
+from umig.unlearners.baselines import (
     OPTIMIZERS,
     check_data,
     concat,
@@ -51,10 +48,15 @@ from unlearners.baselines import (
     forget_sources,
     param_count,
     retain_sources,
-    rows_of,
     seed_of,
 )
-from unlearners.fused import MERGE_HELP, as_update, delta_entries, delta_of, train_sparse
+from umig.unlearners.fused import MERGE_HELP, as_update, train_sparse
+
+from umig import delta as delta_mod
+from umig.data import from_tensors
+from umig.errors import UnlearningError
+from umig.heads import label_rows
+from umig.unlearner import Job, NodeContext, NodeUnlearner, NodeUpdate, Param
 
 VARIANTS = ("centralized", "decentralized")
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -85,7 +87,7 @@ def ablation_effects(model: nn.Module, x: Tensor, y: Tensor, classes: Sequence[i
     model.eval()
     mods = dict(model.named_modules())
     names = list(layers) if layers is not None else [n for n, _ in channel_layers(model)]
-    rows = rows_of(y, classes)
+    rows = label_rows(y, classes)
     out: dict[str, tuple[Tensor, Tensor]] = {}
     with torch.no_grad():
         z = model(x)
@@ -164,8 +166,6 @@ def channel_index(model: nn.Module, chosen: Mapping[str, Tensor]) -> dict[str, T
 # ------------------------------------------------------------------- data
 def perturbation(forget: Any, classes: Sequence[int], labels: Sequence[int], seed: int, cap: int | None = None):
     """Forget inputs relabelled to a random retained label (a ``umig.data.Data``), at most ``cap`` of them."""
-    from umig.data import from_tensors
-
     keep = torch.tensor([c for c in classes if c not in set(labels)], dtype=torch.long)
     if not len(keep):
         raise UnlearningError("no retained label to relabel perturbation samples with")
@@ -239,7 +239,7 @@ class Channel(NodeUnlearner):
         index = channel_index(model, chosen)
 
         node = ctx.node.name
-        from_ancestors = forget_source_names(ctx.snapshots, node, ctx.labels)[1]
+        from_ancestors = forget_source_names(ctx.snapshots, node, ctx.holds_forget)[1]
         retain = retain_sources(ctx)
         forget = {n: d for n, _, d in forget_sources(ctx)}
         if p["variant"] == "centralized":
@@ -269,7 +269,7 @@ class Channel(NodeUnlearner):
             model, index, clients, ctx.classes, rounds=rounds, local_epochs=p["epochs"], lr=p["lr"],
             optimizer=p["optimizer"], batch_size=p["batch_size"], seed=seed_of(ctx.seed, node, "train"),
             device=ctx.device)
-        delta = delta_of(index, values)
+        delta = delta_mod.sparse(index, values)
         entries = sum(int(i.numel()) for i in index.values())
         total = param_count(model)
         return as_update(ctx, model, delta, p["merge"], {
@@ -279,7 +279,7 @@ class Channel(NodeUnlearner):
             "channels_total": sum(int(e[0].numel()) for e in effects.values()),
             "ablation_batch": int(len(y)),
             "trainable_params": entries,
-            "params_changed": delta_entries(delta),
+            "params_changed": delta_mod.entries(delta),
             "params_total": total,
             "train_samples": sum(len(d) for _, d in clients),
             "comm_params": 2 * entries * n_clients * rounds,

@@ -11,14 +11,16 @@ only the node's head blob and FIMs, never the rest of its checkpoint.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Generator, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from umig.errors import UnlearningError
 from umig.fisher import FIM, FisherShapeError, head_fisher, merge_max
-from unlearners.base import Job, NodeResult, Param, Task, Unlearner
+from umig.unlearner import Job, NodeResult, Param, Task, Unlearner
 
 MODES = ("rows", "paper")
 
@@ -48,8 +50,6 @@ def fiun_update(
     # Element-wise float32 math in numpy (the same IEEE operations as torch, without the per-op
     # dispatch that dominates on a 10x64 head); the one float reduction stays in torch, so the
     # result is bit for bit what the torch formulation gives.
-    import numpy as np
-
     classes = model_fim.classes
     fs = set(forget)
     rows = np.array([c in fs for c in classes], dtype=bool)
@@ -124,6 +124,8 @@ class FIUn(Unlearner):
 
     name = "fiun"
     description = "Fisher Inheritance Unlearning: merged unlearning FIMs scale critical head parameters (Eqs. 3-6)."
+    kinds_note = ("FIUn edits only the classifier head, which cannot remove what specific samples taught the "
+                  "features; use method 'retrain' or 'federaser' (see README 'Forgetting clients and samples')")
     params: Mapping[str, Param] = {
         "gamma": Param(1.0, "threshold on merged/model Fisher ratio (Eq. 6)"),
         "tau": Param(1.0, "scale numerator (Eq. 6)"),
@@ -135,7 +137,7 @@ class FIUn(Unlearner):
     }
 
     def check(self, job: Job) -> None:
-        missing = [n for n in job.plan.affected if job.nodes[n].fim is None]
+        missing = [n for n in job.plan.affected if job.nodes[n].fim_blob is None]
         if missing:
             raise UnlearningError(
                 f"node(s) {', '.join(missing[:5])} have no model FIM (added with --no-fim and no parent FIMs); "
@@ -155,7 +157,7 @@ class FIUn(Unlearner):
     def schedule(self, job: Job) -> Generator[list[Task], list[Any], list[NodeResult]]:
         p = job.params
         phase1 = [
-            Task(fn="unlearners.fiun:unlearning_fim_task", node=n, cost=float(job.nodes[n].data_size or 1),
+            Task(fn="umig.unlearners.fiun:unlearning_fim_task", node=n, cost=float(job.nodes[n].data_size or 1),
                  payload={"snap": job.nodes[n], "labels": job.labels, "batch_size": p["batch_size"]})
             for n in job.plan.discovery
         ]
@@ -166,7 +168,7 @@ class FIUn(Unlearner):
         for key, nodes in job.plan.groups:
             digests = sorted(disc_fim[d] for d in key)
             for n in nodes:
-                phase2.append(Task(fn="unlearners.fiun:update_task", node=n, cost=0.01, payload={
+                phase2.append(Task(fn="umig.unlearners.fiun:update_task", node=n, cost=0.01, payload={
                     "snap": job.nodes[n], "discovery_fims": digests, "labels": job.labels, "params": p,
                     "role": job.plan.role(n)}))
         results: list[NodeResult] = yield phase2
@@ -180,7 +182,7 @@ def unlearning_fim_task(payload: dict[str, Any], env: Any) -> dict[str, Any]:
     forget = data.filter_labels(keep=payload["labels"])
     if not len(forget):
         raise UnlearningError(f"discovery node '{snap.name}' holds none of the labels to forget")
-    model_fim = _load_fim(env, snap.fim, snap.name)
+    model_fim = _load_fim(env, snap.fim_blob, snap.name)
     model = env.load_model(snap)
     fim = head_fisher(model, snap.head, forget.batches(payload["batch_size"]), snap.classes,
                       kind=model_fim.kind, temperature=model_fim.temperature, device=env.device)
@@ -195,8 +197,6 @@ def _load_fim(env: Any, digest: str, owner: str) -> FIM:
 
 def update_task(payload: dict[str, Any], env: Any) -> NodeResult:
     """Phase 2 (Eqs. 5-6): merged FIM of the node's discovery set, then the head update."""
-    import time
-
     t0 = time.perf_counter()
     snap, p = payload["snap"], payload["params"]
     key = ("merged", tuple(payload["discovery_fims"]))
@@ -209,7 +209,7 @@ def update_task(payload: dict[str, Any], env: Any) -> NodeResult:
         except FisherShapeError as e:
             raise UnlearningError(f"node '{snap.name}': unlearning FIMs cannot be merged: {e}") from None
         env.cache[key] = merged_all
-    model_fim = _load_fim(env, snap.fim, snap.name)
+    model_fim = _load_fim(env, snap.fim_blob, snap.name)
     if merged_all.feature_dim != model_fim.feature_dim:
         raise UnlearningError(
             f"node '{snap.name}': head input width {model_fim.feature_dim} differs from its discovery nodes' "
@@ -225,4 +225,4 @@ def update_task(payload: dict[str, Any], env: Any) -> NodeResult:
     if b is not None:
         new_head[bkey] = b
     digest = env.put(new_head, {"part": "head"})
-    return NodeResult(node=snap.name, head=digest, metrics=stats, seconds=time.perf_counter() - t0)
+    return NodeResult(node=snap.name, head_blob=digest, metrics=stats, seconds=time.perf_counter() - t0)

@@ -48,11 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
-
-from umig.errors import UnlearningError
-from umig.train import Recipe
-from unlearners.base import Job, NodeContext, NodeUnlearner, NodeUpdate, Param
-from unlearners.baselines import (
+from umig.unlearners.baselines import (
     OPTIMIZERS,
     check_data,
     concat,
@@ -60,10 +56,14 @@ from unlearners.baselines import (
     make_optimizer,
     param_count,
     retain_sources,
-    rows_of,
     seed_of,
-    train_on,
 )
+
+from umig import delta as delta_mod
+from umig.errors import UnlearningError
+from umig.heads import label_rows, rows_of, shared_rows
+from umig.train import Recipe, fit
+from umig.unlearner import Job, NodeContext, NodeUnlearner, NodeUpdate, Param
 
 OBJECTIVES = ("overwrite", "paper")
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
@@ -111,7 +111,7 @@ def train_sparse(
     total_w = float(sum(c[0] for c in clients))
     if not clients or total_w <= 0:
         raise UnlearningError("no client with data to train the adapter on")
-    keep_rows = torch.tensor([r for r, c in enumerate(classes) if c not in set(forget_labels)], device=device)
+    keep_rows = torch.tensor(rows_of(classes, set(classes) - set(forget_labels)), device=device)
     steps, loss_mean = 0, float("nan")
     for r in range(rounds):
         acc = {n: torch.zeros_like(v, dtype=torch.float64) for n, v in glob.items()}
@@ -130,7 +130,7 @@ def train_sparse(
                     x, y = x.to(device), y.to(device)
                     eff = {n: base[n].reshape(-1).index_add(0, idx[n], vals[n]).view_as(base[n]) for n in idx}
                     z = functional_call(model, eff, (x,))
-                    loss = F.cross_entropy(z[:n_r], rows_of(y, classes))
+                    loss = F.cross_entropy(z[:n_r], label_rows(y, classes))
                     if fbatches is not None:
                         zf = z[n_r:]
                         loss = loss + forget_weight * (zf.logsumexp(1) - zf[:, keep_rows].logsumexp(1)).mean()
@@ -157,17 +157,6 @@ def _cycle(data: Any, batch_size: int, seed: int):
         k += 1
 
 
-def delta_of(index: Mapping[str, Tensor], values: Mapping[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
-    """The stored form: only non-zero entries (adding 0.0 changes nothing, so the model is the same)."""
-    out = {}
-    for n, i in index.items():
-        v = values[n].detach().cpu()
-        nz = v != 0
-        if bool(nz.any()):
-            out[n] = (i.cpu().long()[nz], v[nz].clone())
-    return out
-
-
 MERGE_HELP = ("store the result as full weights (base + delta merged) instead of a separate delta blob: "
               "'umig purge' can then delete the original weights; revert still restores them until then")
 
@@ -177,18 +166,7 @@ def as_update(ctx: NodeContext, model: nn.Module, delta: Mapping[str, tuple[Tens
     """A sparse delta as its own blob (default), or merged into full weights exactly as the store applies it."""
     if not merge:
         return NodeUpdate(delta=delta, metrics={**metrics, "stored_as": "delta"})
-    from umig.store import apply_delta
-
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    flat = {}
-    for n, (i, v) in delta.items():
-        flat[n + "::idx"], flat[n + "::val"] = i, v
-    apply_delta(state, flat)
-    return NodeUpdate(state=state, metrics={**metrics, "stored_as": "merged"})
-
-
-def delta_entries(delta: Mapping[str, tuple[Tensor, Tensor]]) -> int:
-    return sum(int(i.numel()) for i, _ in delta.values())
+    return NodeUpdate(state=delta_mod.merged(model.state_dict(), delta), metrics={**metrics, "stored_as": "merged"})
 
 
 # ------------------------------------------------------------------ layers
@@ -227,13 +205,6 @@ def layer_l1(a: Mapping[str, Tensor], b: Mapping[str, Tensor], lays: Sequence[tu
                 d += float((x.double() - y.double()).abs().sum())
         out.append(d)
     return out
-
-
-def shared_rows(a_classes: Sequence[int], b_classes: Sequence[int]) -> tuple[Tensor, Tensor]:
-    """Head rows of the labels two heads share: ``(rows in a, rows in b)``."""
-    pos = {int(c): i for i, c in enumerate(b_classes)}
-    pairs = [(i, pos[int(c)]) for i, c in enumerate(a_classes) if int(c) in pos]
-    return torch.tensor([i for i, _ in pairs], dtype=torch.long), torch.tensor([j for _, j in pairs], dtype=torch.long)
 
 
 def rank_layers(lays: Sequence[tuple[str, list[str]]], diff: Sequence[float]) -> list[int]:
@@ -310,7 +281,7 @@ class Fused(NodeUnlearner):
             recipe = Recipe(optimizer=p["optimizer"], lr=float(p["lr"]), epochs=int(p["local_epochs"]),
                             batch_size=int(p["batch_size"]), seed=seed)
         data = clients[0][2]
-        train_on(local, data, recipe, ctx.classes, ctx.device)
+        fit(local, data, recipe, ctx.classes, ctx.device)
         after = {k: v.detach() for k, v in local.state_dict().items()}
         return layer_l1(after, own, lays), "local round"
 
@@ -347,9 +318,9 @@ class Fused(NodeUnlearner):
             model, index, parts, ctx.classes, rounds=p["rounds"], local_epochs=p["local_epochs"], lr=p["lr"],
             optimizer=p["optimizer"], batch_size=p["batch_size"], seed=seed_of(ctx.seed, ctx.node.name, "train"),
             device=ctx.device, forget_labels=ctx.labels, forget_weight=p["forget_weight"])
-        delta = delta_of(index, values)
+        delta = delta_mod.sparse(index, values)
         entries = sum(int(i.numel()) for i in index.values())
-        nonzero = delta_entries(delta)
+        nonzero = delta_mod.entries(delta)
         total = param_count(model)
         n_clients = len(clients)
         # Communication happens where the adapter travels between a server and clients: a data-less

@@ -1,0 +1,123 @@
+"""Forget sets that name samples and clients, not only labels (issue 11)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import store_state
+from umig.cli.main import app
+from umig.data import DataRef, read_indices, save_subset, source_positions
+from umig.errors import NotFoundError, UmigError, UnlearningError
+from umig.forget import ForgetSet, samples
+from umig.train import fedavg
+
+TRAIN = "sklearn:digits?split=train"
+
+
+def cli(*args: str, store) -> tuple[int, str, str]:
+    res = CliRunner().invoke(app, [*args, "--store", str(store.root)])
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        raise AssertionError(f"umig {' '.join(args)} crashed") from res.exception
+    return res.exit_code, res.stdout, res.stderr
+
+
+def own_positions(store, name: str) -> np.ndarray:
+    return source_positions(DataRef.from_json(store.node(name).data_ref))[1]
+
+
+def test_client_is_found_at_every_round_with_counts(fl_store):
+    plan = fl_store.plan_unlearning(clients=["fl/r1/c1"], method="retrain").plan.to_json()
+    n = fl_store.node("fl/r1/c1").data_size
+    # The same client's data was recorded at rounds 1 and 2: both hold it, entirely.
+    assert plan["holders"] == {"fl/r1/c1": {"forgotten": n, "remaining": 0},
+                               "fl/r2/c1": {"forgotten": n, "remaining": 0}}
+    assert plan["discovery"] == ["fl/r1/c1"]
+    assert {"fl/r1/global", "fl/r2/c1", "fl/r2/global"} <= set(plan["affected"])
+    assert "fl/r1/c0" not in plan["affected"]
+    assert plan["forget"]["kinds"] == ["client"] and plan["forget"]["samples"][0]["client"] == "fl/r1/c1"
+
+
+def test_sample_counts_match_each_nodes_subset(fl_store):
+    forget = np.arange(0, 300, 3)
+    plan = fl_store.plan_unlearning(ForgetSet(samples=(samples(forget, TRAIN),)), method="retrain").plan
+    for name in ("fl/r1/c0", "fl/r1/c1", "fl/r1/c2"):
+        pos = own_positions(fl_store, name)
+        gone = int(np.isin(pos, forget).sum())
+        assert plan.counts[name] == (gone, pos.size - gone)
+    assert set(plan.discovery) == {n for n in ("fl/r1/c0", "fl/r1/c1", "fl/r1/c2") if plan.counts[n][0]}
+
+
+def test_retrain_client_reweights_fedavg_and_replays_bit_for_bit(fl_template, tmp_path):
+    import shutil
+
+    from umig import Store
+
+    states = []
+    for i in range(2):
+        root = tmp_path / f"s{i}"
+        shutil.copytree(fl_template, root)
+        with Store.open(root) as s:
+            s.unlearn(clients=["fl/r1/c1"], method="retrain", evaluate=False)
+            states.append({n.name: s.state_dict(n.name) for n in s.nodes()})
+            w = {p: wt for p, _, wt in s.node("fl/r1/global").parents}
+    a, b = states
+    assert all(torch.equal(a[n][k], b[n][k]) for n in a for k in a[n])  # seeded recipe: identical replay
+    # The forgotten client has no data left: it drops out of the aggregate.
+    expect = fedavg([a["fl/r1/c0"], a["fl/r1/c2"]], [w["fl/r1/c0"], w["fl/r1/c2"]])
+    assert all(torch.allclose(a["fl/r1/global"][k].float(), expect[k].float()) for k in expect)
+
+
+def test_sample_operation_is_audited_and_reverts_bit_for_bit(fl_store):
+    before = {n.name: fl_store.state_dict(n.name) for n in fl_store.nodes()}
+    fs = ForgetSet(samples=(samples(np.arange(40), TRAIN),))
+    op = fl_store.unlearn(fs, method="finetune", params={"epochs": 1}, evaluate=False)
+    entry = fl_store.history()[-1]
+    rec = entry["forget"]
+    assert rec["kinds"] == ["samples"] and rec["samples"][0]["count"] == 40
+    assert rec["samples"][0]["dataset"] == fs.samples[0].dataset and len(rec["samples"][0]["digest"]) == 64
+    assert "indices" not in json.dumps(rec)
+    fl_store.revert(op.operation)
+    for n in fl_store.nodes():
+        after = fl_store.state_dict(n.name)
+        assert all(torch.equal(after[k], before[n.name][k]) for k in after)
+
+
+@pytest.mark.parametrize("make, error", [
+    (lambda s: s.plan_unlearning(ForgetSet(samples=(samples([10**6], TRAIN),)), method="retrain"), "out of range"),
+    (lambda s: s.plan_unlearning(ForgetSet(samples=(samples([0, 1], "sklearn:digits?split=test"),)),
+                                 method="retrain"), "no node"),
+    (lambda s: s.unlearn(clients=["nope"], method="retrain"), "unknown node"),
+    (lambda s: s.unlearn(clients=["fl/r1/global"], method="retrain"), "no training data of its own"),
+    (lambda s: s.unlearn(ForgetSet(), method="retrain"), "empty"),
+    (lambda s: s.unlearn(clients=["fl/r1/c1"], method="fiun"), "cannot forget client"),
+])
+def test_bad_forget_sets_fail_clearly_and_change_nothing(fl_store, make, error):
+    state = store_state(fl_store.root)
+    with pytest.raises((UnlearningError, NotFoundError, UmigError), match=error):
+        make(fl_store)
+    assert store_state(fl_store.root) == state
+
+
+def test_cli_samples_and_client_dry_run_json(fl_store, tmp_path):
+    idx = save_subset(tmp_path / "poison.npy", np.arange(0, 60, 2))
+    assert read_indices(idx).tolist() == list(range(0, 60, 2))
+    state = store_state(fl_store.root)
+    code, out, err = cli("unlearn", "--samples", idx, "--data", TRAIN, "--method", "retrain", "--dry-run", "--json",
+                         store=fl_store)
+    assert code == 0, err
+    plan = json.loads(out)["plan"]
+    assert plan["forget"]["samples"][0]["count"] == 30 and plan["discovery"]
+    code, out, err = cli("unlearn", "--client", "fl/r2/c2", "--method", "retrain", "--dry-run", "--json", store=fl_store)
+    assert code == 0, err
+    assert set(json.loads(out)["plan"]["holders"]) == {"fl/r1/c2", "fl/r2/c2"}
+    for args, needle in [(("--samples", idx), "--samples needs --data"), ((), "nothing to forget"),
+                         (("--client", "fl/r1/c1", "--method", "fiun"), "cannot forget client")]:
+        code, out, err = cli("unlearn", *args, store=fl_store)
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert code == 1 and len(lines) == 1 and needle in lines[0], (code, err)
+    assert store_state(fl_store.root) == state

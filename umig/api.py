@@ -1,0 +1,30 @@
+"""The Python API's facade: one object that records, plans and forgets.
+
+``Store`` is the metadata store (:class:`umig.store.SqlStore`) plus the operations of the
+layers above it: :func:`umig.ingest.add_node` and :func:`umig.unlearning.unlearn`. It adds
+no logic of its own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from umig import ingest, unlearning
+from umig.store import NodeInfo, SqlStore
+
+
+class Store(SqlStore):
+    """A lineage store. Open with :meth:`init` or :meth:`open`; see the README for a tour."""
+
+    def add_node(self, name: str, weights: Any, arch: Any, **kwargs: Any) -> NodeInfo:
+        """Record a model node; see :func:`umig.ingest.add_node`."""
+        return ingest.add_node(self, name, weights, arch, **kwargs)
+
+    def plan_unlearning(self, forget: unlearning.Forget = (), **kwargs: Any) -> unlearning.UnlearnResult:
+        """The plan of an unlearning request without running it; see :func:`umig.unlearning.plan_unlearning`."""
+        return unlearning.plan_unlearning(self, forget, **kwargs)
+
+    def unlearn(self, forget: unlearning.Forget = (), **kwargs: Any) -> unlearning.UnlearnResult:
+        """Forget a forget set (labels, samples, clients) across the lineage as one operation;
+        see :func:`umig.unlearning.unlearn`."""
+        return unlearning.unlearn(self, forget, **kwargs)

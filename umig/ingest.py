@@ -1,0 +1,234 @@
+"""Ingest: turn what a user hands over into a validated node, then let the store write it.
+
+Builds the architecture and loads the weights strictly, detects the classifier head,
+resolves the data reference (with its fingerprint and label counts) and computes the
+model FIM, all before anything is written. ``Store.add_node`` (the facade) and the
+lineage recorders call :func:`add_node`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from umig import arch as A
+from umig import data as D
+from umig import fisher as F
+from umig.errors import GraphError, NotFoundError, UmigError
+from umig.store import FRAMEWORKS, RELATIONS, NodeInfo, SqlStore, split_head
+from umig.train import Recipe
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:@/+-]{0,199}$")
+# Rebuilding from the spec and the dummy forward that finds the head depend only on the
+# architecture and the state's keys/shapes/dtypes: done once per combination (bulk recording).
+_VALIDATED: dict[tuple, tuple[A.HeadInfo, nn.Module | None]] = {}
+
+
+def add_node(
+    store: SqlStore,
+    name: str,
+    weights: nn.Module | Mapping[str, torch.Tensor] | str | Path,
+    arch: Any,
+    *,
+    arch_args: Mapping[str, Any] | None = None,
+    parents: Sequence[str | tuple[str, float | None]] = (),
+    relation: str | None = None,
+    framework: str = "other",
+    data: Any = None,
+    data_ref: str | None = None,
+    subset: str | None = None,
+    only_labels: str | Sequence[int] | None = None,
+    classes: Sequence[int] | None = None,
+    head: str | None = None,
+    input_shape: Sequence[int] | None = None,
+    fim: F.FIM | None = None,
+    compute_fim: bool = True,
+    meta: Mapping[str, Any] | None = None,
+    recipe: Any = None,
+    fisher_batch: int = 256,
+    device: str | torch.device | None = None,
+) -> NodeInfo:
+    """Record a model node (version 0) with its edges, data reference and model FIM.
+
+    ``weights`` is an ``nn.Module``, a state dict or a path (``.safetensors``,
+    or ``.pt`` read with ``weights_only=True``). ``data`` is a reference string,
+    a ``umig.data.Data``, or a ``torch.utils.data.Dataset`` with ``data_ref``
+    naming it. ``fim`` is a model FIM already computed (e.g. during training by
+    ``umig.lineage.FisherCapture``); without one, ``compute_fim`` computes it with one forward
+    pass over the data (or, for a data-less node, as the mean of its parents' FIMs). Everything is validated before anything is written.
+    """
+    if not _NAME_RE.match(name or ""):
+        raise UmigError(f"invalid node name {name!r} (letters, digits and _.:@/+- only)")
+    if framework not in FRAMEWORKS:
+        raise UmigError(f"unknown framework '{framework}' (choose from {', '.join(FRAMEWORKS)})")
+    if relation is not None and relation not in RELATIONS:
+        raise UmigError(f"unknown relation '{relation}' (choose from {', '.join(RELATIONS)})")
+    if store.has_node(name):
+        raise GraphError(f"node '{name}' already exists")
+    # An existing node's full name wins over NAME:WEIGHT (names may contain ':', e.g. 'ckpt:3').
+    parent_list = [(p, None) if isinstance(p, str) and store.has_node(p) else _parse_parent(p) for p in parents]
+    for p, _ in parent_list:
+        if p == name:
+            raise GraphError(f"node '{name}' cannot be its own parent (cycle)")
+        if not store.has_node(p):
+            raise NotFoundError(f"unknown parent node '{p}'")
+    if len({p for p, _ in parent_list}) != len(parent_list):
+        raise GraphError(f"node '{name}' lists a parent twice")
+    relation = relation or _default_relation(framework, len(parent_list))
+
+    spec = arch if isinstance(arch, A.ArchSpec) else A.ArchSpec(str(arch), dict(arch_args or {}))
+    if not isinstance(weights, nn.Module):
+        weights = A.load_state_dict_file(weights) if isinstance(weights, (str, Path)) else dict(weights)
+    # Rebuilding from the spec and the dummy forward that finds the head depend only on the
+    # architecture and the state's keys/shapes/dtypes: done once per combination (bulk recording).
+    given = weights.state_dict() if isinstance(weights, nn.Module) else weights
+    vkey = (json.dumps(spec.to_json(), sort_keys=True, default=str), head,
+            tuple(input_shape) if input_shape else None, isinstance(weights, nn.Module),
+            tuple((k, tuple(v.shape), v.dtype) for k, v in given.items()))
+    validated = _VALIDATED
+    hit = validated.get(vkey)
+    if hit is not None:
+        hinfo, template = hit
+        state = {k: v.detach().cpu() for k, v in given.items()}
+        model = weights if isinstance(weights, nn.Module) else template
+        if model is template and (fim is None and compute_fim) and (data is not None or data_ref is not None):
+            A.load_weights(model, state)  # the FIM below runs this node's weights
+    elif isinstance(weights, nn.Module):
+        model = weights
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        rebuilt = spec.build()
+        A.load_weights(rebuilt, state)  # the spec must be able to rebuild this module later
+    else:
+        state = weights
+        model = spec.build()
+        A.load_weights(model, state)
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if hit is None:
+        if input_shape is None:
+            input_shape = getattr(model, "input_shape", None)
+        hinfo = A.find_head(model, head=head, input_shape=tuple(input_shape) if input_shape else None)
+        # Reuse only where the state is stored exactly as given (same keys and dtypes as the model's).
+        exact = isinstance(weights, nn.Module) or (
+            state.keys() == given.keys() and all(state[k].dtype == given[k].dtype for k in state))
+        if exact:
+            if len(validated) >= 64:
+                validated.pop(next(iter(validated)))
+            validated[vkey] = (hinfo, None if isinstance(weights, nn.Module) else spec.build())
+    cls = tuple(int(c) for c in classes) if classes is not None else tuple(range(hinfo.out_features))
+    if len(cls) != hinfo.out_features:
+        raise UmigError(
+            f"--classes has {len(cls)} labels but head '{hinfo.name}' has {hinfo.out_features} outputs"
+        )
+    if len(set(cls)) != len(cls):
+        raise UmigError("--classes lists a label twice")
+
+    dataset = _data_arg(data, data_ref, subset, only_labels)
+    counts: dict[int, int] = {}
+    fingerprint = None
+    ref_json = None
+    if dataset is not None:
+        counts = {int(k): int(v) for k, v in dataset.label_counts().items()}
+        unknown = sorted(set(counts) - set(cls))
+        if unknown:
+            raise UmigError(
+                f"data of node '{name}' has label(s) {','.join(map(str, unknown))} that its head cannot predict"
+            )
+        fingerprint = D.fingerprint(dataset)
+        ref_json = dataset.ref.to_json() if dataset.ref is not None else None
+        if ref_json is None:
+            raise UmigError(f"data of node '{name}' needs a reference string (data_ref=...) to be recorded")
+
+    model_fim = None
+    if fim is not None:  # computed by the caller, e.g. during training (umig.lineage.FisherCapture)
+        if fim.feature_dim != hinfo.in_features:
+            raise UmigError(f"given FIM of node '{name}' has feature width {fim.feature_dim}, "
+                            f"head '{hinfo.name}' has {hinfo.in_features}")
+        want = store.fisher_settings()
+        if (fim.kind, fim.temperature) != (want["kind"], want["temperature"]):
+            raise UmigError(f"given FIM of node '{name}' is {fim.kind} at temperature {fim.temperature:g}; "
+                            f"this store uses {want['kind']} at {want['temperature']:g}")
+        model_fim = fim.aligned(cls)
+    elif compute_fim:
+        if dataset is not None and len(dataset):
+            model_fim = F.head_fisher(
+                model, hinfo.name, dataset.batches(fisher_batch, device=device), cls, **store.fisher_settings(),
+                device=device,
+            )
+        elif parent_list:
+            model_fim = _mean_parent_fim(store, parent_list, cls)
+
+    body, head_t = split_head(state, hinfo.name)
+    recipe_json = _recipe_json(recipe)
+    return store.insert_node(
+        name, arch=spec.to_json(), head=hinfo.name, classes=cls, input_shape=hinfo.input_shape,
+        data_ref=ref_json, data_fingerprint=fingerprint, label_counts=counts, framework=framework,
+        meta=dict(meta or {}), recipe=recipe_json, parents=parent_list, relation=relation,
+        body=body, head_tensors=head_t, fim=model_fim,
+    )
+
+def _data_arg(data: Any, data_ref: str | None, subset: str | None, only_labels: Any):
+    if data is None:
+        if data_ref is None:
+            if subset or only_labels:
+                raise UmigError("--subset/--only-labels need --data")
+            return None
+        data = data_ref
+    if isinstance(data, str):
+        return D.resolve(D.parse_ref(data, subset=subset, only_labels=only_labels))
+    if isinstance(data, D.Data):
+        return data
+    if isinstance(data, torch.utils.data.Dataset):
+        ref = D.parse_ref(data_ref) if data_ref else None
+        return D.from_dataset(data, ref=ref)
+    raise UmigError(f"unsupported data argument of type {type(data).__name__}")
+
+def _mean_parent_fim(store: SqlStore, parents: list[tuple[str, float | None]], classes: tuple[int, ...]):
+    fims, weights = [], []
+    for p, w in parents:
+        pf = store.fim(p)
+        if pf is None:
+            return None
+        fims.append(pf)
+        weights.append(w if w is not None else max(store.node(p).data_size, 1))
+    return F.weighted_mean(fims, weights, classes=classes)
+
+
+def _parse_parent(p: str | tuple[str, float | None]) -> tuple[str, float | None]:
+    if isinstance(p, tuple):
+        return p[0], (float(p[1]) if p[1] is not None else None)
+    name, sep, weight = p.rpartition(":")
+    if sep and _is_float(weight):
+        return name, float(weight)
+    return p, None
+
+
+def _is_float(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
+
+
+def _default_relation(framework: str, n_parents: int) -> str:
+    if framework == "fl" and n_parents > 1:
+        return "aggregate"
+    if framework == "ddp" and n_parents > 1:
+        return "sync"
+    return {"il": "increment", "tl": "transfer"}.get(framework, "finetune")
+
+
+def _recipe_json(recipe: Any) -> dict | None:
+    if recipe is None:
+        return None
+    if isinstance(recipe, Mapping):
+        return Recipe.from_json(dict(recipe)).to_json()  # validates keys
+    if isinstance(recipe, (str, Path)):
+        return Recipe.from_file(recipe).to_json()
+    return recipe.to_json()
