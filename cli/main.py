@@ -254,7 +254,9 @@ def unlearn(
         "--data", help="The dataset --samples indexes (any data reference; matched by fingerprint).")] = None,
     client: Annotated[list[str], typer.Option(
         "--client", help="Forget everything in NODE's own training data, at every round (repeatable).")] = [],
-    method: Annotated[str, typer.Option(help="Unlearning method (see 'umig methods').")] = "fiun",
+    method: Annotated[Optional[str], typer.Option(
+        help="Unlearning method (see 'umig methods') [default: fiun for labels; for samples and clients the "
+             "measured default, see README].")] = None,
     param: Annotated[list[str], typer.Option("--param", "-p", help="Method parameter key=value (repeatable).")] = [],
     discovery: Annotated[str, typer.Option(help="Discovery policy: first (paper) or all.")] = "first",
     from_node: Annotated[list[str], typer.Option("--from", help="Only the part reachable from NODE.")] = [],

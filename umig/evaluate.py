@@ -67,8 +67,11 @@ def unlearning_accuracy(
     forget_labels: Iterable[int],
     *,
     device: torch.device | str | None = None,
+    forget_mask: torch.Tensor | None = None,
 ) -> dict[str, float | int | None]:
-    """Accuracy split by label: ``AD_f`` on samples whose label is in ``forget_labels``, ``AD_r`` on the rest.
+    """Accuracy split into forgotten and retained: ``AD_f`` on samples whose label is in
+    ``forget_labels`` (or that ``forget_mask``, one flag per sample in batch order, marks), ``AD_r``
+    on the rest.
 
     Accuracies are in [0, 1], or None where there are no such samples (``n_f`` / ``n_r`` = 0).
     A sample whose label the head has no row for simply counts as wrong.
@@ -76,6 +79,8 @@ def unlearning_accuracy(
     pred, true = predict_labels(model, batches, classes, device=device)
     forget = torch.as_tensor(sorted({int(c) for c in forget_labels}), dtype=torch.int64)
     is_f = torch.isin(true, forget)
+    if forget_mask is not None:
+        is_f |= forget_mask.to(is_f.device)
     correct = pred == true
     n_f = int(is_f.sum())
     n_r = int((~is_f).sum())

@@ -1,7 +1,7 @@
 """Execution backends: run a phase of independent tasks in-process, in a worker pool, or on Ray.
 
 Every backend has one interface, :meth:`Backend.run`, taking a list of
-``umig.unlearners.base.Task`` and returning their results in order. Workers read
+``umig.unlearner.Task`` and returning their results in order. Workers read
 blobs and write new ones; they never touch the metadata database (only the
 coordinating process commits). Each result comes back with the digests of the
 blobs its task created, so the coordinator can delete them if the operation

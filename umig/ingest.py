@@ -60,7 +60,7 @@ def add_node(
     or ``.pt`` read with ``weights_only=True``). ``data`` is a reference string,
     a ``umig.data.Data``, or a ``torch.utils.data.Dataset`` with ``data_ref``
     naming it. ``fim`` is a model FIM already computed (e.g. during training by
-    ``umig.lineage.FisherCapture``); without one, ``compute_fim`` computes it with one forward
+    ``umig.fisher.FisherCapture``); without one, ``compute_fim`` computes it with one forward
     pass over the data (or, for a data-less node, as the mean of its parents' FIMs). Everything is validated before anything is written.
     """
     if not _NAME_RE.match(name or ""):
@@ -145,7 +145,7 @@ def add_node(
             raise UmigError(f"data of node '{name}' needs a reference string (data_ref=...) to be recorded")
 
     model_fim = None
-    if fim is not None:  # computed by the caller, e.g. during training (umig.lineage.FisherCapture)
+    if fim is not None:  # computed by the caller, e.g. during training (umig.fisher.FisherCapture)
         if fim.feature_dim != hinfo.in_features:
             raise UmigError(f"given FIM of node '{name}' has feature width {fim.feature_dim}, "
                             f"head '{hinfo.name}' has {hinfo.in_features}")

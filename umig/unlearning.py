@@ -17,6 +17,7 @@ from typing import Any
 
 import networkx as nx
 import numpy as np
+import torch
 
 from umig import graph as G
 from umig import unlearner as U
@@ -86,6 +87,16 @@ class UnlearnResult:
 
 Forget = ForgetSet | Sequence[int]
 
+# The method used when a request names none, by the kinds its forget set holds (README
+# "Forgetting samples and clients" gives the measurements behind the choice).
+DEFAULT_METHODS = {"labels": "fiun", "samples": "retrain", "client": "retrain"}
+
+
+def default_method(forget: ForgetSet) -> str:
+    """FIUn for labels alone; for samples or clients, the method chosen from measurements."""
+    kinds = [k for k in forget.kinds if k != "labels"] or ["labels"]
+    return DEFAULT_METHODS[kinds[0]]
+
 
 def forget_set(store: SqlStore, forget: Forget, clients: Sequence[str] = ()) -> ForgetSet:
     """The request's forget set, with every client (given here or in ``forget``) resolved to
@@ -152,13 +163,14 @@ def _job(store: SqlStore, forget: ForgetSet, method: U.Unlearner, params: Mappin
                  counts={n: counts[n] for n in order if n in counts})
 
 
-def plan_unlearning(store: SqlStore, forget: Forget = (), *, clients: Sequence[str] = (), method: str = "fiun",
+def plan_unlearning(store: SqlStore, forget: Forget = (), *, clients: Sequence[str] = (), method: str | None = None,
                     params: Mapping[str, Any] | None = None, policy: str = "first",
                     from_nodes: Sequence[str] | None = None) -> UnlearnResult:
     """The plan of a request, without running it (``umig unlearn --dry-run``)."""
+    fs = forget_set(store, forget, clients)
+    method = method or default_method(fs)
     m = U.get(method)
     resolved = m.resolve_params(params or {})
-    fs = forget_set(store, forget, clients)
     m.check_kinds(fs)
     job = _job(store, fs, m, resolved, policy, from_nodes, 0)
     m.check(job)
@@ -197,7 +209,7 @@ def unlearn(
     forget: Forget = (),
     *,
     clients: Sequence[str] = (),
-    method: str = "fiun",
+    method: str | None = None,
     params: Mapping[str, Any] | None = None,
     policy: str = "first",
     from_nodes: Sequence[str] | None = None,
@@ -213,10 +225,11 @@ def unlearn(
 ) -> UnlearnResult:
     """Forget ``forget`` (a :class:`umig.forget.ForgetSet`, or labels) and the data of ``clients``
     across the lineage as one operation; see the module docstring."""
+    fs = forget_set(store, forget, clients)
+    method = method or default_method(fs)
     m = U.get(method)
     resolved = m.resolve_params(params or {})
     eval_ref = _eval_ref(eval_data) if eval_data else None
-    fs = forget_set(store, forget, clients)
     m.check_kinds(fs)
     with store.transaction():
         job = _job(store, fs, m, resolved, policy, from_nodes, seed)
@@ -279,18 +292,20 @@ def _evaluate(store: SqlStore, job: U.Job, by_node: dict[str, U.NodeResult], bac
     own = {n: json.dumps(ref, sort_keys=True) for n, (ref, _) in data_refs.items() if n in g}
     holder = {k: n for n, k in reversed(list(own.items()))}
     lineage_refs = G.data_lineage(g, own)
-    shared: dict[int, tuple[tuple[str, ...], list[tuple[dict, str | None]]]] = {}
+    # Forgotten samples by data key: every node with that data holds the same positions.
+    forget_pos = {own[n]: pos for n, pos in job.positions.items() if n in own}
+    shared: dict[int, tuple[tuple[str, ...], list[tuple[dict, str | None]], list]] = {}
     tasks = []
     for name in job.plan.affected:
         snap, r = job.nodes[name], by_node[name]
         keys = lineage_refs[name]
         if id(keys) not in shared:  # one list per interned set: pickled once per chunk
-            shared[id(keys)] = (keys, [data_refs[holder[k]] for k in keys])
-        keys, train = shared[id(keys)]
+            shared[id(keys)] = (keys, [data_refs[holder[k]] for k in keys], [forget_pos.get(k) for k in keys])
+        keys, train, positions = shared[id(keys)]
         after = r.blobs_after(snap)
         tasks.append(U.Task(fn="umig.unlearning:eval_task", node=name, cost=float(len(train) or 1), payload={
             "snap": snap, "after": after, "labels": job.labels, "train": train, "train_key": keys,
-            "heldout": eval_ref}))
+            "forget_positions": positions, "heldout": eval_ref}))
     cb = (lambda d, t: progress("evaluate", d, t)) if progress else None
     if progress:
         progress("evaluate", 0, len(tasks))
@@ -298,16 +313,21 @@ def _evaluate(store: SqlStore, job: U.Job, by_node: dict[str, U.NodeResult], bac
 
 
 def eval_task(payload: dict[str, Any], env: Any) -> dict[str, Any]:
-    """Worker: AD_f / AD_r before and after, on the node's effective training data and held-out data."""
+    """Worker: AD_f / AD_r before and after, on the node's effective training data and held-out data.
+
+    AD_f is the accuracy on forgotten items (forgotten labels, and forgotten samples of the
+    node's training data), AD_r on the rest.
+    """
     snap = payload["snap"]
     labels = set(payload["labels"])
     classes = set(snap.classes)
     sets: dict[str, Data] = {}
+    masks: dict[str, torch.Tensor] = {}
     # Nodes of one lineage share their effective data: keep the last few concatenations.
     recent = env.cache.setdefault("eval-train", {})
     tkey = (payload.get("train_key"), tuple(sorted(classes)))
     if tkey[0] is not None and tkey in recent:
-        sets["train"] = recent[tkey]
+        sets["train"], masks["train"] = recent[tkey]
     else:
         parts = []
         for ref, fp in payload["train"]:
@@ -318,11 +338,19 @@ def eval_task(payload: dict[str, Any], env: Any) -> dict[str, Any]:
                 env.cache[key] = d
             parts.append(d)
         if parts:
-            sets["train"] = (parts[0] if len(parts) == 1 else Data.concat(parts)).filter_labels(keep=classes)
+            whole = parts[0] if len(parts) == 1 else Data.concat(parts)
+            forgotten = torch.zeros(len(whole), dtype=torch.bool)
+            start = 0
+            for d, pos in zip(parts, payload.get("forget_positions") or [None] * len(parts)):
+                if pos is not None and len(pos):
+                    forgotten[start + torch.as_tensor(pos, dtype=torch.long)] = True
+                start += len(d)
+            keep = torch.isin(whole.targets, torch.tensor(sorted(classes), dtype=torch.long))
+            sets["train"], masks["train"] = whole.select(keep), forgotten[keep]
             if tkey[0] is not None:
                 while len(recent) >= 8:
                     recent.pop(next(iter(recent)))
-                recent[tkey] = sets["train"]
+                recent[tkey] = (sets["train"], masks["train"])
     if payload["heldout"]:
         key = ("eval", json.dumps(payload["heldout"], sort_keys=True))
         if key not in env.cache:
@@ -335,7 +363,8 @@ def eval_task(payload: dict[str, Any], env: Any) -> dict[str, Any]:
         if not len(data):
             continue
         for when, model in (("before", before), ("after", after)):
-            acc = unlearning_accuracy(model, data.batches(512), snap.classes, labels, device=env.device)
+            acc = unlearning_accuracy(model, data.batches(512), snap.classes, labels, device=env.device,
+                                      forget_mask=masks.get(split))
             out[f"AD_f_{split}_{when}"] = acc["AD_f"]
             out[f"AD_r_{split}_{when}"] = acc["AD_r"]
     return out
