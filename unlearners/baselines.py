@@ -159,7 +159,8 @@ def _validate_positive(job: Job, method: str, *names: str) -> None:
             raise UnlearningError(f"method '{method}': parameter {n} must be > 0, got {v}")
 
 
-def _update(ctx: NodeContext, before: Mapping[str, Tensor], model: nn.Module, **metrics: Any) -> NodeUpdate:
+def model_update(ctx: NodeContext, before: Mapping[str, Tensor], model: nn.Module, **metrics: Any) -> NodeUpdate:
+    """The node's new full weights from ``model``, with change counts and ``metrics``."""
     after = cpu_state(model)
     pnames = [n for n, _ in model.named_parameters()]
     return NodeUpdate(state=after, metrics={
@@ -170,6 +171,69 @@ def _update(ctx: NodeContext, before: Mapping[str, Tensor], model: nn.Module, **
 
 
 # ------------------------------------------------------------------ retrain
+def check_recipes(job: Job, method: str) -> None:
+    """Refuse, naming them, affected nodes with data but no recorded recipe, or with neither data nor parents."""
+    missing, nodata = [], []
+    for n in job.plan.affected:
+        s = job.nodes[n]
+        if s.data_ref is not None:
+            if s.recipe is None:
+                missing.append(n)
+        elif not s.parents:
+            nodata.append(n)
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise UnlearningError(
+            f"method '{method}' needs each retrained node's training recipe; none was recorded for "
+            f"{', '.join(missing[:5])}{more} (add nodes with --recipe FILE / recipe=...)")
+    if nodata:
+        raise UnlearningError(f"method '{method}': node(s) {', '.join(nodata)} have neither data nor parents")
+
+
+def parent_state(ctx: NodeContext, p: str) -> dict[str, Tensor]:
+    """A parent's weights after this operation where a sequential method changed it, else before."""
+    new = ctx.updated_state_of(p)
+    return new if new is not None else ctx.state_of(p)
+
+
+def lineage_parents(ctx: NodeContext) -> list[tuple[dict[str, Tensor], float, tuple[int, ...]]]:
+    """``(state, weight, classes)`` per in-edge, as retraining along the lineage sees them.
+
+    An aggregate's edge weights are re-scaled by the share of its data each parent keeps, so a
+    client left with none drops out of the FedAvg.
+    """
+    snap = ctx.node
+    parents = []
+    for p, _rel, w in ctx.parents():
+        weight = float(w) if w is not None else float(max(ctx.snapshots[p].data_size, 1))
+        if snap.data_ref is None:
+            weight *= retained_share(ctx.snapshots, ctx.counts, p)
+            if weight <= 0:
+                continue
+        parents.append((parent_state(ctx, p), weight, ctx.snapshots[p].classes))
+    if snap.data_ref is None and ctx.parents() and not parents:
+        raise UnlearningError(f"node '{snap.name}': every node it aggregates is forgotten entirely")
+    return parents
+
+
+def retrain_from(ctx: NodeContext, parents: Sequence[tuple[Mapping[str, Tensor], float, Sequence[int]]]
+                 ) -> tuple[nn.Module, dict[str, Any]]:
+    """Retrain the context's node from ``parents`` (:func:`umig.train.retrain_node`) with its recorded
+    recipe on its retain data; returns the model and what happened."""
+    snap = ctx.node
+    recipe = Recipe.from_json(snap.recipe) if snap.recipe else None
+    torch.manual_seed(recipe.seed if recipe else 0)
+    model = ctx.build()
+    retain = ctx.retain_data()
+    try:
+        # A data-less node re-aggregates its parents, retrained where they were affected.
+        done = retrain_node(model, parents=parents, classes=snap.classes, head=snap.head, data=retain,
+                            recipe=recipe, aggregate=snap.data_ref is None, device=ctx.device)
+    except ValueError as e:
+        raise UnlearningError(f"node '{snap.name}': cannot re-aggregate its parents: {e}") from None
+    return model, done
+
+
 class Retrain(NodeUnlearner):
     """Retrain every affected node without the forget data, along the lineage (topological order)."""
 
@@ -181,53 +245,14 @@ class Retrain(NodeUnlearner):
     sequential = True
 
     def check(self, job: Job) -> None:
-        missing, nodata = [], []
-        for n in job.plan.affected:
-            s = job.nodes[n]
-            if s.data_ref is not None:
-                if s.recipe is None:
-                    missing.append(n)
-            elif not s.parents:
-                nodata.append(n)
-        if missing:
-            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-            raise UnlearningError(
-                f"method 'retrain' needs each retrained node's training recipe; none was recorded for "
-                f"{', '.join(missing[:5])}{more} (add nodes with --recipe FILE / recipe=...)")
-        if nodata:
-            raise UnlearningError(f"method 'retrain': node(s) {', '.join(nodata)} have neither data nor parents")
-
-    def _parent_state(self, ctx: NodeContext, p: str) -> dict[str, Tensor]:
-        new = ctx.updated_state_of(p)
-        return new if new is not None else ctx.state_of(p)
+        check_recipes(job, self.name)
 
     def unlearn_node(self, ctx: NodeContext) -> NodeUpdate:
         t0 = time.perf_counter()
-        snap = ctx.node
-        before = ctx.state_of(snap.name)
-        parents = []
-        for p, _rel, w in ctx.parents():
-            weight = float(w) if w is not None else float(max(ctx.snapshots[p].data_size, 1))
-            if snap.data_ref is None:
-                # FedAvg re-weighted by the data each parent keeps; a client left with none drops out.
-                weight *= retained_share(ctx.snapshots, ctx.counts, p)
-                if weight <= 0:
-                    continue
-            parents.append((self._parent_state(ctx, p), weight, ctx.snapshots[p].classes))
-        if snap.data_ref is None and ctx.parents() and not parents:
-            raise UnlearningError(f"node '{snap.name}': every node it aggregates is forgotten entirely")
-        recipe = Recipe.from_json(snap.recipe) if snap.recipe else None
-        torch.manual_seed(recipe.seed if recipe else 0)
-        model = ctx.build()
-        retain = ctx.retain_data()
-        try:
-            # A data-less node re-aggregates its parents, retrained where they were affected.
-            done = retrain_node(model, parents=parents, classes=snap.classes, head=snap.head, data=retain,
-                                recipe=recipe, aggregate=snap.data_ref is None, device=ctx.device)
-        except ValueError as e:
-            raise UnlearningError(f"node '{snap.name}': cannot re-aggregate its parents: {e}") from None
-        return _update(ctx, before, model, retrain=done["start"], trained=done["trained"],
-                       retain_samples=done["samples"], seconds_train=time.perf_counter() - t0)
+        before = ctx.state_of(ctx.node.name)
+        model, done = retrain_from(ctx, lineage_parents(ctx))
+        return model_update(ctx, before, model, retrain=done["start"], trained=done["trained"],
+                            retain_samples=done["samples"], seconds_train=time.perf_counter() - t0)
 
 
 # ----------------------------------------------------------------- finetune
@@ -249,7 +274,7 @@ class Finetune(NodeUnlearner):
         model = ctx.model()
         data = concat([d for _, _, d in retain_sources(ctx)])
         fit(model, data, _recipe(ctx.params, seed_of(ctx.seed, ctx.node.name)), ctx.classes, ctx.device)
-        return _update(ctx, before, model, retain_samples=len(data), seconds_train=time.perf_counter() - t0)
+        return model_update(ctx, before, model, retain_samples=len(data), seconds_train=time.perf_counter() - t0)
 
 
 # ----------------------------------------------------------- gradient ascent
@@ -303,7 +328,7 @@ class GradientAscent(NodeUnlearner):
                 steps += 1
             else:
                 acc = forget_acc()
-        return _update(ctx, before, model, steps=steps, forget_acc=acc, seconds_train=time.perf_counter() - t0)
+        return model_update(ctx, before, model, steps=steps, forget_acc=acc, seconds_train=time.perf_counter() - t0)
 
 
 # ------------------------------------------------------------------ distill
@@ -346,4 +371,4 @@ class Distill(NodeUnlearner):
                 loss.backward()
                 opt.step()
         student.eval()
-        return _update(ctx, before, student, retain_samples=len(data), seconds_train=time.perf_counter() - t0)
+        return model_update(ctx, before, student, retain_samples=len(data), seconds_train=time.perf_counter() - t0)
