@@ -254,3 +254,16 @@ def test_recipe_file_errors(tmp_path):
 def test_recipe_validation(bad):
     with pytest.raises(UmigError):
         Recipe(**bad)
+
+
+def test_batchnorm_model_trains_when_the_last_batch_has_one_item(digits):
+    # 65 items at batch size 64 leave a last batch of one, which BatchNorm cannot normalise in
+    # training mode (ResNets in recorders' fit and in retrain used to crash on it).
+    x, y = digits
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10))
+    before = model[4].weight.detach().clone()
+    out = train(model, make_batches(x[:65].reshape(65, -1), y[:65]), Recipe(epochs=2, batch_size=64), CLASSES)
+    assert out["loss"] == out["loss"] and not torch.equal(before, model[4].weight)
+    with pytest.raises(ValueError, match="BatchNorm needs two"):
+        train(model, make_batches(x[:1].reshape(1, -1), y[:1]), Recipe(epochs=1, batch_size=64), CLASSES)

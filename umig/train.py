@@ -181,10 +181,17 @@ def train(
             opt = torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
 
         n_classes = len(classes)
+        batch_stats = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
+        skipped = 0
         loss_mean = float("nan")
         for epoch in range(recipe.epochs):
             total, count = 0.0, 0
             for x, y in batches_fn(epoch):
+                if len(y) == 1 and batch_stats:
+                    # BatchNorm in training mode cannot normalise a batch of one (a dataset one
+                    # item past a multiple of the batch size): skip it rather than fail the run.
+                    skipped += 1
+                    continue
                 x, y = x.to(dev), y.to(dev)
                 rows = label_rows(y, classes)
                 logits = _logits(model(x))
@@ -197,7 +204,8 @@ def train(
                 total += float(loss.detach()) * len(y)
                 count += len(y)
             if count == 0:
-                raise ValueError(f"batches_fn({epoch}) yielded no batches")
+                raise ValueError(f"batches_fn({epoch}) yielded no batches"
+                                 + (" of more than one item (BatchNorm needs two)" if skipped else ""))
             loss_mean = total / count
             if progress is not None:
                 progress(epoch, loss_mean)
