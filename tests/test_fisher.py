@@ -298,3 +298,21 @@ def test_label_rows():
     assert label_rows(torch.tensor([-5, 8]), (100, 3, 7), strict=False).tolist() == [-1, -1]
     with pytest.raises(LabelError, match="label 8"):
         label_rows(torch.tensor([3, 8]), (100, 3, 7))
+
+
+def test_per_label_sums_give_the_unlearning_fim_without_a_pass(digits):
+    x, y = digits
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 12), nn.ReLU(), nn.Linear(12, 10))
+    full = head_fisher(model, "3", _batches(x[:200], y[:200], 64), CLASSES, per_label=True)
+    keep = (y[:200] == 1) | (y[:200] == 7)
+    direct = head_fisher(model, "3", _batches(x[:200][keep], y[:200][keep], 64), CLASSES)
+    from_sums = full.for_labels([1, 7])
+    assert from_sums.samples == direct.samples == int(keep.sum())
+    _close(from_sums.weight, direct.weight)
+    _close(from_sums.bias, direct.bias)
+    # The per-label sums add up to the model FIM, and survive a round trip through a blob.
+    _close(full.label_weight.sum(0) / full.samples, full.weight)
+    again = FIM.from_tensors(full.to_tensors(), full.metadata())
+    assert again.has_label_stats and torch.equal(again.label_weight, full.label_weight)
+    assert not head_fisher(model, "3", _batches(x[:50], y[:50], 64), CLASSES).has_label_stats

@@ -312,3 +312,16 @@ def test_label_alignment_across_head_sizes_and_imbalanced_paths(fl_store):
     for name in plan.affected:
         sd = s.state_dict(name)
         assert all(torch.equal(sd[k], before[name][1][k]) for k in sd)
+
+
+def test_forgetting_labels_with_stored_statistics_runs_no_forward_pass(fl_store, monkeypatch):
+    from umig.unlearners import fiun
+
+    assert fl_store.fim("fl/r1/c0").has_label_stats  # kept at add-node (10 x 10 x 64 floats)
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("FIUn ran a forward pass over the forget data")
+
+    monkeypatch.setattr(fiun, "head_fisher", no_pass)
+    res = fl_store.unlearn([3], evaluate=False)
+    assert res.nodes and all(n.version_after == n.version_before + 1 for n in res.nodes)

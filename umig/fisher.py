@@ -75,6 +75,11 @@ class FIM:
     samples: int
     kind: str = "empirical"
     temperature: float = 1.0
+    # Per-label sums behind ``weight``/``bias`` (row l: samples labelled ``classes[l]``), so that
+    # any label set's unlearning FIM is a sum, without a forward pass (see :meth:`for_labels`).
+    label_weight: Tensor | None = None  # (L, K, d)
+    label_bias: Tensor | None = None  # (L, K)
+    label_counts: Tensor | None = None  # (L,) int64
 
     def __post_init__(self) -> None:
         classes = tuple(int(c) for c in self.classes)
@@ -95,6 +100,16 @@ class FIM:
             raise FisherError(f"FIM temperature must be > 0, got {self.temperature}")
         if int(self.samples) < 0:
             raise FisherError(f"FIM samples must be >= 0, got {self.samples}")
+        if self.label_weight is not None:
+            k = len(classes)
+            if (tuple(self.label_weight.shape) != (k, k, weight.shape[1]) or self.label_counts is None
+                    or tuple(self.label_counts.shape) != (k,)):
+                raise FisherShapeError(f"FIM per-label statistics have shape {tuple(self.label_weight.shape)}; "
+                                       f"expected ({k}, {k}, {weight.shape[1]}) with ({k},) counts")
+            object.__setattr__(self, "label_weight", self.label_weight.detach().to("cpu", torch.float32))
+            object.__setattr__(self, "label_counts", self.label_counts.detach().to("cpu", torch.int64))
+            if self.label_bias is not None:
+                object.__setattr__(self, "label_bias", self.label_bias.detach().to("cpu", torch.float32))
         # Frozen dataclass: normalise once (CPU float32, int labels) so merges never mix devices or dtypes.
         object.__setattr__(self, "classes", classes)
         object.__setattr__(self, "weight", weight)
@@ -115,7 +130,28 @@ class FIM:
         }
         if self.bias is not None:
             out["bias"] = self.bias.detach().cpu().contiguous()
+        if self.label_weight is not None:
+            out["label_weight"] = self.label_weight.contiguous()
+            out["label_counts"] = self.label_counts.contiguous()
+            if self.label_bias is not None:
+                out["label_bias"] = self.label_bias.contiguous()
         return out
+
+    @property
+    def has_label_stats(self) -> bool:
+        return self.label_weight is not None
+
+    def for_labels(self, labels: Iterable[int]) -> FIM:
+        """The FIM of only the samples labelled ``labels`` (an unlearning FIM), from the per-label
+        sums: equal to :func:`head_fisher` on those samples with the same weights, no forward pass."""
+        if self.label_weight is None:
+            raise FisherError("this FIM has no per-label statistics")
+        rows = [r for r, c in enumerate(self.classes) if c in {int(x) for x in labels}]
+        n = int(self.label_counts[rows].sum()) if rows else 0
+        if n == 0:
+            raise FisherDataError("no samples with those labels behind this FIM")
+        bias = self.label_bias[rows].sum(0) / n if self.label_bias is not None else None
+        return FIM(self.label_weight[rows].sum(0) / n, bias, self.classes, n, self.kind, self.temperature)
 
     def metadata(self) -> dict[str, str]:
         """String metadata (safetensors only stores str -> str)."""
@@ -139,6 +175,9 @@ class FIM:
             samples=samples,
             kind=meta.get("kind", "empirical"),
             temperature=temperature,
+            label_weight=tensors.get("label_weight"),
+            label_bias=tensors.get("label_bias"),
+            label_counts=tensors.get("label_counts"),
         )
 
     def aligned(self, classes: Sequence[int]) -> FIM:
@@ -272,8 +311,12 @@ def head_fisher(
     kind: str = "empirical",
     temperature: float = 1.0,
     device: torch.device | str | None = None,
+    per_label: bool = False,
 ) -> FIM:
     """Closed-form diagonal Fisher of the head's weight and bias: one forward pass per batch.
+
+    ``per_label`` also keeps the per-label sums (``K x K x d`` floats) in the same pass, so a
+    label set's unlearning FIM needs no pass later (:meth:`FIM.for_labels`).
 
     ``y`` holds label ids, mapped to rows through ``classes``. ``temperature`` softens
     ``p = softmax(z / T)``; the constant ``1/T^2`` of the tempered loss's gradient is left
@@ -298,6 +341,10 @@ def head_fisher(
         with eval_mode(model, device) as dev, torch.no_grad():
             f_w = torch.zeros(len(classes), lin.in_features, dtype=acc, device=dev)
             f_b = torch.zeros(len(classes), dtype=acc, device=dev)
+            if per_label:
+                l_w = torch.zeros(len(classes), len(classes), lin.in_features, dtype=acc, device=dev)
+                l_b = torch.zeros(len(classes), len(classes), dtype=acc, device=dev)
+                l_n = torch.zeros(len(classes), dtype=torch.int64, device=dev)
             n = 0
             for x, y in batches:
                 captured.clear()
@@ -314,9 +361,17 @@ def head_fisher(
                     )
                 if y.numel() == 0:
                     continue
-                g = logit_grad_sq(z, label_rows(y, classes), kind, temperature)
-                f_w.addmm_(g.T, h.square())
+                rows = label_rows(y, classes)
+                g = logit_grad_sq(z, rows, kind, temperature)
+                h2 = h.square()
+                f_w.addmm_(g.T, h2)
                 f_b += g.sum(0)
+                if per_label:
+                    for r in rows.unique().tolist():
+                        m = rows == r
+                        l_w[r].addmm_(g[m].T, h2[m])
+                        l_b[r] += g[m].sum(0)
+                        l_n[r] += int(m.sum())
                 n += int(y.numel())
     finally:
         handle.remove()
@@ -329,6 +384,9 @@ def head_fisher(
         samples=n,
         kind=kind,
         temperature=temperature,
+        label_weight=l_w.to(torch.float32).cpu() if per_label else None,
+        label_bias=l_b.to(torch.float32).cpu() if per_label and lin.bias is not None else None,
+        label_counts=l_n.cpu() if per_label else None,
     )
 
 

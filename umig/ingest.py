@@ -24,6 +24,7 @@ from umig.errors import GraphError, NotFoundError, UmigError
 from umig.store import FRAMEWORKS, RELATIONS, NodeInfo, SqlStore, split_head
 from umig.train import Recipe
 
+LABEL_STATS_MAX = 1 << 20
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:@/+-]{0,199}$")
 # Rebuilding from the spec and the dummy forward that finds the head depend only on the
 # architecture and the state's keys/shapes/dtypes: done once per combination (bulk recording).
@@ -158,7 +159,7 @@ def add_node(
         if dataset is not None and len(dataset):
             model_fim = F.head_fisher(
                 model, hinfo.name, dataset.batches(fisher_batch, device=device), cls, **store.fisher_settings(),
-                device=device,
+                device=device, per_label=_keeps_label_stats(store, len(cls), hinfo.in_features),
             )
         elif parent_list:
             model_fim = _mean_parent_fim(store, parent_list, cls)
@@ -187,6 +188,13 @@ def _data_arg(data: Any, data_ref: str | None, subset: str | None, only_labels: 
         ref = D.parse_ref(data_ref) if data_ref else None
         return D.from_dataset(data, ref=ref)
     raise UmigError(f"unsupported data argument of type {type(data).__name__}")
+
+def _keeps_label_stats(store: SqlStore, classes: int, features: int) -> bool:
+    """Per-label FIM sums cost ``K x K x d`` floats per node: kept up to the store's
+    ``fisher.label_stats_max`` elements (default 1,048,576: 4 MiB)."""
+    cap = int(store.config().get("fisher.label_stats_max", str(LABEL_STATS_MAX)))
+    return classes * classes * features <= cap
+
 
 def _mean_parent_fim(store: SqlStore, parents: list[tuple[str, float | None]], classes: tuple[int, ...]):
     fims, weights = [], []

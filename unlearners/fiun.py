@@ -158,7 +158,9 @@ class FIUn(Unlearner):
         p = job.params
         phase1 = [
             Task(fn="umig.unlearners.fiun:unlearning_fim_task", node=n, cost=float(job.nodes[n].data_size or 1),
-                 payload={"snap": job.nodes[n], "labels": job.labels, "batch_size": p["batch_size"]})
+                 payload={"snap": job.nodes[n], "labels": job.labels, "batch_size": p["batch_size"],
+                          # The stored per-label sums match the node's weights only as it was added.
+                          "stats": job.nodes[n].version == 0 and n not in job.positions})
             for n in job.plan.discovery
         ]
         fims: list[dict[str, Any]] = yield phase1
@@ -178,11 +180,16 @@ class FIUn(Unlearner):
 def unlearning_fim_task(payload: dict[str, Any], env: Any) -> dict[str, Any]:
     """Phase 1 (Eq. 3): the discovery node's last-layer FIM on its forget data."""
     snap = payload["snap"]
+    model_fim = _load_fim(env, snap.fim_blob, snap.name)
+    if payload.get("stats") and model_fim.has_label_stats and set(payload["labels"]) & set(model_fim.classes):
+        # Per-label sums stored at add-node: the unlearning FIM without reading data or running the model.
+        fim = model_fim.for_labels(payload["labels"])
+        digest = env.put(fim.to_tensors(), {**fim.metadata(), "node": snap.name, "role": "unlearning"})
+        return {"node": snap.name, "fim": digest, "samples": fim.samples}
     data = env.node_data(snap)
     forget = data.filter_labels(keep=payload["labels"])
     if not len(forget):
         raise UnlearningError(f"discovery node '{snap.name}' holds none of the labels to forget")
-    model_fim = _load_fim(env, snap.fim_blob, snap.name)
     model = env.load_model(snap)
     fim = head_fisher(model, snap.head, forget.batches(payload["batch_size"]), snap.classes,
                       kind=model_fim.kind, temperature=model_fim.temperature, device=env.device)
