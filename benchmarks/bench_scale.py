@@ -108,14 +108,10 @@ def build(root: Path, n_nodes: int, clients: int, samples: int, seed: int = 0) -
 
 
 def head_digests(root: Path) -> dict[str, str]:
-    import sqlite3
+    from umig.store import SqlStore
 
-    db = sqlite3.connect(root / "umig.db")
-    try:
-        return dict(db.execute(
-            "SELECT n.name, v.head FROM nodes n JOIN versions v ON v.node=n.id AND v.version=n.version"))
-    finally:
-        db.close()
+    with SqlStore.open(root) as store:
+        return {n: snap.head_blob for n, snap in store.snapshots([i.name for i in store.nodes()]).items()}
 
 
 def _setting(spec: str, device: str) -> tuple[int, bool, str]:
