@@ -2,10 +2,11 @@
 
 Per affected node:
 
-1. **Influential channels** (Definition 4, Algorithm 1): on a forget batch ``I`` (``batch`` samples
-   of the forgotten labels, drawn with the job's seed from the node's forget data, or its clients'
-   for an aggregate), every output channel of every convolution and linear layer (the head
-   included) is zeroed one at a time and ``S = H_b(I) - H(I)``, the accuracy drop, is recorded.
+1. **Influential channels** (Definition 4, Algorithm 1): on a forget batch ``I`` (``batch`` forgotten
+   items - of the forgotten labels, or forgotten samples and clients - drawn with the job's seed
+   from the node's forget data, or its clients' for an aggregate), every output channel of every
+   convolution and linear layer (the head included) is zeroed one at a time and
+   ``S = H_b(I) - H(I)``, the accuracy drop w.r.t. each item's own label, is recorded.
    Ties in ``S`` (frequent on a small batch) are broken by the increase of the loss on ``I``. The
    top ``delta`` fraction of channels per layer (at least one) is kept.
 
@@ -18,12 +19,15 @@ Per affected node:
 2. **Fine-tuning only those channels** (weights and bias of the selected output channels, through
    the same sparse-delta trainer as FUSED: everything else frozen, eval mode, BatchNorm statistics
    unchanged) with cross-entropy on retain data plus *perturbation samples*: forget inputs relabelled
-   to a random wrong label (drawn, seeded, from the head's retained labels, so a forgotten label is
-   never taught again). ``variant=centralized`` (the paper's server-side scheme): one training set,
+   to a random wrong label (drawn, seeded, from the head's retained labels other than the item's
+   own, so neither a forgotten label nor what a forgotten sample taught is taught again).
+   ``variant=centralized`` (the paper's server-side scheme): one training set,
    at most ``samples`` retain samples (the paper used 1,600) plus at most ``samples`` perturbation
    samples, ``epochs`` epochs. ``variant=decentralized``: every source (an aggregate's clients, or
    the node itself) trains on its own retain + perturbation data for ``epochs`` local epochs,
-   ``rounds`` rounds of FedAvg weighted by the edges' data shares.
+   ``rounds`` rounds of FedAvg weighted by the edges' data shares. A node whose own data is entirely
+   forgotten (a forgotten client's own models) trains on its federation peers' retain data plus its
+   own perturbation samples (``umig.unlearners.fused.peer_names``).
 
 The change is returned as a sparse delta on the selected rows, so the node's new version is
 "base + delta" (revert is bit-exact).
@@ -42,15 +46,19 @@ from torch import Tensor, nn
 from torch.func import vmap
 from umig.unlearners.baselines import (
     OPTIMIZERS,
-    check_data,
     concat,
     forget_source_names,
     forget_sources,
     param_count,
-    retain_sources,
     seed_of,
 )
-from umig.unlearners.fused import MERGE_HELP, as_update, train_sparse
+from umig.unlearners.fused import (
+    MERGE_HELP,
+    as_update,
+    check_sources,
+    train_sparse,
+    training_sources,
+)
 
 from umig import delta as delta_mod
 from umig.data import from_tensors
@@ -165,16 +173,26 @@ def channel_index(model: nn.Module, chosen: Mapping[str, Tensor]) -> dict[str, T
 
 # ------------------------------------------------------------------- data
 def perturbation(forget: Any, classes: Sequence[int], labels: Sequence[int], seed: int, cap: int | None = None):
-    """Forget inputs relabelled to a random retained label (a ``umig.data.Data``), at most ``cap`` of them."""
+    """Forget inputs relabelled to a random retained label other than their own (a ``umig.data.Data``),
+    at most ``cap`` of them."""
     keep = torch.tensor([c for c in classes if c not in set(labels)], dtype=torch.long)
     if not len(keep):
         raise UnlearningError("no retained label to relabel perturbation samples with")
     g = torch.Generator().manual_seed(seed)
     if cap is not None and len(forget) > cap:
         forget = forget.select(torch.sort(torch.randperm(len(forget), generator=g)[:cap]).values)
-    xs = torch.cat([xb for xb, _ in forget.batches(512)])
-    y = keep[torch.randint(len(keep), (len(xs),), generator=g)]
-    return from_tensors(xs, y)
+    xs, ys = (torch.cat(t) for t in zip(*forget.batches(512)))
+    # Own label among the retained ones: forgotten samples or clients (a label forget set never
+    # is, and keeps its draw exactly as it was).
+    pos = torch.where(ys.view(-1, 1) == keep.view(1, -1), torch.arange(len(keep)), -1).max(1).values
+    if not bool((pos >= 0).any()):
+        return from_tensors(xs, keep[torch.randint(len(keep), (len(xs),), generator=g)])
+    choices = len(keep) - (pos >= 0).long()  # every retained label but the item's own
+    if bool((choices == 0).any()):
+        raise UnlearningError(f"no retained label other than {int(keep[0])} to relabel perturbation samples with")
+    k = torch.minimum((torch.rand(len(xs), generator=g) * choices).long(), choices - 1)  # rounding can hit `choices`
+    k = k + ((pos >= 0) & (k >= pos)).long()  # skip the item's own label
+    return from_tensors(xs, keep[k])
 
 
 def _sample(data: Any, cap: int, seed: int):
@@ -200,6 +218,7 @@ class Channel(NodeUnlearner):
     name = "channel"
     description = ("Influential-channel fine-tuning: per-layer top-delta channels by ablation on a forget batch, "
                    "fine-tuned (sparse delta) on retain data + perturbation samples; centralized or FedAvg.")
+    kinds = frozenset({"labels", "samples", "client"})
     params: Mapping[str, Param] = {
         "delta": Param(0.05, "fraction of output channels per layer to fine-tune"),
         "batch": Param(64, "forget samples in the ablation batch I"),
@@ -226,7 +245,7 @@ class Channel(NodeUnlearner):
             raise UnlearningError(f"method 'channel': samples must be >= 1, got {p['samples']!r}")
         if not p["lr"] > 0:
             raise UnlearningError(f"method 'channel': lr must be > 0, got {p['lr']!r}")
-        check_data(job, self.name, retain=True, forget=True)
+        check_sources(job, self.name, forget=True)
 
     def unlearn_node(self, ctx: NodeContext) -> NodeUpdate:
         t0 = time.perf_counter()
@@ -240,7 +259,7 @@ class Channel(NodeUnlearner):
 
         node = ctx.node.name
         from_ancestors = forget_source_names(ctx.snapshots, node, ctx.holds_forget)[1]
-        retain = retain_sources(ctx)
+        retain, by_peers = training_sources(ctx)
         forget = {n: d for n, _, d in forget_sources(ctx)}
         if p["variant"] == "centralized":
             r = _sample(concat([d for _, _, d in retain]), p["samples"], seed_of(ctx.seed, node, "sample"))
@@ -255,7 +274,8 @@ class Channel(NodeUnlearner):
             names = {n for n, _, _ in retain}
             own = {n: d for n, d in forget.items() if n in names}
             # Clients perturb their own forget samples; an inherited node whose clients never held the
-            # labels gets those of the ancestors it inherited them from, on every client.
+            # forgotten data gets those of the ancestors it inherited them from, on every client (so do
+            # a forgotten client's peers: its data, on every peer).
             shared = None if own or not forget else concat(list(forget.values()))
             for n, w, d in retain:
                 parts = [d]
@@ -275,6 +295,7 @@ class Channel(NodeUnlearner):
         return as_update(ctx, model, delta, p["merge"], {
             "variant": p["variant"],
             "forget_from": "ancestors" if from_ancestors else ("own data" if ctx.node.data_ref else "clients"),
+            "retain_from": "peers" if by_peers else ("own data" if ctx.node.data_ref is not None else "clients"),
             "channels_selected": {n: c.tolist() for n, c in chosen.items()},
             "channels_total": sum(int(e[0].numel()) for e in effects.values()),
             "ablation_batch": int(len(y)),

@@ -25,10 +25,18 @@ Per affected node:
    at 81-96% on every node after 5 rounds; with k=3, head included, 98% on the last global model). The default,
    ``objective=overwrite``, adds on each client's own forget inputs ``forget_weight`` times
    ``-log(1 - p_forgotten(x))``: it pushes probability off the forgotten labels only until they
-   stop winning, and then fades (unlike gradient ascent). Everything else - which layers, which
-   entries, what is frozen, FedAvg, the adapter as a separate blob - is the paper's. A node whose
-   own clients never held the labels (an inherited node) uses the forget samples of the nearest
-   ancestors that did.
+   stop winning, and then fades (unlike gradient ascent). For forgotten samples and clients
+   there is no forgotten label: ``p_forgotten(x_f)`` is then the probability of the sample's own
+   label ``y_f`` (plus any forgotten labels), so the model stops predicting what the sample
+   taught it (a backdoor's target class on triggered inputs, a flipped label). Everything else -
+   which layers, which entries, what is frozen, FedAvg, the adapter as a separate blob - is the
+   paper's. A node whose own clients never held the forgotten data (an inherited node) uses the
+   forget samples of the nearest ancestors that did.
+
+   Sources. A node whose own data is entirely forgotten (a forgotten client's own models) has
+   no retain data: it trains on the retain data of the rest of its federation (the other
+   sources of the aggregates it feeds, :func:`peer_names`) and overwrites on its own forget
+   data; without such peers it is refused.
 4. The adapter is returned as a sparse delta (``param -> (flat indices, values)``) that the store
    keeps as its own blob beside the unchanged base weights: the node's new version is "base +
    adapter", and reverting drops the adapter, restoring the model bit for bit.
@@ -40,6 +48,7 @@ same rounds would move with full models.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -52,6 +61,7 @@ from umig.unlearners.baselines import (
     OPTIMIZERS,
     check_data,
     concat,
+    forget_source_names,
     forget_sources,
     make_optimizer,
     param_count,
@@ -63,7 +73,15 @@ from umig import delta as delta_mod
 from umig.errors import UnlearningError
 from umig.heads import label_rows, rows_of, shared_rows
 from umig.train import Recipe, fit
-from umig.unlearner import Job, NodeContext, NodeUnlearner, NodeUpdate, Param
+from umig.unlearner import (
+    Job,
+    NodeContext,
+    NodeSnapshot,
+    NodeUnlearner,
+    NodeUpdate,
+    Param,
+    source_names,
+)
 
 OBJECTIVES = ("overwrite", "paper")
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
@@ -99,7 +117,9 @@ def train_sparse(
     A client given as ``(weight, retain, forget)`` also pushes probability mass off the rows of
     ``forget_labels`` on its forget inputs: each step adds ``forget_weight`` times the mean of
     ``-log(1 - p_forget(x))`` over a (cycled) forget batch. That term is bounded: it fades once a
-    forget input no longer predicts a forgotten label, unlike gradient ascent.
+    forget input no longer predicts a forgotten label, unlike gradient ascent. When the forget data
+    holds items of labels that are not forgotten (forgotten samples or clients), ``p_forget(x)``
+    also counts each item's own label (see :func:`overwrite_term`).
     """
     model.eval()
     for p in model.parameters():
@@ -112,6 +132,11 @@ def train_sparse(
     if not clients or total_w <= 0:
         raise UnlearningError("no client with data to train the adapter on")
     keep_rows = torch.tensor(rows_of(classes, set(classes) - set(forget_labels)), device=device)
+    forget_rows = torch.zeros(len(classes), dtype=torch.bool, device=device)
+    forget_rows[rows_of(classes, forget_labels)] = True
+    # Per client: does its forget data need each item's own label (samples, clients)? Forget data of
+    # forgotten labels only keeps the label term exactly as it always was.
+    own_label = [_holds_kept_labels(c[2] if len(c) > 2 else None, forget_labels) for c in clients]
     steps, loss_mean = 0, float("nan")
     for r in range(rounds):
         acc = {n: torch.zeros_like(v, dtype=torch.float64) for n, v in glob.items()}
@@ -125,7 +150,7 @@ def train_sparse(
                 for x, y in data.batches(batch_size, shuffle=True, seed=seed_of(seed, r, c, e)):
                     n_r = len(y)
                     if fbatches is not None:
-                        xf, _ = next(fbatches)
+                        xf, yf = next(fbatches)
                         x = torch.cat([x, xf])
                     x, y = x.to(device), y.to(device)
                     eff = {n: base[n].reshape(-1).index_add(0, idx[n], vals[n]).view_as(base[n]) for n in idx}
@@ -133,7 +158,11 @@ def train_sparse(
                     loss = F.cross_entropy(z[:n_r], label_rows(y, classes))
                     if fbatches is not None:
                         zf = z[n_r:]
-                        loss = loss + forget_weight * (zf.logsumexp(1) - zf[:, keep_rows].logsumexp(1)).mean()
+                        if own_label[c]:
+                            rows = label_rows(yf.to(device), classes, strict=False)
+                            loss = loss + forget_weight * overwrite_term(zf, rows, forget_rows)
+                        else:
+                            loss = loss + forget_weight * (zf.logsumexp(1) - zf[:, keep_rows].logsumexp(1)).mean()
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
@@ -147,6 +176,25 @@ def train_sparse(
         if progress:
             progress(r, loss_mean)
     return glob, {"loss": loss_mean, "steps": steps}
+
+
+def overwrite_term(z: Tensor, rows: Tensor, forget_rows: Tensor) -> Tensor:
+    """Mean of ``-log(1 - p(x))`` where ``p(x)`` is the probability of the forgotten-label rows
+    (``forget_rows``, a bool mask over the head) plus each item's own row (``rows``, -1 for a label
+    the head lacks). An item with every row suppressed has nothing to move to and adds 0."""
+    suppress = forget_rows.unsqueeze(0).repeat(len(z), 1)
+    has = rows >= 0
+    suppress[has.nonzero().flatten(), rows[has]] = True
+    kept = z.masked_fill(suppress, float("-inf")).logsumexp(1)
+    total = z.logsumexp(1)
+    return (total - torch.where(torch.isinf(kept), total, kept)).mean()
+
+
+def _holds_kept_labels(forget: Any, forget_labels: Sequence[int]) -> bool:
+    """Whether ``forget`` (a ``Data`` or None) has items whose label is not a forgotten label."""
+    if forget is None or not len(forget):
+        return False
+    return bool((~torch.isin(forget.targets, torch.tensor(list(forget_labels), dtype=torch.long))).any())
 
 
 def _cycle(data: Any, batch_size: int, seed: int):
@@ -223,6 +271,54 @@ def masks(named: Mapping[str, Tensor], params: Iterable[str], keep: float, seed:
     return out
 
 
+# ----------------------------------------------------------------- sources
+def peer_names(nodes: Mapping[str, NodeSnapshot], name: str,
+               holds_retain: Callable[[str], bool]) -> list[tuple[str, float]]:
+    """The rest of the federation of ``name``: the sources (other than ``name``) of the nodes it feeds
+    that keep retain data, with their shares there (the largest where a source feeds several)."""
+    out: dict[str, float] = {}
+    for child, snap in nodes.items():
+        if any(p == name for p, _, _ in snap.parents):
+            for src, w in source_names(nodes, child):
+                if src != name and holds_retain(src):
+                    out[src] = max(out.get(src, 0.0), w)
+    return sorted(out.items())
+
+
+def trains_on_peers(nodes: Mapping[str, NodeSnapshot], name: str, holds_forget: Callable[[str], bool],
+                    holds_retain: Callable[[str], bool]) -> bool:
+    """Whether ``name``'s own data is entirely forgotten and its federation peers keep data to train on."""
+    return (nodes[name].data_ref is not None and holds_forget(name) and not holds_retain(name)
+            and bool(peer_names(nodes, name, holds_retain)))
+
+
+def training_sources(ctx: NodeContext) -> tuple[list[tuple[str, float, Any]], bool]:
+    """``(name, weight, retain Data)`` to train a node on, and whether they are its peers':
+    :func:`retain_sources`, except for a node whose own data is entirely forgotten."""
+    name = ctx.node.name
+    if trains_on_peers(ctx.snapshots, name, ctx.holds_forget, ctx.holds_retain):
+        peers = [(n, w, ctx.retain_data(n)) for n, w in peer_names(ctx.snapshots, name, ctx.holds_retain)]
+        peers = [(n, w, d) for n, w, d in peers if d is not None and len(d)]
+        if peers:
+            return peers, True
+    return retain_sources(ctx), False
+
+
+def check_sources(job: Job, method: str, *, forget: bool = False) -> None:
+    """``check_data`` for every affected node except those that train on their peers' data."""
+    rest = [n for n in job.plan.affected if not trains_on_peers(job.nodes, n, job.holds_forget, job.holds_retain)]
+    if len(rest) < len(job.plan.affected):
+        job = dataclasses.replace(job, plan=dataclasses.replace(job.plan, affected=rest))
+    check_data(job, method, retain=True, forget=forget)
+
+
+def forget_origin(ctx: NodeContext) -> str:
+    """Where a node's forget samples come from, for the metrics: own data, clients or ancestors."""
+    if forget_source_names(ctx.snapshots, ctx.node.name, ctx.holds_forget)[1]:
+        return "ancestors"
+    return "own data" if ctx.node.data_ref is not None else "clients"
+
+
 # ------------------------------------------------------------------- FUSED
 class Fused(NodeUnlearner):
     """FUSED: critical-layer sparse adapters trained on the retain data (FedAvg over clients)."""
@@ -230,6 +326,7 @@ class Fused(NodeUnlearner):
     name = "fused"
     description = ("FUSED: critical layers by L1 distance along the lineage, seeded sparse adapters "
                    "(W + mask*A) trained on retain data; the adapter is a separate blob, revert is bit-exact.")
+    kinds = frozenset({"labels", "samples", "client"})
     params: Mapping[str, Param] = {
         "k": Param(2, "number of critical layers that get an adapter"),
         "keep": Param(0.05, "fraction of a critical layer's entries the adapter may change"),
@@ -239,8 +336,9 @@ class Fused(NodeUnlearner):
         "optimizer": Param("adam", "adapter optimizer", choices=OPTIMIZERS),
         "batch_size": Param(64, "batch size"),
         "objective": Param("overwrite", "paper: cross-entropy on retain data only (Eq. 14); overwrite: plus "
-                           "-log(1 - p_forgotten) on the same clients' forget inputs (see module docs)",
-                           choices=OBJECTIVES),
+                           "-log(1 - p_forgotten) on the same clients' forget inputs, p_forgotten being the "
+                           "forgotten labels' or, for samples and clients, the sample's own label's "
+                           "probability (see module docs)", choices=OBJECTIVES),
         "forget_weight": Param(1.0, "weight of the overwrite term (objective=overwrite)"),
         "merge": Param(False, MERGE_HELP),
     }
@@ -256,7 +354,7 @@ class Fused(NodeUnlearner):
                 raise UnlearningError(f"method 'fused': {n} must be >= 1, got {p[n]!r}")
         if not p["lr"] > 0:
             raise UnlearningError(f"method 'fused': lr must be > 0, got {p['lr']!r}")
-        check_data(job, self.name, retain=True)
+        check_sources(job, self.name)
 
     # -- Critical Layer Identification
     def _diffs(self, ctx: NodeContext, model: nn.Module, lays: list[tuple[str, list[str]]],
@@ -291,7 +389,7 @@ class Fused(NodeUnlearner):
         model = ctx.model()
         own = {k: v.detach() for k, v in model.state_dict().items()}
         lays = layers(model)
-        clients = retain_sources(ctx)
+        clients, by_peers = training_sources(ctx)
         diff, how = self._diffs(ctx, model, lays, own, clients)
         order = rank_layers(lays, diff)
         chosen = order[: p["k"]]
@@ -302,17 +400,19 @@ class Fused(NodeUnlearner):
         if p["objective"] == "paper":
             parts: list[tuple] = [(w, d) for _, w, d in clients]
         else:
-            own_f = {n: ctx.forget_data(n) for n, _, _ in clients}
+            # Peers train beside the node's own forget data (what it must stop predicting), not theirs.
+            own_f = {} if by_peers else {n: ctx.forget_data(n) for n, _, _ in clients}
             own_f = {n: d for n, d in own_f.items() if d is not None and len(d)}
             if own_f:
                 forget_from = "own data" if ctx.node.data_ref is not None else "clients"
                 parts = [(w, d, own_f.get(n)) for n, w, d in clients]
             else:
-                # An inherited node whose data never held the labels: the forget samples of the
-                # ancestors it inherited them from stand in, beside every client's retain data.
+                # A node whose training clients hold nothing to forget (an inherited node; an aggregate
+                # whose forgotten clients left no retain data; peers): the forget samples that stand for
+                # it (its own, its forgotten clients', or its ancestors') go beside every client's retain data.
                 anc = forget_sources(ctx)
                 fallback = concat([d for _, _, d in anc]) if anc else None
-                forget_from = "ancestors" if anc else "none"
+                forget_from = forget_origin(ctx) if anc else "none"
                 parts = [(w, d, fallback) for _, w, d in clients]
         values, stats = train_sparse(
             model, index, parts, ctx.classes, rounds=p["rounds"], local_epochs=p["local_epochs"], lr=p["lr"],
@@ -331,6 +431,7 @@ class Fused(NodeUnlearner):
             "layer_ranking": [[lays[i][0], round(diff[i], 6)] for i in order],
             "cli_from": how,
             "forget_from": forget_from,
+            "retain_from": "peers" if by_peers else ("own data" if ctx.node.data_ref is not None else "clients"),
             "clients": n_clients,
             "adapter_params": entries,
             "adapter_nonzero": nonzero,
