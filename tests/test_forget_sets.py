@@ -121,3 +121,10 @@ def test_cli_samples_and_client_dry_run_json(fl_store, tmp_path):
         lines = [ln for ln in err.splitlines() if ln.strip()]
         assert code == 1 and len(lines) == 1 and needle in lines[0], (code, err)
     assert store_state(fl_store.root) == state
+
+
+@pytest.mark.parametrize("method", ["finetune", "gradient-ascent", "distill"])
+def test_baselines_serve_a_client_whose_data_is_entirely_forgotten(fl_store, method):
+    # The forgotten client's own nodes keep no data: they train on their federation peers' data.
+    res = fl_store.unlearn(clients=["fl/r1/c1"], method=method, params={"epochs": 1}, evaluate=False)
+    assert {"fl/r1/c1", "fl/r2/c1", "fl/r2/global"} <= {n.name for n in res.nodes}

@@ -82,7 +82,8 @@ def check_data(job: Job, method: str, *, retain: bool = True, forget: bool = Fal
         if not srcs:
             problems.append(f"{n} (no training data of its own or below it)")
             continue
-        if retain and not any(job.holds_retain(s) for s, _ in srcs):
+        if retain and not any(job.holds_retain(s) for s, _ in srcs) and not trains_on_peers(
+                job.nodes, n, job.holds_forget, job.holds_retain):
             where = "its data" if srcs[0][0] == n else "the data below it"
             problems.append(f"{n} ({where} holds only what is to be forgotten: no retain data)")
         if forget and not forget_source_names(job.nodes, n, job.holds_forget)[0]:
@@ -92,8 +93,7 @@ def check_data(job: Job, method: str, *, retain: bool = True, forget: bool = Fal
         raise UnlearningError(f"method '{method}' cannot run on {'; '.join(problems[:5])}{more}")
 
 
-def retain_sources(ctx: NodeContext) -> list[tuple[str, float, Any]]:
-    """``(name, weight, Data)`` of every source with retain data (see :func:`source_names`)."""
+def _own_retain_sources(ctx: NodeContext) -> list[tuple[str, float, Any]]:
     out = []
     for name, w in source_names(ctx.snapshots, ctx.node.name):
         d = ctx.retain_data(name)
@@ -102,6 +102,44 @@ def retain_sources(ctx: NodeContext) -> list[tuple[str, float, Any]]:
     if not out:
         raise UnlearningError(f"node '{ctx.node.name}' has no retain data to train on")
     return out
+
+
+def peer_names(nodes: Mapping[str, NodeSnapshot], name: str,
+               holds_retain: Callable[[str], bool]) -> list[tuple[str, float]]:
+    """The rest of the federation of ``name``: the sources (other than ``name``) of the nodes it feeds
+    that keep retain data, with their shares there (the largest where a source feeds several)."""
+    out: dict[str, float] = {}
+    for child, snap in nodes.items():
+        if any(p == name for p, _, _ in snap.parents):
+            for src, w in source_names(nodes, child):
+                if src != name and holds_retain(src):
+                    out[src] = max(out.get(src, 0.0), w)
+    return sorted(out.items())
+
+
+def trains_on_peers(nodes: Mapping[str, NodeSnapshot], name: str, holds_forget: Callable[[str], bool],
+                    holds_retain: Callable[[str], bool]) -> bool:
+    """Whether ``name``'s own data is entirely forgotten and its federation peers keep data to train on."""
+    return (nodes[name].data_ref is not None and holds_forget(name) and not holds_retain(name)
+            and bool(peer_names(nodes, name, holds_retain)))
+
+
+def training_sources(ctx: NodeContext) -> tuple[list[tuple[str, float, Any]], bool]:
+    """``(name, weight, retain Data)`` to train a node on, and whether they are its peers':
+    :func:`retain_sources`, except for a node whose own data is entirely forgotten."""
+    name = ctx.node.name
+    if trains_on_peers(ctx.snapshots, name, ctx.holds_forget, ctx.holds_retain):
+        peers = [(n, w, ctx.retain_data(n)) for n, w in peer_names(ctx.snapshots, name, ctx.holds_retain)]
+        peers = [(n, w, d) for n, w, d in peers if d is not None and len(d)]
+        if peers:
+            return peers, True
+    return _own_retain_sources(ctx), False
+
+
+def retain_sources(ctx: NodeContext) -> list[tuple[str, float, Any]]:
+    """``(name, weight, Data)`` of the retain data a node trains on: its sources' (see
+    :func:`source_names`), or its federation peers' when its own data is entirely forgotten."""
+    return training_sources(ctx)[0]
 
 
 def forget_sources(ctx: NodeContext) -> list[tuple[str, float, Any]]:

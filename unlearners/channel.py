@@ -27,7 +27,7 @@ Per affected node:
    the node itself) trains on its own retain + perturbation data for ``epochs`` local epochs,
    ``rounds`` rounds of FedAvg weighted by the edges' data shares. A node whose own data is entirely
    forgotten (a forgotten client's own models) trains on its federation peers' retain data plus its
-   own perturbation samples (``umig.unlearners.fused.peer_names``).
+   own perturbation samples (``umig.unlearners.baselines.peer_names``).
 
 The change is returned as a sparse delta on the selected rows, so the node's new version is
 "base + delta" (revert is bit-exact).
@@ -44,27 +44,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import vmap
-from umig.unlearners.baselines import (
-    OPTIMIZERS,
-    concat,
-    forget_source_names,
-    forget_sources,
-    param_count,
-    seed_of,
-)
-from umig.unlearners.fused import (
-    MERGE_HELP,
-    as_update,
-    check_sources,
-    train_sparse,
-    training_sources,
-)
 
 from umig import delta as delta_mod
 from umig.data import from_tensors
 from umig.errors import UnlearningError
 from umig.heads import label_rows
 from umig.unlearner import Job, NodeContext, NodeUnlearner, NodeUpdate, Param
+from umig.unlearners.baselines import (
+    OPTIMIZERS,
+    check_data,
+    concat,
+    forget_source_names,
+    forget_sources,
+    param_count,
+    seed_of,
+    training_sources,
+)
+from umig.unlearners.fused import MERGE_HELP, as_update, train_sparse
 
 VARIANTS = ("centralized", "decentralized")
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -245,7 +241,7 @@ class Channel(NodeUnlearner):
             raise UnlearningError(f"method 'channel': samples must be >= 1, got {p['samples']!r}")
         if not p["lr"] > 0:
             raise UnlearningError(f"method 'channel': lr must be > 0, got {p['lr']!r}")
-        check_sources(job, self.name, forget=True)
+        check_data(job, self.name, retain=True, forget=True)
 
     def unlearn_node(self, ctx: NodeContext) -> NodeUpdate:
         t0 = time.perf_counter()

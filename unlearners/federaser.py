@@ -29,7 +29,14 @@ from torch import Tensor
 
 from umig.errors import UnlearningError
 from umig.train import Recipe, fit
-from umig.unlearner import Job, NodeContext, NodeSnapshot, NodeUnlearner, NodeUpdate, Param
+from umig.unlearner import (
+    Job,
+    NodeContext,
+    NodeSnapshot,
+    NodeUnlearner,
+    NodeUpdate,
+    Param,
+)
 from umig.unlearners.baselines import (
     check_recipes,
     cpu_state,

@@ -48,7 +48,6 @@ same rounds would move with full models.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -57,17 +56,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
-from umig.unlearners.baselines import (
-    OPTIMIZERS,
-    check_data,
-    concat,
-    forget_source_names,
-    forget_sources,
-    make_optimizer,
-    param_count,
-    retain_sources,
-    seed_of,
-)
 
 from umig import delta as delta_mod
 from umig.errors import UnlearningError
@@ -76,11 +64,20 @@ from umig.train import Recipe, fit
 from umig.unlearner import (
     Job,
     NodeContext,
-    NodeSnapshot,
     NodeUnlearner,
     NodeUpdate,
     Param,
-    source_names,
+)
+from umig.unlearners.baselines import (
+    OPTIMIZERS,
+    check_data,
+    concat,
+    forget_source_names,
+    forget_sources,
+    make_optimizer,
+    param_count,
+    seed_of,
+    training_sources,
 )
 
 OBJECTIVES = ("overwrite", "paper")
@@ -272,46 +269,6 @@ def masks(named: Mapping[str, Tensor], params: Iterable[str], keep: float, seed:
 
 
 # ----------------------------------------------------------------- sources
-def peer_names(nodes: Mapping[str, NodeSnapshot], name: str,
-               holds_retain: Callable[[str], bool]) -> list[tuple[str, float]]:
-    """The rest of the federation of ``name``: the sources (other than ``name``) of the nodes it feeds
-    that keep retain data, with their shares there (the largest where a source feeds several)."""
-    out: dict[str, float] = {}
-    for child, snap in nodes.items():
-        if any(p == name for p, _, _ in snap.parents):
-            for src, w in source_names(nodes, child):
-                if src != name and holds_retain(src):
-                    out[src] = max(out.get(src, 0.0), w)
-    return sorted(out.items())
-
-
-def trains_on_peers(nodes: Mapping[str, NodeSnapshot], name: str, holds_forget: Callable[[str], bool],
-                    holds_retain: Callable[[str], bool]) -> bool:
-    """Whether ``name``'s own data is entirely forgotten and its federation peers keep data to train on."""
-    return (nodes[name].data_ref is not None and holds_forget(name) and not holds_retain(name)
-            and bool(peer_names(nodes, name, holds_retain)))
-
-
-def training_sources(ctx: NodeContext) -> tuple[list[tuple[str, float, Any]], bool]:
-    """``(name, weight, retain Data)`` to train a node on, and whether they are its peers':
-    :func:`retain_sources`, except for a node whose own data is entirely forgotten."""
-    name = ctx.node.name
-    if trains_on_peers(ctx.snapshots, name, ctx.holds_forget, ctx.holds_retain):
-        peers = [(n, w, ctx.retain_data(n)) for n, w in peer_names(ctx.snapshots, name, ctx.holds_retain)]
-        peers = [(n, w, d) for n, w, d in peers if d is not None and len(d)]
-        if peers:
-            return peers, True
-    return retain_sources(ctx), False
-
-
-def check_sources(job: Job, method: str, *, forget: bool = False) -> None:
-    """``check_data`` for every affected node except those that train on their peers' data."""
-    rest = [n for n in job.plan.affected if not trains_on_peers(job.nodes, n, job.holds_forget, job.holds_retain)]
-    if len(rest) < len(job.plan.affected):
-        job = dataclasses.replace(job, plan=dataclasses.replace(job.plan, affected=rest))
-    check_data(job, method, retain=True, forget=forget)
-
-
 def forget_origin(ctx: NodeContext) -> str:
     """Where a node's forget samples come from, for the metrics: own data, clients or ancestors."""
     if forget_source_names(ctx.snapshots, ctx.node.name, ctx.holds_forget)[1]:
@@ -354,7 +311,7 @@ class Fused(NodeUnlearner):
                 raise UnlearningError(f"method 'fused': {n} must be >= 1, got {p[n]!r}")
         if not p["lr"] > 0:
             raise UnlearningError(f"method 'fused': lr must be > 0, got {p['lr']!r}")
-        check_sources(job, self.name)
+        check_data(job, self.name, retain=True)
 
     # -- Critical Layer Identification
     def _diffs(self, ctx: NodeContext, model: nn.Module, lays: list[tuple[str, list[str]]],
