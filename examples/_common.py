@@ -4,7 +4,9 @@ Only plumbing lives here; what is specific to each framework (how its lineage is
 and recorded) stays in the example itself. Importing this module puts the repository on
 ``sys.path``, so an example run as ``python examples/<name>.py`` can import ``umig`` and
 ``cli`` without installing them. The digits data references and the architecture come
-from :mod:`umig.demo` (``DIGITS_TRAIN``, ``DIGITS_TEST``, ``DEFAULT_ARCH``).
+from :mod:`umig.demo` (``DIGITS_TRAIN``, ``DIGITS_TEST``, ``DEFAULT_ARCH``). The examples that
+forget samples or clients (``backdoor``, ``byzantine_client``) also share a flat FedAvg loop over
+client data they prepare, and unlearning on a copy of the store (end of this module).
 """
 
 from __future__ import annotations
@@ -33,16 +35,20 @@ if TYPE_CHECKING:
 CLASSES = tuple(range(10))  # the digit labels, 0-9
 
 
-def example_parser(doc: str | None, *, quick: str, labels: str, labels_help: str) -> argparse.ArgumentParser:
+def example_parser(doc: str | None, *, quick: str, labels: str | None = None, labels_help: str = "",
+                   store_help: str = "store directory (default: a temporary one, removed at exit)",
+                   ) -> argparse.ArgumentParser:
     """A parser with the options every example starts with: ``--quick``, ``--store``, ``--labels``.
 
     ``quick`` says what ``--quick`` shrinks the run to (e.g. ``"1 round, 1 epoch"``); ``labels``
-    is the default forget set. Add the example's own options, then call :func:`parse_args`.
+    is the default forget set (``None``: no ``--labels`` option, for examples that forget
+    samples or clients). Add the example's own options, then call :func:`parse_args`.
     """
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help=f"{quick} (for tests)")
-    ap.add_argument("--store", type=Path, help="store directory (default: a temporary one, removed at exit)")
-    ap.add_argument("--labels", default=labels, help=labels_help)
+    ap.add_argument("--store", type=Path, help=store_help)
+    if labels is not None:
+        ap.add_argument("--labels", default=labels, help=labels_help)
     return ap
 
 
@@ -118,3 +124,131 @@ def print_result(con: Console, result: UnlearnResult) -> None:
 
     con.print(result_table(result))
     print(summary_line(result))
+
+
+# ------------------------------------------------------------------ forgetting samples and clients
+# What examples/backdoor.py and examples/byzantine_client.py share: a flat FedAvg run over client
+# data the example prepared, unlearning on a copy of the store, and the exported checkpoint.
+
+def method_options(ap: argparse.ArgumentParser) -> None:
+    """``--method`` (compared with ``retrain``, the exact reference) and ``--check``."""
+    ap.add_argument("--method", default="retrain",
+                    help="unlearning method to compare with retrain (any installed one, see 'umig methods')")
+    ap.add_argument("--check", action="store_true", help="exit 1 when METHOD misses the targets against retrain")
+
+
+def check_method(name: str, kind: str) -> None:
+    """Stop before any training unless ``name`` is an installed method that forgets ``kind``
+    (``"samples"`` or ``"client"``); the method's own refusal says why and what to use instead."""
+    import numpy as np
+
+    from umig.errors import UmigError
+    from umig.forget import ForgetSet, SampleSet
+    from umig.unlearner import available, get
+
+    if name not in available():
+        raise SystemExit(f"unknown method '{name}' (installed: {', '.join(sorted(available()))})")
+    probe = SampleSet(dataset="", source="", indices=np.zeros(1, np.int64), size=1,
+                      client="client" if kind == "client" else None)
+    try:
+        get(name).check_kinds(ForgetSet(samples=(probe,)))
+    except UmigError as e:
+        raise SystemExit(str(e)) from None
+
+
+@contextmanager
+def work_dir(path: Path | None, prefix: str) -> Iterator[Path]:
+    """``path`` (emptied first) for the example's stores and files, or a temporary directory removed on exit."""
+    tmp = None if path else tempfile.mkdtemp(prefix=prefix)
+    root = Path(path or tmp).resolve()
+    try:
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        yield root
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def fedavg_lineage(store: Store, shards: list, *, rounds: int, epochs: int, seed: int = 0, prefix: str = "fl") -> dict:
+    """Train and record flat FedAvg over ``shards`` (one ``umig.data.Data`` per client) on digits.
+
+    Every client records its own recipe (its seed), and models start from :func:`fresh_model`,
+    so ``retrain`` replays the run exactly. Returns the names (``init``, ``clients[round][client]``,
+    ``globals``), the ``recorder`` and ``train_s`` (seconds training and averaging).
+    """
+    import copy
+    import time
+
+    from umig.demo import DEFAULT_ARCH as ARCH
+    from umig.lineage import FederatedRecorder, fit, fresh_model
+    from umig.train import Recipe, fedavg
+
+    base = Recipe(optimizer="adam", lr=0.01, epochs=epochs, batch_size=64, seed=seed)
+    rec = FederatedRecorder(store, ARCH, prefix=prefix, classes=CLASSES, recipe=base)
+    out: dict = {"clients": [], "globals": [], "recorder": rec}
+    train_s = 0.0
+    with rec.batch():
+        global_model = fresh_model(ARCH, seed)
+        out["init"] = rec.initial(global_model).name
+        for r in range(1, rounds + 1):
+            names, states = [], []
+            for c, shard in enumerate(shards):
+                t0 = time.perf_counter()
+                recipe = Recipe(**{**base.to_json(), "seed": seed + 100 * r + c})
+                model = copy.deepcopy(global_model)
+                fit(model, shard, recipe, CLASSES)
+                train_s += time.perf_counter() - t0
+                names.append(rec.client(r, c, model, shard, recipe=recipe).name)
+                states.append(model.state_dict())
+            t0 = time.perf_counter()
+            global_model = fresh_model(ARCH, seed)
+            global_model.load_state_dict(fedavg(states, rec.weights(names)))
+            train_s += time.perf_counter() - t0
+            out["clients"].append(names)
+            out["globals"].append(rec.aggregate(r, global_model).name)
+    out["train_s"] = train_s
+    return out
+
+
+def exported_model(store: Store, node: str, path: Path) -> torch.nn.Module:
+    """Export ``node``'s current version with ``store.export`` and load that checkpoint back (what ships)."""
+    from safetensors.torch import load_file
+
+    from umig.arch import build_model
+
+    store.export(node, path)
+    return build_model(store.node(node).arch, load_file(str(path)))
+
+
+def unlearn_copy(original: Path, dest: Path, node: str, **unlearn: object) -> tuple[torch.nn.Module, UnlearnResult]:
+    """Unlearn on a copy (at ``dest``) of the closed store at ``original``, which stays as recorded.
+
+    ``unlearn`` goes to ``store.unlearn`` (without its label metrics: ``evaluate=False``).
+    Returns ``node``'s exported, reloaded checkpoint and the result.
+    """
+    shutil.copytree(original, dest)
+    with Store.open(dest) as store:
+        result = store.unlearn(evaluate=False, **unlearn)
+        model = exported_model(store, node, dest / f"{node.replace('/', '_')}.safetensors")
+    return model, result
+
+
+def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Share of ``x`` a digits model (head rows = labels 0-9) predicts as ``y``."""
+    from umig.evaluate import predict_labels
+
+    pred, true = predict_labels(model, [(x, y)], CLASSES)
+    return float((pred == true).float().mean()) if len(true) else float("nan")
+
+
+def comparison_table(title: str, columns: list[str], rows: list[list[str]]):
+    """A rich table: first column left-aligned, the others right-aligned."""
+    from rich.table import Table
+
+    t = Table(title=title)
+    for i, col in enumerate(columns):
+        t.add_column(col, justify="left" if i == 0 else "right")
+    for row in rows:
+        t.add_row(*row)
+    return t

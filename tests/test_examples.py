@@ -1,7 +1,9 @@
 """Every example runs end to end with ``--quick`` in a subprocess and prints its result line.
 
-The six runs start together, two at a time (most of each run is interpreter and torch
-start-up), the first time any test here asks for them; each test then checks one run.
+The runs the selected tests need start together, two at a time (most of each run is
+interpreter and torch start-up), the first time any test here asks for them; each test then
+checks one run. ``backdoor`` and ``byzantine_client`` also get ``--check``: they exit 1 when
+forgetting misses their targets against ``retrain``.
 """
 
 from __future__ import annotations
@@ -25,20 +27,40 @@ EXPECT = {
     "multi_root": r"FIUn forgot label\(s\) 1,7 on \d+ node\(s\) in [\d.]+ s from 2 discovery nodes; "
                   r"worst AD_f on the \d+ multi-root node\(s\): ([\d.]+)%",
     "pipeline": r"pipeline (?:complete|FAILED its release gates): operation op-\w+ forgot label\(s\) 8 on \d+ models",
+    "backdoor": r"backdoor: ASR [\d.]+% -> [\d.]+% with \S+ \(retrain [\d.]+%\), clean accuracy .*: PASS",
+    "byzantine_client": r"byzantine client: held-out accuracy [\d.]+% -> [\d.]+% with \S+ \(retrain [\d.]+%\).*: PASS",
 }
+EXTRA_ARGS = {"backdoor": ["--check"], "byzantine_client": ["--check"]}
+# Tests that read an example's run without being parametrised by it (so its run starts with the others).
+USES = {"test_pipeline_exports_and_audits": "pipeline", "test_transfer_heads_keep_the_base_body": "transfer",
+        "test_backdoor_is_planted_then_removed": "backdoor"}
 
 
 def _run(name: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"}
-    return subprocess.run([sys.executable, str(REPO / "examples" / f"{name}.py"), "--quick"], capture_output=True,
-                          text=True, timeout=300, env=env, cwd=REPO)
+    return subprocess.run([sys.executable, str(REPO / "examples" / f"{name}.py"), "--quick", *EXTRA_ARGS.get(name, [])],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=REPO, check=False)
+
+
+class _Runs(dict):
+    def __missing__(self, name: str) -> subprocess.CompletedProcess:  # a run no selected test announced
+        self[name] = _run(name)
+        return self[name]
 
 
 @pytest.fixture(scope="module")
-def runs() -> dict[str, subprocess.CompletedProcess]:
+def runs(request) -> dict[str, subprocess.CompletedProcess]:
+    """The runs of the examples the selected tests of this module need (``-k`` runs only those)."""
+    wanted = []
+    for item in request.session.items:
+        if item.module is request.module:
+            callspec = getattr(item, "callspec", None)
+            name = callspec.params.get("name") if callspec else USES.get(item.originalname)
+            if name and name not in wanted:
+                wanted.append(name)
     with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {name: pool.submit(_run, name) for name in EXPECT}
-        return {name: f.result() for name, f in futures.items()}
+        futures = {name: pool.submit(_run, name) for name in wanted}
+        return _Runs({name: f.result() for name, f in futures.items()})
 
 
 @pytest.mark.parametrize("name", list(EXPECT))
@@ -47,7 +69,7 @@ def test_example_runs_quick(runs, name):
     assert proc.returncode == 0, f"examples/{name}.py --quick exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     m = re.search(EXPECT[name], proc.stdout)
     assert m, f"examples/{name}.py printed no result line:\n{proc.stdout[-3000:]}"
-    for worst_ad_f in m.groups():  # forgotten labels are really gone, on train and held-out data
+    for worst_ad_f in m.groups():  # forgotten labels are really gone, on train and held-out data (FIUn examples)
         assert float(worst_ad_f) <= 5.0, m.group(0)
 
 
@@ -60,3 +82,8 @@ def test_pipeline_exports_and_audits(runs):
 
 def test_transfer_heads_keep_the_base_body(runs):
     assert "identical to the base's: True" in runs["transfer"].stdout
+
+
+def test_backdoor_is_planted_then_removed(runs):
+    m = re.search(r"backdoor: ASR ([\d.]+)% -> ([\d.]+)%", runs["backdoor"].stdout)
+    assert m and float(m.group(1)) >= 50.0 and float(m.group(2)) <= 5.0, m and m.group(0)
