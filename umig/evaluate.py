@@ -21,6 +21,7 @@ __all__ = [
     "per_sample_loss",
     "threshold_attack_accuracy",
     "membership_inference",
+    "edit_head",
 ]
 
 Batches = Iterable[tuple[Tensor, Tensor]]
@@ -152,3 +153,26 @@ def membership_inference(
     member = per_sample_loss(model, forget_batches, classes, device=device)
     nonmember = per_sample_loss(model, unseen_batches, classes, device=device)
     return threshold_attack_accuracy(member, nonmember)
+
+
+def edit_head(weight: Tensor, bias: Tensor | None, rows: Sequence[int]) -> tuple[Tensor, Tensor | None]:
+    """The white-box head edit an attacker holding the checkpoint can try: every row in ``rows`` gets
+    the other rows' mean bias and mean row norm, keeping its own direction. Returns new tensors.
+
+    A head that only scaled or biased the forgotten rows down gets them back this way; a zero row
+    has no direction left and stays zero.
+    """
+    rows = sorted({int(r) for r in rows})
+    others = [r for r in range(weight.shape[0]) if r not in set(rows)]
+    w = weight.detach().clone()
+    b = bias.detach().clone() if bias is not None else None
+    if not rows or not others:
+        return w, b
+    norms = w.norm(dim=1)
+    target = norms[others].mean()
+    sel = torch.as_tensor(rows, dtype=torch.long)
+    scale = torch.where(norms[sel] > 0, target / norms[sel].clamp(min=1e-12), torch.zeros_like(norms[sel]))
+    w[sel] = w[sel] * scale.unsqueeze(1)
+    if b is not None:
+        b[sel] = b[others].mean()
+    return w, b

@@ -7,6 +7,12 @@ by label id (Eq. 5), and compared with the node's stored *model FIM* (Eq. 4)
 to scale the critical head parameters (Eq. 6). No update depends on another
 node's new weights (the paper's "Hyper-Distance"), and a phase-2 task reads
 only the node's head blob and FIMs, never the rest of its checkpoint.
+
+Modes (README "FIUn, and the modes"): ``erase`` (default) replaces each forgotten
+label's row by one built from the retained rows and the retained labels' Fisher
+only, so the head keeps nothing a white-box edit can turn back into the label;
+``rows`` is Eq. 6 on the forgotten rows plus a bias floor (it masks: the rows keep
+their direction); ``paper`` is Eq. 6 exactly as published.
 """
 
 from __future__ import annotations
@@ -22,14 +28,14 @@ from umig.errors import UnlearningError
 from umig.fisher import FIM, FisherShapeError, head_fisher, merge_max
 from umig.unlearner import Job, NodeResult, Param, Task, Unlearner
 
-MODES = ("rows", "paper")
+MODES = ("erase", "rows", "paper")
 
 
 def fiun_update(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     model_fim: FIM,
-    merged: FIM,
+    merged: FIM | None,
     forget: Sequence[int],
     *,
     gamma: float,
@@ -38,15 +44,19 @@ def fiun_update(
     eps: float,
     mode: str,
 ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
-    """Eq. 6 on one head; FIMs already aligned to the head's classes.
+    """The FIUn update of one head; FIMs already aligned to the head's classes.
 
-    ``paper``: every head parameter whose merged-to-model Fisher ratio exceeds
-    gamma is scaled by ``min(tau * F / M, eta)``. ``rows`` (default): the same
-    rule, restricted to the output rows of the forgotten labels, whose bias is
-    then set below every retained row's reachable logit so that the label can no
-    longer win the argmax (a scaled row alone still gives logit ~0, which beats
-    negative logits; see README "FIUn modes").
+    ``erase`` (default): :func:`erase_rows`; it reads only ``model_fim`` (``merged`` may be None and
+    gamma/tau/eta are unused). ``paper``: every head parameter whose merged-to-model Fisher ratio
+    exceeds gamma is scaled by ``min(tau * F / M, eta)`` (Eq. 6). ``rows``: the same rule,
+    restricted to the output rows of the forgotten labels, whose bias is then set below every
+    retained row's reachable logit so that the label can no longer win the argmax (a scaled row
+    alone still gives logit ~0, which beats negative logits; see README "FIUn, and the modes").
     """
+    if mode == "erase":
+        return erase_rows(weight, bias, model_fim, forget)
+    if merged is None:
+        raise UnlearningError(f"FIUn mode {mode!r} needs the merged unlearning FIM")
     # Element-wise float32 math in numpy (the same IEEE operations as torch, without the per-op
     # dispatch that dominates on a 10x64 head); the one float reduction stays in torch, so the
     # result is bit for bit what the torch formulation gives.
@@ -100,6 +110,72 @@ def fiun_update(
     return out_w, out_b, {"params_changed": changed, "params_total": total}
 
 
+def erase_rows(
+    weight: torch.Tensor, bias: torch.Tensor | None, model_fim: FIM, forget: Sequence[int],
+) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
+    """FIUn ``erase``: every forgotten label's row becomes ``w = mean_r(w_r) - lam * v``, its bias a floor.
+
+    ``r`` runs over the retained rows, ``v`` is the unit direction of the retained labels' feature
+    magnitudes (``sqrt`` of the model FIM's retained weight rows summed: ``E[g h^2]`` per feature)
+    and ``lam > 0`` makes ``|w|`` equal the retained rows' mean norm. Nothing in the new row comes
+    from the forgotten rows or the forgotten labels' statistics, so the checkpoint keeps no direction
+    that separates them. A model retrained without the labels ends with such a row too: gradient
+    descent only ever pushes an absent label's row against the features (``-E[p h]``).
+
+    Why this row: the attacker's edit (give the row the retained mean norm and bias, keep its
+    direction) leaves its weights as they are, and its logit is then the retained rows' mean logit minus
+    ``lam * v.h``, which never wins for non-negative features (ReLU / pooled heads). A bare mean row
+    would be rescaled by the edit and win where the retained logits are flat; a zero row gets the
+    mean bias and wins where all retained logits are negative; ``-v`` built from the forgotten
+    labels' own statistics would give them back when negated.
+    """
+    fs = {int(c) for c in forget}
+    rows = np.array([c in fs for c in model_fim.classes], dtype=bool)
+    keep = ~rows
+    n_rows = int(rows.sum())
+    stats = {"params_changed": n_rows * (weight.shape[1] + (1 if bias is not None else 0)),
+             "params_total": weight.numel() + (bias.numel() if bias is not None else 0)}
+    if n_rows == 0:
+        return weight.detach().clone(), (bias.detach().clone() if bias is not None else None), stats
+    # One float32-or-wider CPU copy, then numpy: on a 10x64 head torch's per-op dispatch costs ~5x the math.
+    # (Half precision would lose the norm match; the result is cast back to the head's dtype and device.)
+    dt = torch.promote_types(weight.dtype, torch.float32)
+    w = weight.detach().to(device="cpu", dtype=dt, copy=True).numpy()
+    b = bias.detach().to(device="cpu", dtype=dt, copy=True).numpy() if bias is not None else None
+    if not keep.any():
+        # Every label forgotten: no retained row to build from; an all-zero head carries nothing.
+        w[:] = 0
+        if b is not None:
+            b[:] = 0
+    else:
+        kept = w[keep]
+        mean_row = kept.mean(0)
+        target = np.linalg.norm(kept, axis=1).mean()
+        v = np.sqrt(np.maximum(model_fim.weight.numpy()[keep].sum(0), 0)).astype(w.dtype)
+        v_norm = np.linalg.norm(v)
+        if v_norm > 0:
+            v /= v_norm
+            c = mean_row @ v
+            # Positive root of |mean_row - lam v|^2 = target^2; target >= |mean_row| (triangle inequality).
+            lam = c + np.sqrt(c * c + max(target * target - mean_row @ mean_row, 0))
+            w[rows] = mean_row - lam * v
+        else:
+            w[rows] = mean_row  # no feature statistics: the retained mean row is still label-free
+        if b is not None:
+            # Bias below every retained row's reachable logit (as in ``rows`` mode), so the unlearned model
+            # itself never predicts the label; it depends only on retained rows and the feature scale.
+            w_abs = np.abs(w).sum(1)
+            feat = 1.0  # |h| estimate as _feature_scale, from the retained rows only
+            if model_fim.bias is not None:
+                ratio = model_fim.weight.numpy()[keep] / (model_fim.bias.numpy()[keep, None] + np.float32(1e-12))
+                feat = float(np.sqrt(max(ratio.max(), 0)))
+            margin = (w_abs[rows].max() + w_abs[keep].max()) * feat
+            b[rows] = b[keep].min() - margin - 1.0
+    out_w = torch.from_numpy(w).to(device=weight.device, dtype=weight.dtype)
+    out_b = torch.from_numpy(b).to(device=bias.device, dtype=bias.dtype) if bias is not None else None
+    return out_w, out_b, stats
+
+
 def _scale_torch(w: torch.Tensor, f: torch.Tensor, m: torch.Tensor, forget_rows: torch.Tensor, rows_only: bool, *,
                  gamma: float, tau: float, eta: float, eps: float) -> tuple[torch.Tensor, int]:
     """Eq. 6 on one tensor with torch ops (any dtype/device)."""
@@ -123,7 +199,8 @@ class FIUn(Unlearner):
     """Fisher Inheritance Unlearning over the whole affected subgraph."""
 
     name = "fiun"
-    description = "Fisher Inheritance Unlearning: merged unlearning FIMs scale critical head parameters (Eqs. 3-6)."
+    description = ("Fisher Inheritance Unlearning: a parallel head update of every affected node from stored FIMs "
+                   "(default erase: forgotten rows rebuilt label-free; mode=paper: Eqs. 3-6 as published).")
     kinds_note = ("FIUn edits only the classifier head, which cannot remove what specific samples taught the "
                   "features; use method 'retrain' or 'federaser' (see README 'Forgetting clients and samples')")
     params: Mapping[str, Param] = {
@@ -131,8 +208,9 @@ class FIUn(Unlearner):
         "tau": Param(1.0, "scale numerator (Eq. 6)"),
         "eta": Param(0.1, "largest scale factor applied to a critical parameter (Eq. 6)"),
         "eps": Param(1e-12, "added to denominators"),
-        "mode": Param("rows", "rows: Eq. 6 on forgotten-label rows + bias floor; paper: Eq. 6 on the whole head",
-                      choices=MODES),
+        "mode": Param("erase", "erase: forgotten rows rebuilt from retained rows + retained Fisher, bias floor "
+                      "(nothing recoverable; gamma/tau/eta unused); rows: Eq. 6 on forgotten-label rows + bias "
+                      "floor (masks only); paper: Eq. 6 on the whole head", choices=MODES),
         "batch_size": Param(256, "batch size for unlearning-FIM passes"),
     }
 
@@ -202,27 +280,36 @@ def _load_fim(env: Any, digest: str, owner: str) -> FIM:
     return FIM.from_tensors(tensors, meta)
 
 
-def update_task(payload: dict[str, Any], env: Any) -> NodeResult:
-    """Phase 2 (Eqs. 5-6): merged FIM of the node's discovery set, then the head update."""
-    t0 = time.perf_counter()
-    snap, p = payload["snap"], payload["params"]
-    key = ("merged", tuple(payload["discovery_fims"]))
+def _merged(env: Any, digests: Sequence[str], node: str, feature_dim: int) -> FIM:
+    """Eq. 5: the element-wise max of the discovery nodes' unlearning FIMs, once per worker and set."""
+    key = ("merged", tuple(digests))
     merged_all = env.cache.get(key)
     if merged_all is None:
-        fims = [_load_fim(env, d, snap.name) for d in payload["discovery_fims"]]
+        fims = [_load_fim(env, d, node) for d in digests]
         union = sorted({c for f in fims for c in f.classes})
         try:
             merged_all = merge_max(fims, union)
         except FisherShapeError as e:
-            raise UnlearningError(f"node '{snap.name}': unlearning FIMs cannot be merged: {e}") from None
+            raise UnlearningError(f"node '{node}': unlearning FIMs cannot be merged: {e}") from None
         env.cache[key] = merged_all
-    model_fim = _load_fim(env, snap.fim_blob, snap.name)
-    if merged_all.feature_dim != model_fim.feature_dim:
+    if merged_all.feature_dim != feature_dim:
         raise UnlearningError(
-            f"node '{snap.name}': head input width {model_fim.feature_dim} differs from its discovery nodes' "
+            f"node '{node}': head input width {feature_dim} differs from its discovery nodes' "
             f"({merged_all.feature_dim}); a merged FIM cannot be formed for it"
         )
-    merged = merged_all.aligned(snap.classes)
+    return merged_all
+
+
+def update_task(payload: dict[str, Any], env: Any) -> NodeResult:
+    """Phase 2 (Eqs. 5-6): merged FIM of the node's discovery set, then the head update.
+
+    ``erase`` reads only the node's head and model FIM: its update does not use the merged FIM."""
+    t0 = time.perf_counter()
+    snap, p = payload["snap"], payload["params"]
+    model_fim = _load_fim(env, snap.fim_blob, snap.name)
+    merged = None
+    if p["mode"] != "erase":
+        merged = _merged(env, payload["discovery_fims"], snap.name, model_fim.feature_dim).aligned(snap.classes)
     model_fim = model_fim.aligned(snap.classes)
     head = env.head_tensors(snap)
     wkey, bkey = f"{snap.head}.weight", f"{snap.head}.bias"
