@@ -18,6 +18,7 @@ from umig.forget import ForgetSet
 from umig.forget import samples as sample_set
 from umig.unlearner import describe
 from umig.unlearning import evaluate_node
+from umig.verify import verify as verify_operation
 
 app = typer.Typer(
     name="umig",
@@ -338,6 +339,44 @@ def history(
 ) -> None:
     """The audit log of unlearning operations."""
     R.emit(open_store(store).history(node=node), as_json=json_out, human=R.history_table)
+
+
+@app.command()
+@handles_errors
+def verify(
+    operation: Annotated[str, typer.Argument(help="Operation id (see 'umig history').")],
+    data: Annotated[Optional[str], typer.Option(
+        help="Held-out data reference (default: sklearn digits' test split when the nodes trained on its "
+             "train split).")] = None,
+    samples: Annotated[list[Path], typer.Option(
+        "--samples", help="The index file an operation that forgot samples was run with (its record keeps "
+                          "only a digest; repeatable).")] = [],
+    max_gap: Annotated[Optional[float], typer.Option(
+        "--max-gap", help="Exit 1 when any node's Avg. Gap to retraining exceeds G percentage points.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Draw the per-node gaps to FILE (.png, .svg or .pdf).")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Worker processes for the reference retrain.")] = None,
+    device: Annotated[str, typer.Option(help="auto|cpu|cuda|cuda:0,1.")] = "auto",
+    store: StoreOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Compare an operation's unlearned models with retraining (kept as its reference), under attack too."""
+    if plot is not None and plot.suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise UmigError(f"--plot {plot}: use a .png, .svg or .pdf file")
+    if plot is not None and not plot.resolve().parent.is_dir():
+        raise UmigError(f"--plot {plot}: directory {plot.resolve().parent} does not exist")
+    for f in samples:
+        if not f.exists():
+            raise UmigError(f"samples file {f} does not exist")
+    s = open_store(store)
+    with R.phase_progress(enabled=not json_out) as progress:
+        out = verify_operation(s, operation, data=data, samples=[read_indices(f) for f in samples],
+                               max_gap=max_gap, workers=workers, device=device, progress=progress)
+    if plot is not None:
+        R.gap_plot(out, plot)
+    R.emit(out, as_json=json_out, human=R.verify_view)
+    if out["passed"] is False:
+        worst = max((n for n in out["nodes"] if n["avg_gap"] is not None), key=lambda n: n["avg_gap"])
+        fail(f"Avg. Gap {worst['avg_gap']:.2f} points at {worst['name']} exceeds --max-gap {max_gap:g}")
 
 
 @app.command("eval")

@@ -375,13 +375,78 @@ def history_table(entries: list[dict]) -> Table:
     import datetime as dt
 
     t = Table(title="unlearning operations")
-    for col in ("operation", "time", "labels", "method", "state", "discovery", "affected", "wall s"):
+    for col in ("operation", "time", "labels", "method", "state", "discovery", "affected", "wall s", "Avg. Gap"):
         t.add_column(col)
     for e in entries:
+        v = e.get("verification")  # the worst node's Avg. Gap to retraining, once verified
+        gap = "-" if not v or v.get("max_avg_gap") is None else f"{v['max_avg_gap']:.2f}"
         t.add_row(e["operation"], dt.datetime.fromtimestamp(e["created"]).strftime("%Y-%m-%d %H:%M:%S"),
                   _ranges(e["labels"]), e["method"], e["state"], str(len(e["discovery"])),
-                  str(len(e["affected"])), f"{e['wall_s']:.3f}")
+                  str(len(e["affected"])), f"{e['wall_s']:.3f}", gap)
     return t
+
+
+# Columns of the verification table and plot: metric key -> short title.
+VERIFY_COLUMNS = {"forget_acc": "forget", "retain_acc": "retain", "heldout_acc": "held-out",
+                  "mia_efficacy": "MIA eff.", "relearn_acc": "relearn", "relearn_reset_acc": "relearn (reset)",
+                  "probe_acc": "probe",
+                  "head_edit_acc": "head edit"}
+
+
+def verify_view(out: dict) -> list[Any]:
+    """``umig verify``: per node, each metric as unlearned / reference (gap in points), and the Avg. Gap."""
+    t = Table(title=f"{out['operation']}: {out['method']} vs {out['reference_method']} "
+                       f"(reference {out['reference']}, {out['reference_s']:.1f} s); "
+                       f"% unlearned / reference (gap, points)")
+    t.add_column("node")
+    t.add_column("Avg. Gap", justify="right")
+    for title in VERIFY_COLUMNS.values():
+        t.add_column(title, justify="right")
+    for n in out["nodes"]:
+        cells = []
+        for m in VERIFY_COLUMNS:
+            u, r, g = n["unlearned"].get(m), n["reference"].get(m), n["gap"].get(m)
+            cells.append("-" if g is None else f"{_pct(u)} / {_pct(r)} ({g:+.1f})")
+        t.add_row(n["name"], "-" if n["avg_gap"] is None else f"{n['avg_gap']:.2f}", *cells)
+    lines: list[Any] = [t, f"Avg. Gap (mean |gap| over forget, retain, held-out, MIA efficacy): "
+                           f"mean {_num(out['avg_gap'])}, worst {_num(out['max_avg_gap'])} points"]
+    if out["max_gap"] is not None:
+        lines.append(f"--max-gap {out['max_gap']:g}: " + ("[green]passed[/]" if out["passed"] else "[red]exceeded[/]"))
+    return lines
+
+
+def _num(v: Any) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def gap_plot(out: dict, path: Path) -> None:
+    """``umig verify --plot``: grouped bars of each node's gap to the reference, metric by metric."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    nodes = [n["name"] for n in out["nodes"]]
+    metrics = [m for m in VERIFY_COLUMNS if any(n["gap"].get(m) is not None for n in out["nodes"])]
+    width = 0.8 / max(len(metrics) + 1, 1)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(nodes) + 2), 4.5))
+    xs = list(range(len(nodes)))
+    for i, m in enumerate(metrics):
+        ax.bar([x + i * width for x in xs], [n["gap"].get(m) or 0.0 for n in out["nodes"]], width,
+               label=VERIFY_COLUMNS[m])
+    ax.bar([x + len(metrics) * width for x in xs], [n["avg_gap"] or 0.0 for n in out["nodes"]], width,
+           label="Avg. Gap", color="black")
+    if out.get("max_gap") is not None:
+        ax.axhline(out["max_gap"], color="red", linestyle="--", linewidth=1, label="--max-gap")
+    ax.axhline(0, color="#888888", linewidth=0.8)
+    ax.set_xticks([x + len(metrics) * width / 2 for x in xs], nodes, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("unlearned - reference (points)")
+    ax.set_title(f"{out['operation']}: {out['method']} vs {out['reference_method']}")
+    ax.legend(fontsize=7, ncol=4)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
 
 
 def eval_table(out: dict) -> Table:

@@ -1,14 +1,23 @@
-"""Unlearning metrics, storage-agnostic: AD_f / AD_r and a loss-threshold membership inference.
+"""Unlearning metrics, storage-agnostic: AD_f / AD_r, membership inference, and the attacks that
+try to bring forgotten knowledge back (``umig verify`` judges both models of a node with them).
 
 Models are evaluated on iterables of ``(x, y)`` batches where ``y`` holds label ids and the
 model's output row r predicts label ``classes[r]`` (see docs/contracts.md).
+
+* AD_f / AD_r (:func:`unlearning_accuracy`) and a loss-threshold MIA (:func:`membership_inference`).
+* SalUn's MIA efficacy (:func:`mia_efficacy`): a classifier on the true label's confidence, trained on
+  retained members vs held-out non-members, applied to the forget set.
+* Attacks: few-shot relearning (:func:`relearn`), a linear probe on the head's input features
+  (:func:`linear_probe_accuracy`) and the white-box head edit (:func:`edit_head`).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from umig.errors import ArchError
@@ -21,7 +30,14 @@ __all__ = [
     "per_sample_loss",
     "threshold_attack_accuracy",
     "membership_inference",
+    "outputs",
+    "accuracy_of",
+    "true_label_confidence",
+    "confidence_threshold",
+    "mia_efficacy",
+    "linear_probe_accuracy",
     "edit_head",
+    "relearn",
 ]
 
 Batches = Iterable[tuple[Tensor, Tensor]]
@@ -155,6 +171,102 @@ def membership_inference(
     return threshold_attack_accuracy(member, nonmember)
 
 
+# ------------------------------------------------------------------ verification: metrics and attacks
+def outputs(
+    model: nn.Module, batches: Batches, classes: Sequence[int], head: str, *,
+    device: torch.device | str | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One pass: ``(logits (n, K), penultimate features (n, D), labels (n,))``, all on the CPU.
+
+    The features are the input of the ``head`` module (the classifier), captured by a hook, so
+    any architecture with a named head works without knowing its trunk.
+    """
+    captured: list[Tensor] = []
+
+    def hook(_m: nn.Module, args: tuple[Tensor, ...]) -> None:
+        captured.append(args[0].detach().flatten(1).float().cpu())
+
+    handle = model.get_submodule(head).register_forward_pre_hook(hook)
+    logits: list[Tensor] = []
+    labels: list[Tensor] = []
+    try:
+        for z, y in _logits(model, batches, classes, device):
+            logits.append(z.cpu())
+            labels.append(y.cpu())
+    finally:
+        handle.remove()
+    if not logits:
+        return torch.empty(0, len(classes)), torch.empty(0, 0), torch.empty(0, dtype=torch.int64)
+    return torch.cat(logits), torch.cat(captured), torch.cat(labels)
+
+
+def accuracy_of(logits: Tensor, labels: Tensor, classes: Sequence[int]) -> float | None:
+    """Share of rows whose argmax predicts the true label (None when there are none)."""
+    if labels.numel() == 0:
+        return None
+    table = torch.as_tensor([int(c) for c in classes], dtype=torch.int64)
+    return float((table[logits.argmax(1)] == labels).float().mean())
+
+
+def true_label_confidence(logits: Tensor, labels: Tensor, classes: Sequence[int]) -> Tensor:
+    """Softmax probability of each item's true label; 0 for a label the head has no row for."""
+    rows = label_rows(labels, classes, strict=False)
+    p = torch.softmax(logits.float(), dim=1).gather(1, rows.clamp(min=0).unsqueeze(1)).squeeze(1)
+    return torch.where(rows >= 0, p, torch.zeros_like(p))
+
+
+def confidence_threshold(member_conf: Tensor, nonmember_conf: Tensor) -> float:
+    """The membership classifier behind :func:`mia_efficacy`: "member iff confidence >= t", with ``t``
+    the cut of best balanced accuracy between ``member_conf`` and ``nonmember_conf``.
+
+    A threshold rather than a fitted logistic regression: where members and non-members look alike
+    (a model that generalises well), a logistic fit can turn its slope around and call every
+    low-confidence item a member, which flips the efficacy between 0 and 1 on noise. The cut lies
+    midway between the two confidences it separates; ties go to the lowest cut.
+    """
+    m = torch.sort(member_conf.detach().reshape(-1).double().cpu()).values
+    u = torch.sort(nonmember_conf.detach().reshape(-1).double().cpu()).values
+    if m.numel() == 0 or u.numel() == 0:
+        raise ValueError("a confidence threshold needs at least one member and one non-member")
+    values = torch.unique(torch.cat([m, u]))  # sorted; cut i calls members the items >= values[i]
+    cuts = torch.cat([values, values.new_tensor([float("inf")])])
+    tpr = 1.0 - torch.searchsorted(m, cuts).double() / m.numel()  # members at or above the cut
+    tnr = torch.searchsorted(u, cuts).double() / u.numel()  # non-members below it
+    i = int(torch.argmax(tpr + tnr))  # first maximum: the lowest cut
+    if i == 0:
+        return float(values[0])
+    if i == len(values):
+        return float("inf")
+    return float((values[i - 1] + values[i]) / 2)
+
+
+def mia_efficacy(member_conf: Tensor, nonmember_conf: Tensor, forget_conf: Tensor) -> float | None:
+    """SalUn's MIA efficacy: the share of forget items a membership classifier on the true label's
+    confidence calls non-members. The classifier (:func:`confidence_threshold`) is fit on
+    ``member_conf`` (retained training items) vs ``nonmember_conf`` (held-out items). Higher means the
+    forget set looks less like training data. None when a set is empty.
+    """
+    if not (member_conf.numel() and nonmember_conf.numel() and forget_conf.numel()):
+        return None
+    t = confidence_threshold(member_conf, nonmember_conf)
+    return float((forget_conf.detach().double().cpu() < t).double().mean())
+
+
+def linear_probe_accuracy(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, *,
+                          seed: int = 0) -> float | None:
+    """Accuracy on ``test`` of a multinomial logistic regression fit on ``train`` features (standardised
+    with the training statistics): how well the features alone still separate the labels."""
+    from sklearn.linear_model import LogisticRegression
+
+    if test_y.numel() == 0 or train_y.numel() == 0 or len(torch.unique(train_y)) < 2:
+        return None
+    mean = train_x.mean(0, keepdim=True)
+    std = train_x.std(0, keepdim=True).clamp(min=1e-6)
+    clf = LogisticRegression(max_iter=1000, random_state=seed)
+    clf.fit(((train_x - mean) / std).numpy(), train_y.numpy())
+    return float((clf.predict(((test_x - mean) / std).numpy()) == test_y.numpy()).mean())
+
+
 def edit_head(weight: Tensor, bias: Tensor | None, rows: Sequence[int]) -> tuple[Tensor, Tensor | None]:
     """The white-box head edit an attacker holding the checkpoint can try: every row in ``rows`` gets
     the other rows' mean bias and mean row norm, keeping its own direction. Returns new tensors.
@@ -176,3 +288,39 @@ def edit_head(weight: Tensor, bias: Tensor | None, rows: Sequence[int]) -> tuple
     if b is not None:
         b[sel] = b[others].mean()
     return w, b
+
+
+def relearn(model: nn.Module, x: Tensor, y: Tensor, classes: Sequence[int], *, steps: int = 30, lr: float = 3e-3,
+            seed: int = 0, device: torch.device | str | None = None, head: str | None = None,
+            reset_rows: Sequence[int] = ()) -> nn.Module:
+    """Few-shot relearning attack: a copy of ``model`` trained ``steps`` full-batch Adam steps on the few
+    forget samples ``(x, y)``. Returns the attacked copy; ``model`` is untouched.
+
+    ``reset_rows`` (rows of ``head``) first get a zero weight and the other rows' mean bias: whatever a
+    head did to those rows (a very low bias defeats a fixed step budget) no longer counts, so the
+    attack measures what the rest of the model still knows. BatchNorm statistics stay frozen (eval
+    mode): a handful of samples of the forgotten labels would otherwise overwrite them.
+    """
+    attacked = copy.deepcopy(model)
+    rows = sorted({int(r) for r in reset_rows})
+    if rows and head is not None:
+        layer = attacked.get_submodule(head)
+        others = [r for r in range(layer.weight.shape[0]) if r not in set(rows)]
+        with torch.no_grad():
+            layer.weight[rows] = 0
+            if getattr(layer, "bias", None) is not None and others:
+                layer.bias[rows] = layer.bias[others].mean()
+    torch.manual_seed(seed)
+    params = [p for p in attacked.parameters() if p.is_floating_point()]
+    opt = torch.optim.Adam(params, lr=lr)
+    with eval_mode(attacked, device) as dev, torch.enable_grad():
+        for p in params:
+            p.requires_grad_(True)
+        xb = move_input(x, dev, input_dtype(attacked))
+        target = label_rows(y.to(dev), classes)
+        for _ in range(steps):
+            loss = F.cross_entropy(attacked(xb).reshape(len(target), -1).float(), target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return attacked

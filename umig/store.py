@@ -123,6 +123,23 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE operations ADD COLUMN forget TEXT;
     """,
+    # 3: `umig verify`: the retrained reference of an operation's nodes (never a live version; purge
+    # deletes it with the operation) and the latest verification verdict.
+    """
+    ALTER TABLE operations ADD COLUMN verification TEXT;
+    CREATE TABLE operation_references(
+        operation TEXT NOT NULL REFERENCES operations(id),
+        node INTEGER NOT NULL REFERENCES nodes(id) ON DELETE CASCADE,
+        method TEXT NOT NULL,
+        body TEXT NOT NULL,
+        head TEXT NOT NULL,
+        delta TEXT,
+        fim TEXT,
+        seconds REAL NOT NULL,
+        created REAL NOT NULL,
+        PRIMARY KEY(operation, node)
+    );
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -415,6 +432,8 @@ class SqlStore:
         for row in self.db.execute("SELECT body, head, delta, fim FROM versions WHERE purged=0"):
             refs.update(d for d in row if d)
         refs.update(r[0] for r in self.db.execute("SELECT digest FROM operation_blobs"))
+        for row in self.db.execute("SELECT body, head, delta, fim FROM operation_references"):
+            refs.update(d for d in row if d)
         return refs
 
     def _discard_unreferenced(self, digests: Iterable[str]) -> None:
@@ -654,7 +673,9 @@ class SqlStore:
             blobs: set[str] = set()
             for v in victims:
                 nid = self._node_id(v)
-                for row in self.db.execute("SELECT body, head, delta, fim FROM versions WHERE node=?", (nid,)):
+                for row in self.db.execute("SELECT body, head, delta, fim FROM versions WHERE node=? UNION ALL "
+                                           "SELECT body, head, delta, fim FROM operation_references WHERE node=?",
+                                           (nid, nid)):
                     blobs.update(d for d in row if d)
                 self.db.execute("DELETE FROM nodes WHERE id=?", (nid,))
             # Deleted after the commit (of the outermost transaction), unless still shared.
@@ -834,8 +855,12 @@ class SqlStore:
                 ).fetchone()
                 candidates.update(d for d in row if d)
             op_blobs = {r[0] for r in self.db.execute("SELECT digest FROM operation_blobs WHERE operation=?", (op_id,))}
+            for row in self.db.execute("SELECT body, head, delta, fim FROM operation_references WHERE operation=?",
+                                       (op_id,)):
+                op_blobs.update(d for d in row if d)  # its retrained reference goes with it
             self.db.executemany("UPDATE versions SET purged=1 WHERE node=? AND version=?", old)
             self.db.execute("DELETE FROM operation_blobs WHERE operation=?", (op_id,))
+            self.db.execute("DELETE FROM operation_references WHERE operation=?", (op_id,))
             self.db.execute("UPDATE operations SET state='purged', purged=? WHERE id=?", (time.time(), op_id))
             doomed = (candidates | op_blobs) - self._referenced()
             freed = sum(self.blobs.size(d) for d in doomed if self.blobs.exists(d))
@@ -852,31 +877,69 @@ class SqlStore:
                 "ORDER BY o.created", (nid,)).fetchall()
         else:
             ops = self.db.execute("SELECT * FROM operations ORDER BY created").fetchall()
-        out = []
-        for op in ops:
-            plan = json.loads(op["plan"])
-            rows = self._operation_nodes(op["id"])
-            out.append({
-                "operation": op["id"],
-                "created": op["created"],
-                "labels": json.loads(op["labels"]),
-                "forget": json.loads(op["forget"]) if op["forget"] else {"kinds": ["labels"], "labels": json.loads(op["labels"]), "samples": []},
-                "method": op["method"],
-                "params": json.loads(op["params"]),
-                "state": op["state"],
-                "reverted": op["reverted"],
-                "purged": op["purged"],
-                "wall_s": op["wall_s"],
-                "discovery": plan.get("discovery", []),
-                "affected": plan.get("affected", []),
-                "nodes": [
-                    {"name": r["name"], "role": r["role"], "version_before": r["version_before"],
-                     "version_after": r["version_after"], **json.loads(r["metrics"])}
-                    for r in rows
-                ],
-                **json.loads(op["result"]),
-            })
-        return out
+        return [self._history_entry(op) for op in ops]
+
+    def operation(self, op_id: str) -> dict[str, Any]:
+        """One operation's audit entry (as in :meth:`history`)."""
+        return self._history_entry(self._operation(op_id))
+
+    def _history_entry(self, op: sqlite3.Row) -> dict[str, Any]:
+        plan = json.loads(op["plan"])
+        rows = self._operation_nodes(op["id"])
+        return {
+            "operation": op["id"],
+            "created": op["created"],
+            "labels": json.loads(op["labels"]),
+            "forget": json.loads(op["forget"]) if op["forget"] else {"kinds": ["labels"], "labels": json.loads(op["labels"]), "samples": []},
+            "method": op["method"],
+            "params": json.loads(op["params"]),
+            "state": op["state"],
+            "reverted": op["reverted"],
+            "purged": op["purged"],
+            "wall_s": op["wall_s"],
+            "policy": plan.get("policy", "first"),
+            "discovery": plan.get("discovery", []),
+            "affected": plan.get("affected", []),
+            "nodes": [
+                {"name": r["name"], "role": r["role"], "version_before": r["version_before"],
+                 "version_after": r["version_after"], **json.loads(r["metrics"])}
+                for r in rows
+            ],
+            **json.loads(op["result"]),
+            "verification": json.loads(op["verification"]) if op["verification"] else None,
+        }
+
+    # ------------------------------------------------------- verification
+    def commit_reference(self, op_id: str, method: str, parts: Mapping[str, Mapping[str, str | None]],
+                         seconds: Mapping[str, float]) -> None:
+        """Keep the reference models of an operation's nodes (``umig verify``): blob digests by part
+        (``body``/``head``/``delta``/``fim``) per node, written already. They never become a version."""
+        with self.transaction():
+            self._operation(op_id)
+            ids = dict(self.db.execute("SELECT name, id FROM nodes").fetchall())
+            now = time.time()
+            self.db.executemany(
+                "INSERT OR REPLACE INTO operation_references(operation, node, method, body, head, delta, fim, "
+                "seconds, created) VALUES(?,?,?,?,?,?,?,?,?)",
+                [(op_id, ids[n], method, p["body"], p["head"], p.get("delta"), p.get("fim"),
+                  float(seconds.get(n, 0.0)), now) for n, p in parts.items()])
+
+    def references(self, op_id: str) -> dict[str, dict[str, Any]]:
+        """An operation's kept reference models: node -> ``{"method", "body", "head", "delta", "fim", "seconds"}``."""
+        return {
+            r["name"]: {"method": r["method"], "body": r["body"], "head": r["head"], "delta": r["delta"],
+                        "fim": r["fim"], "seconds": r["seconds"]}
+            for r in self.db.execute(
+                "SELECT n.name, r.* FROM operation_references r JOIN nodes n ON n.id=r.node WHERE r.operation=? "
+                "ORDER BY n.id", (op_id,))
+        }
+
+    def set_verification(self, op_id: str, verification: Mapping[str, Any]) -> None:
+        """Store an operation's latest verification verdict (shown by :meth:`history`)."""
+        with self.transaction():
+            self._operation(op_id)
+            self.db.execute("UPDATE operations SET verification=? WHERE id=?",
+                            (json.dumps(dict(verification), default=float), op_id))
 
     def gc(self) -> int:
         """Delete blobs no version or operation refers to, and half-written temp files (left by killed

@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -234,26 +235,83 @@ def unlearn(
     with store.transaction():
         job = _job(store, fs, m, resolved, policy, from_nodes, seed)
         m.check(job)
-        be = backend if isinstance(backend, Backend) else make_backend(
-            str(store.root), workers=workers, device=device, workers_per_device=workers_per_device,
-            backend=backend, ray_address=ray_address)
-        try:
-            t0 = time.perf_counter()
-            results = _drive(m, job, be, store, progress)
-            wall = time.perf_counter() - t0
-            by_node = {r.node: r for r in results}
-            missing = [n for n in job.plan.affected if n not in by_node]
-            if missing:
-                raise UnlearningError(f"method '{method}' returned no update for {', '.join(missing[:5])}")
+        with _backend(store, backend, workers=workers, device=device, workers_per_device=workers_per_device,
+                      ray_address=ray_address) as be:
+            by_node, wall = _results(m, method, job, be, store, progress)
             t1 = time.perf_counter()
             metrics = _evaluate(store, job, by_node, be, eval_ref, progress) if evaluate else {}
             eval_s = time.perf_counter() - t1
-        finally:
-            if not isinstance(backend, Backend):
-                be.close()
         op = _commit(store, job, method, resolved, by_node, metrics, wall, eval_s, be.describe())
         op.phases = m.describe_phases(job)
     return op
+
+
+def reference(
+    store: SqlStore,
+    operation: str,
+    forget: ForgetSet,
+    *,
+    nodes: Sequence[str],
+    policy: str = "first",
+    method: str = "retrain",
+    workers: int | None = None,
+    device: str | None = "auto",
+    backend: str | Backend = "local",
+    seed: int = 0,
+    progress: PhaseProgress | None = None,
+) -> dict[str, dict[str, str | None]]:
+    """Run ``method`` (exact retraining by default) for ``forget`` on an operation's ``nodes`` and keep the
+    results as that operation's *reference* (``SqlStore.commit_reference``), not as versions: nothing
+    becomes live. ``forget`` must be resolved (clients as sample sets, see :func:`forget_set`).
+
+    Returns node -> blob digests by part (``body``/``head``/``delta``/``fim``).
+    """
+    m = U.get(method)
+    resolved = m.resolve_params({})
+    m.check_kinds(forget)
+    with store.transaction():
+        job = _job(store, forget, m, resolved, policy, None, seed)
+        keep = set(nodes)
+        gone = [n for n in nodes if n not in set(job.plan.affected)]
+        if gone:
+            raise UnlearningError(f"operation {operation}'s forget set no longer reaches {', '.join(gone[:5])} "
+                                  "(the lineage changed since); its reference cannot be rebuilt")
+        # Exactly the operation's nodes: a node added below them later is not part of what it changed.
+        job.plan.affected = [n for n in job.plan.affected if n in keep]
+        m.check(job)
+        with _backend(store, backend, workers=workers, device=device) as be:
+            by_node, _ = _results(m, method, job, be, store, progress)
+        parts = {n: {**by_node[n].blobs_after(job.nodes[n]), "fim": by_node[n].fim_blob} for n in job.plan.affected}
+        store.commit_reference(operation, method, parts, {n: by_node[n].seconds for n in parts})
+    return parts
+
+
+@contextmanager
+def _backend(store: SqlStore, backend: str | Backend, *, workers: int | None, device: str | None,
+             workers_per_device: int | None = None, ray_address: str | None = None) -> Iterator[Backend]:
+    """The backend a request runs on; one made here is closed when the request ends."""
+    if isinstance(backend, Backend):
+        yield backend
+        return
+    be = make_backend(str(store.root), workers=workers, device=device, workers_per_device=workers_per_device,
+                      backend=backend, ray_address=ray_address)
+    try:
+        yield be
+    finally:
+        be.close()
+
+
+def _results(m: U.Unlearner, method: str, job: U.Job, be: Backend, store: SqlStore,
+             progress: PhaseProgress | None) -> tuple[dict[str, U.NodeResult], float]:
+    """Run the method's phases: one result per affected node, and the wall time."""
+    t0 = time.perf_counter()
+    results = _drive(m, job, be, store, progress)
+    wall = time.perf_counter() - t0
+    by_node = {r.node: r for r in results}
+    missing = [n for n in job.plan.affected if n not in by_node]
+    if missing:
+        raise UnlearningError(f"method '{method}' returned no update for {', '.join(missing[:5])}")
+    return by_node, wall
 
 
 def _eval_ref(ref: str) -> dict:
