@@ -8,14 +8,16 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
 import typer
-from umig.cli import render as R
 
 from umig.api import Store
 from umig.arch import ArchSpec, parse_arch_args
+from umig.cli import render as R
 from umig.data import parse_labels, read_indices
 from umig.errors import UmigError
 from umig.forget import ForgetSet
 from umig.forget import samples as sample_set
+from umig.requests import deletion_report, to_markdown
+from umig.store import Request
 from umig.unlearner import describe
 from umig.unlearning import evaluate_node
 from umig.verify import verify as verify_operation
@@ -271,10 +273,17 @@ def unlearn(
     eval: Annotated[bool, typer.Option("--eval/--no-eval", help="Report AD_f/AD_r before and after.")] = True,
     eval_data: Annotated[Optional[str], typer.Option(help="Held-out data reference for evaluation.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; change nothing.")] = False,
+    requester: Annotated[Optional[str], typer.Option(
+        help="Who asked for the deletion (a person, team or e-mail), recorded with the operation.")] = None,
+    reason: Annotated[Optional[str], typer.Option(
+        help="Why, e.g. 'GDPR art. 17 erasure request', recorded with the operation.")] = None,
+    ticket: Annotated[Optional[str], typer.Option(
+        help="The ticket or case id that tracks the request (see 'umig history --ticket').")] = None,
     store: StoreOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Forget labels, samples or clients across every affected model of the lineage, as one operation."""
+    request = Request(requester=requester, reason=reason, ticket=ticket)  # malformed: one error line, nothing runs
     s = open_store(store)
     if samples is not None and data is None:
         raise UmigError("--samples needs --data naming the dataset its indices refer to")
@@ -287,14 +296,14 @@ def unlearn(
     params = parse_kv(param, "--param")
     if dry_run:
         result = s.plan_unlearning(forget, clients=client, method=method, params=params, policy=discovery,
-                                   from_nodes=from_node or None)
+                                   from_nodes=from_node or None, request=request)
         R.emit(result, as_json=json_out, to_json=lambda r: r.to_json(), human=R.plan_view)
         return
     with R.phase_progress(enabled=not json_out) as progress:
         result = s.unlearn(
             forget, clients=client, method=method, params=params, policy=discovery, from_nodes=from_node or None,
             workers=workers, device=device, workers_per_device=workers_per_device, backend=backend,
-            ray_address=ray_address, evaluate=eval, eval_data=eval_data, progress=progress,
+            ray_address=ray_address, evaluate=eval, eval_data=eval_data, progress=progress, request=request,
         )
     R.emit(result, as_json=json_out, to_json=lambda r: r.to_json(), human=R.result_table)
 
@@ -333,12 +342,48 @@ def purge(
 @app.command()
 @handles_errors
 def history(
-    node: Annotated[Optional[str], typer.Option(help="Only operations that touched NODE.")] = None,
+    node: Annotated[Optional[str], typer.Option(help="Only operations that touched NODE (with --exports: "
+                                                     "exports of NODE).")] = None,
+    ticket: Annotated[Optional[str], typer.Option(help="Only operations that answer ticket ID.")] = None,
+    requester: Annotated[Optional[str], typer.Option(
+        help="Only operations REQUESTER asked for (exact, case-insensitive).")] = None,
+    exports: Annotated[bool, typer.Option(
+        "--exports", help="List exports (node, version, destination, time) instead of operations.")] = False,
     store: StoreOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """The audit log of unlearning operations."""
-    R.emit(open_store(store).history(node=node), as_json=json_out, human=R.history_table)
+    """The audit log: unlearning operations with the requests they answer, or (--exports) exports."""
+    s = open_store(store)
+    if exports:
+        if ticket is not None or requester is not None:
+            raise UmigError("--ticket and --requester filter operations; exports have no request "
+                            "(use --node with --exports)")
+        R.emit(s.exports(node=node), as_json=json_out, to_json=lambda es: [e.to_json() for e in es],
+               human=R.exports_table)
+        return
+    R.emit(s.history(node=node, ticket=ticket, requester=requester), as_json=json_out, human=R.history_table)
+
+
+@app.command()
+@handles_errors
+def report(
+    operation: Annotated[str, typer.Argument(help="Operation id (see 'umig history').")],
+    format: Annotated[str, typer.Option("--format", "-f", help="md (Markdown) or json.")] = "md",
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the report to FILE.")] = None,
+    store: StoreOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """One document for an auditor: the request, what was forgotten, how, which models changed,
+    verification, purge, exported copies."""
+    fmt = "json" if json_out else format
+    if fmt not in ("md", "json"):
+        raise UmigError(f"unknown format '{format}' (md, json)")
+    data = deletion_report(open_store(store), operation)
+    if output is not None:  # a file is written; stdout gets one line naming it
+        R.write_document(output, to_markdown(data) if fmt == "md" else R.json_text(data))
+        R.emit({"operation": operation, "path": str(output)}, as_json=json_out, human=lambda _: f"wrote {output}")
+        return
+    R.emit(data, as_json=fmt == "json", human=lambda d: R.raw(to_markdown(d)))
 
 
 @app.command()

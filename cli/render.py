@@ -9,14 +9,109 @@ from pathlib import Path
 from typing import Any
 
 import networkx as nx
-from rich.console import Console
+from rich.cells import cell_len
+from rich.console import Console, ConsoleOptions, RenderResult
+from rich.padding import Padding
 from rich.table import Table
+from rich.text import Text
 from rich.tree import Tree
 
 from umig import graph as G
+from umig.errors import UmigError
 
 console = Console()
 err_console = Console(stderr=True)
+
+
+class FitTable:
+    """A table that fits the terminal it prints on without cutting a word; node names are words.
+
+    Built like a rich ``Table`` (``add_column``, ``add_row``; string cells are rich markup). At print
+    time it picks the first layout that fits the width: the natural table; the table with columns
+    narrowed towards their longest word, so figures and lists wrap at spaces; or, when even that is
+    too wide (long names next to many columns), one record per row: the first cell on its own line,
+    the others under it as ``column: value``.
+    """
+
+    def __init__(self, title: str | None = None, *, show_header: bool = True) -> None:
+        self.title = title
+        self.show_header = show_header
+        self.columns: list[tuple[str, dict[str, Any]]] = []
+        self.min_widths: list[int] = []
+        self.rows: list[list[Text]] = []
+
+    def add_column(self, header: str, *, min_width: int = 0, **kwargs: Any) -> None:
+        """A column never narrower than ``min_width`` (or its longest word); ``kwargs`` go to
+        ``rich.table.Table.add_column`` (``justify``, ``style``)."""
+        self.columns.append((header, kwargs))
+        self.min_widths.append(min_width)
+
+    def add_row(self, *cells: str | Text) -> None:
+        row = [c.copy() if isinstance(c, Text) else Text.from_markup(c) for c in cells]
+        self.rows.append(row + [Text() for _ in range(len(self.columns) - len(row))])
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        width = options.max_width
+        cols = list(zip(*([[Text.from_markup(h) for h, _ in self.columns]] + self.rows)))
+        if not self.show_header:
+            cols = [c[1:] or (Text(),) for c in cols]
+        natural = [max(max(cell_len(ln) for ln in t.plain.split("\n")) for t in c) for c in cols]
+        shortest = [max([m] + [max((cell_len(w) for w in t.plain.split()), default=0) for t in c])
+                    for c, m in zip(cols, self.min_widths)]
+        natural = [max(n, s) for n, s in zip(natural, shortest)]
+        chrome = 3 * len(self.columns) + 1  # one space either side of each cell, one rule between columns
+        if sum(natural) + chrome <= width:
+            widths = natural
+        elif sum(shortest) + chrome <= width:
+            widths = _share(shortest, natural, width - chrome)
+        else:
+            yield from self._records(width)
+            return
+        table = Table(title=self.title, show_header=self.show_header)
+        for (header, kwargs), w in zip(self.columns, widths):
+            table.add_column(header, width=max(w, 1), overflow="fold", **kwargs)
+        for row in self.rows:
+            table.add_row(*row)
+        if self.title:  # a title wraps within the table: never narrower than its longest word
+            longest = max((cell_len(w) for w in Text.from_markup(self.title).plain.split()), default=0)
+            table.min_width = min(width, longest)
+        yield table
+
+    def _records(self, width: int) -> RenderResult:
+        """One record per row: the key cell, then ``column: value`` pairs packed into indented lines."""
+        if self.title:
+            yield Text.from_markup(self.title, style="italic")
+        headers = [Text.from_markup(h).plain.replace("\n", " ") for h, _ in self.columns]
+        for row in self.rows:
+            key = row[0].copy()
+            key.stylize("bold")
+            yield key
+            line = Text()
+            for header, cell in zip(headers[1:], row[1:]):
+                if not cell.plain.strip():
+                    continue
+                pair = Text.assemble((f"{header}: ", "dim") if self.show_header else "",
+                                     Text(" ").join(cell.split("\n")))
+                if line.plain and cell_len(line.plain) + 3 + cell_len(pair.plain) > width - 2:
+                    yield Padding(line, (0, 0, 0, 2), expand=False)
+                    line = Text()
+                line.append_text(Text("   ") + pair if line.plain else pair)
+            if line.plain:
+                yield Padding(line, (0, 0, 0, 2), expand=False)
+
+
+def _share(shortest: list[int], natural: list[int], room: int) -> list[int]:
+    """Column widths: each its longest word, then the room left handed out, columns that want
+    little first (a role or a version stays on one line; long lists wrap)."""
+    widths = list(shortest)
+    extra = room - sum(shortest)
+    wanting = sorted(range(len(widths)), key=lambda i: natural[i] - shortest[i])
+    for k, i in enumerate(wanting):
+        give = min(natural[i] - shortest[i], extra // (len(wanting) - k))
+        widths[i] += give
+        extra -= give
+    return widths
+
 
 FRAMEWORK_STYLE = {"fl": "cyan", "ddp": "magenta", "il": "green", "tl": "yellow", "other": "white"}
 
@@ -46,7 +141,12 @@ def emit(
 
 def print_json(data: Any) -> None:
     """Machine-readable output: plain JSON on stdout, nothing else."""
-    sys.stdout.write(json.dumps(data, indent=2, default=_json_default) + "\n")
+    sys.stdout.write(json_text(data))
+
+
+def json_text(data: Any) -> str:
+    """The JSON the CLI prints (and writes to files), one trailing newline."""
+    return json.dumps(data, indent=2, default=_json_default) + "\n"
 
 
 def _json_default(o: Any) -> Any:
@@ -129,13 +229,13 @@ def summary_table(g: nx.DiGraph) -> Table:
     return outer
 
 
-def first_levels(g: nx.DiGraph, max_nodes: int, *, levels: int = 6, per_level: int = 6) -> Table:
+def first_levels(g: nx.DiGraph, max_nodes: int, *, levels: int = 6, per_level: int = 6) -> FitTable:
     """The first depth levels of a large graph, one line each (a few names and a count)."""
     by_depth: dict[int, list[str]] = {}
     for n, d in G.depths(g).items():
         by_depth.setdefault(d, []).append(n)
-    t = Table(title=f"first levels ({g.number_of_nodes()} nodes > --max-nodes {max_nodes}: summary only; "
-                    "raise --max-nodes for the whole tree, or use --format json|dot, --output FILE.png)")
+    t = FitTable(title=f"first levels ({g.number_of_nodes()} nodes > --max-nodes {max_nodes}: summary only; "
+                       "raise --max-nodes for the whole tree, or use --format json|dot, --output FILE.png)")
     t.add_column("depth", justify="right")
     t.add_column("nodes", justify="right")
     t.add_column("names")
@@ -150,8 +250,8 @@ def first_levels(g: nx.DiGraph, max_nodes: int, *, levels: int = 6, per_level: i
     return t
 
 
-def node_table(g: nx.DiGraph, names: Iterable[str]) -> Table:
-    t = Table(title="nodes")
+def node_table(g: nx.DiGraph, names: Iterable[str]) -> FitTable:
+    t = FitTable(title="nodes")
     for col in ("name", "framework", "version", "classes", "data labels", "data size", "parents"):
         t.add_column(col)
     for n in names:
@@ -230,14 +330,21 @@ def node_json(info: Any, versions: Iterable[Any], fim: Any) -> dict:
     return data
 
 
-def node_view(data: dict) -> Table:
-    t = Table(title=f"node {data['name']}", show_header=False)
+def node_view(data: dict) -> FitTable:
+    t = FitTable(title=f"node {data['name']}", show_header=False)
     t.add_column("key", style="bold")
     t.add_column("value")
     for k in ("framework", "arch", "head", "classes", "data", "data_size", "label_counts", "version",
               "parents", "children", "meta", "recipe", "fim"):
         v = data[k]
-        t.add_row(k, _json_default(v) if not isinstance(v, (str, int)) else str(v))
+        if k == "parents":  # one per line: name (relation, weight)
+            text = "\n".join(f"{p['name']} ({p['relation']}" + (f", {p['weight']:.4g})" if p["weight"] is not None
+                                                                  else ")") for p in v)
+        elif k == "children":
+            text = ", ".join(v)
+        else:
+            text = v if isinstance(v, str) else json.dumps(v, default=_json_default)
+        t.add_row(k, Text(text or "-"))  # plain text: stored values are never markup
     return t
 
 
@@ -333,10 +440,19 @@ def forget_text(forget: dict, labels: list[int]) -> str:
     return ", ".join(parts) or "-"
 
 
-def plan_view(result: Any) -> Table:
+def request_text(request: dict) -> str:
+    """A deletion request in a few words (ticket, requester), or "" when there is none."""
+    parts = [f"ticket {request['ticket']}"] if request.get("ticket") else []
+    if request.get("requester"):
+        parts.append(f"from {request['requester']}")
+    return " ".join(parts)
+
+
+def plan_view(result: Any) -> FitTable:
     plan = result.plan
-    t = Table(title=f"plan: forget {forget_text(plan.forget, list(plan.labels))} with {result.method} "
-                    f"({len(plan.discovery)} discovery, {len(plan.inherited)} inherited)")
+    req = request_text(result.request.to_json())
+    t = FitTable(title=f"plan: forget {forget_text(plan.forget, list(plan.labels))} with {result.method} "
+                       f"({len(plan.discovery)} discovery, {len(plan.inherited)} inherited)" + (f"; {req}" if req else ""))
     t.add_column("phase")
     t.add_column("tasks", justify="right")
     t.add_column("nodes")
@@ -354,36 +470,79 @@ def plan_view(result: Any) -> Table:
     return t
 
 
-def result_table(result: Any) -> Table:
-    t = Table(title=f"{result.operation}: forgot {forget_text(result.plan.forget, list(result.labels))} with {result.method} "
-                    f"on {len(result.nodes)} node(s) in {result.wall_s:.3f} s (eval {result.eval_s:.1f} s)")
-    for col in ("node", "role", "version", "AD_f train", "AD_r train", "AD_f held-out", "AD_r held-out", "s"):
-        t.add_column(col, justify="left" if col in ("node", "role") else "right")
+# Accuracy columns of the result table: (metric, split) -> title.
+RESULT_METRICS = {("AD_f", "train"): "AD_f train", ("AD_r", "train"): "AD_r train",
+                  ("AD_f", "heldout"): "AD_f held-out", ("AD_r", "heldout"): "AD_r held-out"}
+
+
+def result_table(result: Any) -> FitTable:
+    req = request_text(result.request.to_json())
+    t = FitTable(title=f"{result.operation}: forgot {forget_text(result.plan.forget, list(result.labels))} with {result.method} "
+                       f"on {len(result.nodes)} node(s) in {result.wall_s:.3f} s (eval {result.eval_s:.1f} s)"
+                       + (f"; {req}" if req else ""))
+
+    def pair(m: dict, key: str, split: str) -> str | None:
+        b, a = m.get(f"{key}_{split}_before"), m.get(f"{key}_{split}_after")
+        return None if b is None and a is None else f"{_pct(b)} -> {_pct(a)}"
+
+    # Only the figures this run measured (no held-out columns without --eval-data, none with --no-eval).
+    shown = [k for k in RESULT_METRICS if any(pair(n.metrics, *k) is not None for n in result.nodes)]
+    t.add_column("node")
+    t.add_column("role")
+    t.add_column("version", justify="right")
+    for k in shown:  # a figure wraps after its arrow ("75.2 ->" / "0.0"), never inside "75.2 -> 0.0"
+        t.add_column(RESULT_METRICS[k], justify="right", min_width=len("100.0 ->"))
+    t.add_column("s", justify="right")
     for n in result.nodes:
-        m = n.metrics
-
-        def pair(key: str, split: str) -> str:
-            b, a = m.get(f"{key}_{split}_before"), m.get(f"{key}_{split}_after")
-            return "-" if b is None and a is None else f"{_pct(b)} -> {_pct(a)}"
-
-        t.add_row(n.name, n.role, f"{n.version_before} -> {n.version_after}", pair("AD_f", "train"),
-                  pair("AD_r", "train"), pair("AD_f", "heldout"), pair("AD_r", "heldout"), f"{n.seconds:.3f}")
+        t.add_row(n.name, n.role, f"{n.version_before} -> {n.version_after}",
+                  *(pair(n.metrics, *k) or "-" for k in shown), f"{n.seconds:.3f}")
     return t
 
 
-def history_table(entries: list[dict]) -> Table:
+def _time(t: float) -> str:
     import datetime as dt
 
-    t = Table(title="unlearning operations")
-    for col in ("operation", "time", "labels", "method", "state", "discovery", "affected", "wall s", "Avg. Gap"):
+    return dt.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def history_table(entries: list[dict]) -> FitTable:
+    t = FitTable(title="unlearning operations")
+    # Request and verification columns only when some operation has them: fewer columns to fit.
+    extra = [k for k in ("ticket", "requester") if any(e.get(k) for e in entries)]
+    verified = any(e.get("verification") for e in entries)
+    for col in ("operation", "time", "forgot", "method", "state", *extra, "disc.", "nodes", "wall s",
+                *(["Avg. Gap"] if verified else [])):
         t.add_column(col)
     for e in entries:
         v = e.get("verification")  # the worst node's Avg. Gap to retraining, once verified
         gap = "-" if not v or v.get("max_avg_gap") is None else f"{v['max_avg_gap']:.2f}"
-        t.add_row(e["operation"], dt.datetime.fromtimestamp(e["created"]).strftime("%Y-%m-%d %H:%M:%S"),
-                  _ranges(e["labels"]), e["method"], e["state"], str(len(e["discovery"])),
-                  str(len(e["affected"])), f"{e['wall_s']:.3f}", gap)
+        t.add_row(e["operation"], _time(e["created"]), forget_text(e.get("forget"), e["labels"]), e["method"],
+                  e["state"], *(Text(e.get(k) or "-") for k in extra), str(len(e["discovery"])),
+                  str(len(e["affected"])), f"{e['wall_s']:.3f}", *([gap] if verified else []))
     return t
+
+
+def exports_table(exports: list[Any]) -> FitTable:
+    """``umig history --exports``: every node version written out of the store."""
+    t = FitTable(title="exports (copies outside the store)")
+    for col in ("node", "version", "time", "path"):
+        t.add_column(col, justify="right" if col == "version" else "left")
+    for e in exports:
+        t.add_row(e.node, str(e.version), _time(e.created), Text(e.path))
+    return t
+
+
+def write_document(path: Path, text: str) -> None:
+    """Write a document (``umig report -o``) as UTF-8; a path that cannot be written is a user error."""
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise UmigError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def raw(text: str) -> None:
+    """Write text to stdout as it is: no markup, no wrapping (a Markdown document)."""
+    sys.stdout.write(text)
 
 
 # Columns of the verification table and plot: metric key -> short title.
@@ -395,7 +554,7 @@ VERIFY_COLUMNS = {"forget_acc": "forget", "retain_acc": "retain", "heldout_acc":
 
 def verify_view(out: dict) -> list[Any]:
     """``umig verify``: per node, each metric as unlearned / reference (gap in points), and the Avg. Gap."""
-    t = Table(title=f"{out['operation']}: {out['method']} vs {out['reference_method']} "
+    t = FitTable(title=f"{out['operation']}: {out['method']} vs {out['reference_method']} "
                        f"(reference {out['reference']}, {out['reference_s']:.1f} s); "
                        f"% unlearned / reference (gap, points)")
     t.add_column("node")
@@ -448,9 +607,8 @@ def gap_plot(out: dict, path: Path) -> None:
     plt.close(fig)
 
 
-
-def eval_table(out: dict) -> Table:
-    t = Table(title=f"{out['node']} v{out['version']}: forgotten labels {_ranges(out['labels'])}")
+def eval_table(out: dict) -> FitTable:
+    t = FitTable(title=f"{out['node']} v{out['version']}: forgotten labels {_ranges(out['labels'])}")
     for col in ("data", "AD_f", "AD_r", "n_f", "n_r"):
         t.add_column(col)
     for split in ("train", "heldout"):
@@ -460,8 +618,8 @@ def eval_table(out: dict) -> Table:
     return t
 
 
-def methods_table(methods: list[dict]) -> Table:
-    t = Table(title="unlearning methods")
+def methods_table(methods: list[dict]) -> FitTable:
+    t = FitTable(title="unlearning methods")
     for col in ("method", "kind", "parameters", "description"):
         t.add_column(col)
     for m in methods:

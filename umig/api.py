@@ -25,6 +25,7 @@ class Store(SqlStore):
         return unlearning.plan_unlearning(self, forget, **kwargs)
 
     def unlearn(self, forget: unlearning.Forget = (), **kwargs: Any) -> unlearning.UnlearnResult:
-        """Forget a forget set (labels, samples, clients) across the lineage as one operation;
+        """Forget a forget set (labels, samples, clients) across the lineage as one operation, recording
+        the deletion request it answers (``request={"requester": ..., "reason": ..., "ticket": ...}``);
         see :func:`umig.unlearning.unlearn`."""
         return unlearning.unlearn(self, forget, **kwargs)

@@ -140,6 +140,23 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY(operation, node)
     );
     """,
+    # 4: the deletion request an operation answers (who asked, why, which ticket), and every export of
+    # a node version out of the store: copies an auditor must account for. An export keeps the node's
+    # name, not its id, so the record outlives `umig remove` (the file does too).
+    """
+    ALTER TABLE operations ADD COLUMN requester TEXT;
+    ALTER TABLE operations ADD COLUMN reason TEXT;
+    ALTER TABLE operations ADD COLUMN ticket TEXT;
+    CREATE INDEX operations_ticket ON operations(ticket);
+    CREATE TABLE exports(
+        id INTEGER PRIMARY KEY,
+        node TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        path TEXT NOT NULL,
+        created REAL NOT NULL
+    );
+    CREATE INDEX exports_node ON exports(node, version);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -246,6 +263,65 @@ class NodeInfo:
             "parents": [{"name": p, "relation": r, "weight": w} for p, r, w in self.parents],
             "children": list(self.children),
         }
+
+
+REQUEST_FIELDS = ("requester", "reason", "ticket")
+
+
+@dataclass(frozen=True)
+class Request:
+    """The deletion request an operation answers: who asked, why, and the ticket that tracks it.
+
+    Every field is optional; values are stripped and an empty one counts as absent. ``requester``
+    and ``ticket`` are one line each: they are identifiers that ``umig history`` filters on.
+    """
+
+    requester: str | None = None
+    reason: str | None = None
+    ticket: str | None = None
+
+    def __post_init__(self) -> None:
+        for key in REQUEST_FIELDS:
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, str):
+                raise UmigError(f"request {key} must be text, got {type(value).__name__}")
+            value = value.strip() if value else None
+            if value and key != "reason" and ("\n" in value or "\r" in value):
+                raise UmigError(f"request {key} must be one line, got {value!r}")
+            object.__setattr__(self, key, value or None)
+
+    @classmethod
+    def of(cls, value: Request | Mapping[str, Any] | None) -> Request:
+        """A request from a :class:`Request`, a mapping with the same keys, or ``None`` (no request)."""
+        if value is None or isinstance(value, Request):
+            return value or cls()
+        if not isinstance(value, Mapping):
+            raise UmigError(f"a request is a Request or a mapping of {', '.join(REQUEST_FIELDS)}, "
+                            f"got {type(value).__name__}")
+        unknown = sorted(set(value) - set(REQUEST_FIELDS))
+        if unknown:
+            raise UmigError(f"unknown request field(s) {', '.join(map(str, unknown))} "
+                            f"(use {', '.join(REQUEST_FIELDS)})")
+        return cls(**value)
+
+    def __bool__(self) -> bool:
+        return any(getattr(self, k) for k in REQUEST_FIELDS)
+
+    def to_json(self) -> dict[str, str | None]:
+        return {k: getattr(self, k) for k in REQUEST_FIELDS}
+
+
+@dataclass(frozen=True)
+class Export:
+    """A node version written out of the store (``umig export``): a copy an audit must account for."""
+
+    node: str
+    version: int
+    path: str  # absolute, as resolved when it was written
+    created: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"node": self.node, "version": self.version, "path": self.path, "created": self.created}
 
 
 @dataclass
@@ -683,8 +759,10 @@ class SqlStore:
         return victims
 
     def export(self, name: str, path: str | Path, *, version: int | None = None) -> Path:
-        """Write the node's full weights (adapters merged) as one safetensors file."""
-        sd = self.state_dict(name, version)
+        """Write the node's full weights (adapters merged) as one safetensors file, and record the
+        export (node, version, absolute destination, time) in the audit log (:meth:`exports`)."""
+        v = self.version(name, version)  # one version number for the file, its metadata and the record
+        sd = self.state_dict(name, v.version)
         info = self.node(name)
         path = Path(path)
         if path.is_dir():
@@ -693,21 +771,41 @@ class SqlStore:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             save_file(
-                {k: v.contiguous() for k, v in sd.items()},
+                {k: t.contiguous() for k, t in sd.items()},
                 str(tmp),
                 metadata={
                     "umig.node": name,
-                    "umig.version": str(version if version is not None else info.version),
+                    "umig.version": str(v.version),
                     "umig.arch": json.dumps(info.arch),
                     "umig.classes": json.dumps(list(info.classes)),
                     "umig.head": info.head,
                 },
             )
-            os.replace(tmp, path)
+            # The file appears inside the transaction that records it: an export that fails leaves
+            # neither a file nor a record, and no copy leaves the store unrecorded.
+            with self.transaction():
+                self.db.execute("INSERT INTO exports(node, version, path, created) VALUES(?,?,?,?)",
+                                (name, v.version, str(path.resolve()), time.time()))
+                os.replace(tmp, path)
         except OSError as e:
             tmp.unlink(missing_ok=True)
             raise UmigError(f"cannot write {path}: {e.strerror or e}") from None
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         return path
+
+    def exports(self, *, node: str | None = None) -> list[Export]:
+        """Recorded exports, oldest first; with ``node``, those of that node since it was added
+        (an export under the same name before a ``remove`` was of another node)."""
+        if node is None:
+            rows = self.db.execute("SELECT * FROM exports ORDER BY created, id").fetchall()
+        else:
+            self._node_id(node)
+            rows = self.db.execute(
+                "SELECT e.* FROM exports e JOIN nodes n ON n.name=e.node WHERE e.node=? AND e.created>=n.created "
+                "ORDER BY e.created, e.id", (node,)).fetchall()
+        return [Export(node=r["node"], version=r["version"], path=r["path"], created=r["created"]) for r in rows]
 
     # ------------------------------------------------------------ operations
     def snapshots(self, names: Sequence[str]) -> dict[str, NodeSnapshot]:
@@ -768,22 +866,24 @@ class SqlStore:
     def commit_operation(self, op_id: str, *, labels: Sequence[int], forget: Mapping[str, Any], method: str,
                          params: Mapping[str, Any],
                          plan: Mapping[str, Any], result: Mapping[str, Any], wall_s: float,
-                         versions: Sequence[NewVersion], blobs: Sequence[tuple[str, str]]) -> dict[str, int]:
+                         versions: Sequence[NewVersion], blobs: Sequence[tuple[str, str]],
+                         request: Request | None = None) -> dict[str, int]:
         """Record an operation: its new versions become current, with its audit rows, in one transaction.
 
-        ``blobs`` are ``(digest, kind)`` the operation keeps for its audit trail (e.g. unlearning FIMs).
-        Returns node -> new version number.
+        ``blobs`` are ``(digest, kind)`` the operation keeps for its audit trail (e.g. unlearning FIMs);
+        ``request`` is the deletion request it answers. Returns node -> new version number.
         """
+        request = request or Request()
         with self.transaction():
             now = time.time()
             ids = dict(self.db.execute("SELECT name, id FROM nodes").fetchall())
             latest = dict(self.db.execute("SELECT node, MAX(version) FROM versions GROUP BY node").fetchall())
             after = {v.node: latest[ids[v.node]] + 1 for v in versions}
             self.db.execute(
-                "INSERT INTO operations(id, created, labels, forget, method, params, plan, result, wall_s, state) "
-                "VALUES(?,?,?,?,?,?,?,?,?, 'applied')",
+                "INSERT INTO operations(id, created, labels, forget, method, params, plan, result, wall_s, state, "
+                "requester, reason, ticket) VALUES(?,?,?,?,?,?,?,?,?, 'applied', ?,?,?)",
                 (op_id, now, json.dumps(list(labels)), json.dumps(dict(forget)), method, json.dumps(dict(params), default=str),
-                 json.dumps(plan), json.dumps(result), wall_s),
+                 json.dumps(plan), json.dumps(result), wall_s, request.requester, request.reason, request.ticket),
             )
             self.db.executemany(
                 "INSERT INTO versions(node, version, body, head, delta, fim, operation, created) "
@@ -868,20 +968,40 @@ class SqlStore:
             self._txn.released.update(doomed)
         return {"operation": op_id, "versions_purged": len(old), "blobs_deleted": len(doomed), "bytes_freed": freed}
 
-    def history(self, *, node: str | None = None) -> list[dict[str, Any]]:
-        """The audit log: one entry per operation, newest last."""
+    def history(self, *, node: str | None = None, ticket: str | None = None,
+                requester: str | None = None) -> list[dict[str, Any]]:
+        """The audit log: one entry per operation, newest last; only those that touched ``node``,
+        answer ``ticket`` (exact) or came from ``requester`` (exact, case-insensitive), when given."""
+        where: list[str] = []
+        args: list[Any] = []
         if node is not None:
-            nid = self._node_id(node)
-            ops = self.db.execute(
-                "SELECT o.* FROM operations o WHERE o.id IN (SELECT operation FROM operation_nodes WHERE node=?) "
-                "ORDER BY o.created", (nid,)).fetchall()
-        else:
-            ops = self.db.execute("SELECT * FROM operations ORDER BY created").fetchall()
+            where.append("o.id IN (SELECT operation FROM operation_nodes WHERE node=?)")
+            args.append(self._node_id(node))
+        if ticket is not None:
+            where.append("o.ticket=?")
+            args.append(ticket.strip())
+        if requester is not None:
+            where.append("o.requester=? COLLATE NOCASE")
+            args.append(requester.strip())
+        ops = self.db.execute(
+            "SELECT o.* FROM operations o" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY o.created",
+            args).fetchall()
         return [self._history_entry(op) for op in ops]
 
     def operation(self, op_id: str) -> dict[str, Any]:
         """One operation's audit entry (as in :meth:`history`)."""
         return self._history_entry(self._operation(op_id))
+
+    def operation_blobs(self, op_id: str) -> list[tuple[str, str]]:
+        """The blobs an operation keeps for its audit trail, ``(digest, kind)``; purge deletes them."""
+        self._operation(op_id)
+        return [(r[0], r[1]) for r in self.db.execute(
+            "SELECT digest, kind FROM operation_blobs WHERE operation=? ORDER BY rowid", (op_id,))]
+
+    def version_sources(self, name: str) -> dict[int, int]:
+        """Each version an operation made of node ``name`` -> the version it was made from."""
+        return {r[0]: r[1] for r in self.db.execute(
+            "SELECT version_after, version_before FROM operation_nodes WHERE node=?", (self._node_id(name),))}
 
     def _history_entry(self, op: sqlite3.Row) -> dict[str, Any]:
         plan = json.loads(op["plan"])
@@ -907,6 +1027,7 @@ class SqlStore:
             ],
             **json.loads(op["result"]),
             "verification": json.loads(op["verification"]) if op["verification"] else None,
+            **_request_from_row(op).to_json(),
         }
 
     # ------------------------------------------------------- verification
@@ -993,6 +1114,10 @@ def _node_from_row(row: sqlite3.Row, parents=(), children=()) -> NodeInfo:
         parents=tuple(parents),
         children=tuple(children),
     )
+
+
+def _request_from_row(row: sqlite3.Row) -> Request:
+    return Request(requester=row["requester"], reason=row["reason"], ticket=row["ticket"])
 
 
 def _version_from_row(name: str, row: sqlite3.Row) -> Version:

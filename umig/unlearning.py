@@ -27,7 +27,7 @@ from umig.errors import UnlearningError
 from umig.evaluate import unlearning_accuracy
 from umig.execution import Backend, make_backend
 from umig.forget import ForgetSet, SampleSet, source_fingerprint
-from umig.store import NewVersion, SqlStore
+from umig.store import NewVersion, Request, SqlStore
 
 PhaseProgress = Callable[[str, int, int], None]  # (phase name, done, total)
 
@@ -69,11 +69,13 @@ class UnlearnResult:
     eval_s: float
     backend: dict[str, Any]
     dry_run: bool = False
+    request: Request = field(default_factory=Request)  # the deletion request it answers
 
     def to_json(self) -> dict[str, Any]:
         return {
             "operation": self.operation,
             "dry_run": self.dry_run,
+            **self.request.to_json(),
             "labels": list(self.labels),
             "method": self.method,
             "params": self.params,
@@ -87,6 +89,8 @@ class UnlearnResult:
 
 
 Forget = ForgetSet | Sequence[int]
+# The deletion request an operation answers: a Request, or a mapping of requester/reason/ticket.
+RequestLike = Request | Mapping[str, Any] | None
 
 # The method used when a request names none, by the kinds its forget set holds (README
 # "Forgetting samples and clients" gives the measurements behind the choice).
@@ -166,8 +170,9 @@ def _job(store: SqlStore, forget: ForgetSet, method: U.Unlearner, params: Mappin
 
 def plan_unlearning(store: SqlStore, forget: Forget = (), *, clients: Sequence[str] = (), method: str | None = None,
                     params: Mapping[str, Any] | None = None, policy: str = "first",
-                    from_nodes: Sequence[str] | None = None) -> UnlearnResult:
+                    from_nodes: Sequence[str] | None = None, request: RequestLike = None) -> UnlearnResult:
     """The plan of a request, without running it (``umig unlearn --dry-run``)."""
+    req = Request.of(request)
     fs = forget_set(store, forget, clients)
     method = method or default_method(fs)
     m = U.get(method)
@@ -180,7 +185,7 @@ def plan_unlearning(store: SqlStore, forget: Forget = (), *, clients: Sequence[s
         phases=m.describe_phases(job), nodes=[
             NodeOutcome(n, job.plan.role(n), job.nodes[n].version, job.nodes[n].version, 0.0)
             for n in job.plan.affected
-        ], wall_s=0.0, eval_s=0.0, backend={}, dry_run=True,
+        ], wall_s=0.0, eval_s=0.0, backend={}, dry_run=True, request=req,
     )
 
 
@@ -223,9 +228,12 @@ def unlearn(
     eval_data: str | None = None,
     seed: int = 0,
     progress: PhaseProgress | None = None,
+    request: RequestLike = None,
 ) -> UnlearnResult:
     """Forget ``forget`` (a :class:`umig.forget.ForgetSet`, or labels) and the data of ``clients``
-    across the lineage as one operation; see the module docstring."""
+    across the lineage as one operation; see the module docstring. ``request`` (who asked, why,
+    the ticket: a :class:`umig.store.Request` or a mapping) is recorded with the operation."""
+    req = Request.of(request)  # a malformed request fails before anything runs
     fs = forget_set(store, forget, clients)
     method = method or default_method(fs)
     m = U.get(method)
@@ -241,7 +249,7 @@ def unlearn(
             t1 = time.perf_counter()
             metrics = _evaluate(store, job, by_node, be, eval_ref, progress) if evaluate else {}
             eval_s = time.perf_counter() - t1
-        op = _commit(store, job, method, resolved, by_node, metrics, wall, eval_s, be.describe())
+        op = _commit(store, job, method, resolved, by_node, metrics, wall, eval_s, be.describe(), req)
         op.phases = m.describe_phases(job)
     return op
 
@@ -321,7 +329,8 @@ def _eval_ref(ref: str) -> dict:
 
 
 def _commit(store: SqlStore, job: U.Job, method: str, params: dict, by_node: dict[str, U.NodeResult],
-            metrics: dict[str, dict], wall: float, eval_s: float, backend: dict) -> UnlearnResult:
+            metrics: dict[str, dict], wall: float, eval_s: float, backend: dict,
+            request: Request | None = None) -> UnlearnResult:
     op_id = "op-" + uuid.uuid4().hex[:10]
     versions = []
     for name in job.plan.affected:
@@ -333,12 +342,13 @@ def _commit(store: SqlStore, job: U.Job, method: str, params: dict, by_node: dic
             metrics={**r.metrics, **metrics.get(name, {})}))
     numbers = store.commit_operation(
         op_id, labels=job.labels, forget=job.forget.to_json(), method=method, params=params, plan=job.plan.to_json(),
-        result={"eval_s": eval_s, "backend": backend}, wall_s=wall, versions=versions, blobs=job.op_blobs)
+        result={"eval_s": eval_s, "backend": backend}, wall_s=wall, versions=versions, blobs=job.op_blobs,
+        request=request)
     outcomes = [NodeOutcome(v.node, v.role, v.version_before, numbers[v.node], by_node[v.node].seconds,
                             dict(v.metrics)) for v in versions]
     return UnlearnResult(
         operation=op_id, labels=job.labels, method=method, params=params, plan=job.plan,
-        phases=[], nodes=outcomes, wall_s=wall, eval_s=eval_s, backend=backend)
+        phases=[], nodes=outcomes, wall_s=wall, eval_s=eval_s, backend=backend, request=request or Request())
 
 
 # ---------------------------------------------------------------- evaluation
