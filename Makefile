@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	# torch/torchvision pinned here for these x86_64 machines (served from local disk);
 	# pyproject keeps loose ranges for users' own torch.
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[dev,plot,ray,flower,lightning,mlflow]'
+	$(BIN)/pip install -q -e '.[dev,plot,ray,flower,lightning,mlflow,hf]'
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -16,6 +16,7 @@ from umig.data import parse_labels, read_indices
 from umig.errors import UmigError
 from umig.forget import ForgetSet
 from umig.forget import samples as sample_set
+from umig.integrations.hf import card_metadata, card_text, write_card
 from umig.requests import deletion_report, to_markdown
 from umig.store import Request
 from umig.unlearner import describe
@@ -219,6 +220,24 @@ def export(
     """Write a node's full weights (any adapter merged) to one safetensors file."""
     path = open_store(store).export(name, output, version=version)
     R.emit({"node": name, "path": str(path)}, as_json=json_out, human=lambda _: f"exported {name} to {path}")
+
+
+@app.command()
+@handles_errors
+def card(
+    name: Annotated[str, typer.Argument(help="Node name.")],
+    output: Annotated[Optional[Path], typer.Option(
+        "--output", "-o", help="Write the card to FILE (a directory gets README.md).")] = None,
+    store: StoreOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """A Hugging Face model card for a node: lineage, training data and unlearning history."""
+    s = open_store(store)
+    if output is not None:  # a file is written; stdout gets one line naming it
+        path = write_card(s, name, output)
+        R.emit({"node": name, "path": str(path)}, as_json=json_out, human=lambda _: f"wrote {path}")
+        return
+    R.emit(card_metadata(s, name), as_json=json_out, human=lambda _: R.raw(card_text(s, name)))
 
 
 @app.command()
