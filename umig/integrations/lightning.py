@@ -204,11 +204,13 @@ class UmigCallback(Callback):
         cap, self._cap = self._cap, None
         if trainer.world_size <= 1:
             return cap.fim()
-        local = cap.fim() if cap.samples else None
-        n = torch.tensor(float(cap.samples), device=trainer.strategy.root_device)
-        total = float(trainer.strategy.reduce(n, reduce_op="sum"))
-        if local is None:
-            raise UmigError("a rank saw no labelled batch in the last epoch: cannot capture the model FIM")
+        dev = trainer.strategy.root_device
+        total = float(trainer.strategy.reduce(torch.tensor(float(cap.samples), device=dev), reduce_op="sum"))
+        empty = float(trainer.strategy.reduce(torch.tensor(float(cap.samples == 0), device=dev), reduce_op="sum"))
+        if empty:  # every rank takes this branch: the store computes the FIM with one pass instead
+            cap.close()
+            return None
+        local = cap.fim()
 
         def summed(t: Tensor | None) -> Tensor | None:
             if t is None:
