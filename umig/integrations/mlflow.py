@@ -246,14 +246,16 @@ def _forgot(entry: Mapping[str, Any]) -> str:
 
 
 def tag_operation(store: SqlStore, op_id: str, *, client: MlflowClient | None = None, register: bool = False,
-                  experiment: str = "umig") -> dict[str, list[str]]:
+                  experiment: str | None = None) -> dict[str, list[str]]:
     """Tag the MLflow model versions and runs of the nodes unlearning operation ``op_id`` changed.
 
     Each version tagged ``umig.node`` with a changed node gets ``umig.unlearned_by`` (the
     operation), ``umig.forgotten``, ``umig.method``, ``umig.ticket`` when the request has one,
     and ``umig.superseded_by`` (``NODE@vN``, the node's version the operation made). With
-    ``register`` each node's new version is logged (safetensors, in a run of ``experiment``) and
-    registered as a new version of the node's registered model, tagged with node and operation.
+    ``register`` each node's new version is logged (safetensors, in a run of ``experiment``; by
+    default the experiment of the run behind the node's latest MLflow version, so artifacts go
+    where that model's already are) and registered as a new version of the node's registered
+    model, tagged with node and operation.
     Returns ``{"tagged": ["model/vK", ...], "registered": [...]}``.
     """
     client = client or MlflowClient()
@@ -276,16 +278,25 @@ def tag_operation(store: SqlStore, op_id: str, *, client: MlflowClient | None = 
                 client.set_tag(mv.run_id, "umig.unlearned_by", op_id)
             out["tagged"].append(f"{mv.name}/v{mv.version}")
         if register and versions and not any(v.tags.get("umig.operation") == op_id for v in versions):
-            out["registered"].append(_register_node(store, client, node, after, versions[-1].name, op_id, tags,
+            out["registered"].append(_register_node(store, client, node, after, versions[-1], op_id, tags,
                                                     experiment))
     return out
 
 
-def _register_node(store: SqlStore, client: MlflowClient, node: str, version: int, model: str, op_id: str,
-                   tags: Mapping[str, str], experiment: str) -> str:
-    """Log ``node`` at ``version`` in a new run and register it as a version of ``model``."""
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+def _experiment_id(client: MlflowClient, latest: ModelVersion, experiment: str | None) -> str:
+    """``experiment`` (created if missing), else the experiment of ``latest``'s run."""
+    if experiment is None and latest.run_id:
+        return client.get_run(latest.run_id).info.experiment_id
+    name = experiment or "umig"
+    exp = client.get_experiment_by_name(name)
+    return exp.experiment_id if exp else client.create_experiment(name)
+
+
+def _register_node(store: SqlStore, client: MlflowClient, node: str, version: int, latest: ModelVersion,
+                   op_id: str, tags: Mapping[str, str], experiment: str | None) -> str:
+    """Log ``node`` at ``version`` in a new run and register it as the next version of ``latest``'s model."""
+    model = latest.name
+    exp_id = _experiment_id(client, latest, experiment)
     run = client.create_run(exp_id, tags={TAG_NODE: node, "umig.operation": op_id},
                             run_name=f"umig {op_id} {node}")
     uri = log_state_dict(store.state_dict(node, version), client=client, run_id=run.info.run_id)
