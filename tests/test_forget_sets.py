@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from umig.forget import ForgetSet, samples
 from umig.train import fedavg
 
 TRAIN = "sklearn:digits?split=train"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def cli(*args: str, store) -> tuple[int, str, str]:
@@ -128,3 +130,18 @@ def test_baselines_serve_a_client_whose_data_is_entirely_forgotten(fl_store, met
     # The forgotten client's own nodes keep no data: they train on their federation peers' data.
     res = fl_store.unlearn(clients=["fl/r1/c1"], method=method, params={"epochs": 1}, evaluate=False)
     assert {"fl/r1/c1", "fl/r2/c1", "fl/r2/global"} <= {n.name for n in res.nodes}
+
+
+def test_forgotten_il_step_trains_only_on_labels_its_head_predicts(tmp_path):
+    # il/step1's data is forgotten entirely; its peer (il/step2) knows labels step1's head has no row for.
+    import sys
+
+    from umig import Store
+
+    sys.path.insert(0, str(REPO / "examples"))
+    from incremental import build
+
+    with Store.init(tmp_path / "il") as s:
+        build(s, epochs=1, log=lambda *a: None)
+        res = s.unlearn(clients=["il/step1"], method="finetune", params={"epochs": 1}, evaluate=False)
+        assert [n.name for n in res.nodes] == ["il/step1", "il/step2"]

@@ -129,8 +129,10 @@ def training_sources(ctx: NodeContext) -> tuple[list[tuple[str, float, Any]], bo
     :func:`retain_sources`, except for a node whose own data is entirely forgotten."""
     name = ctx.node.name
     if trains_on_peers(ctx.snapshots, name, ctx.holds_forget, ctx.holds_retain):
+        # A peer may know labels this node's head cannot predict (the next step of an incremental chain).
         peers = [(n, w, ctx.retain_data(n)) for n, w in peer_names(ctx.snapshots, name, ctx.holds_retain)]
-        peers = [(n, w, d) for n, w, d in peers if d is not None and len(d)]
+        peers = [(n, w, d.filter_labels(keep=ctx.classes)) for n, w, d in peers if d is not None]
+        peers = [(n, w, d) for n, w, d in peers if len(d)]
         if peers:
             return peers, True
     return _own_retain_sources(ctx), False
