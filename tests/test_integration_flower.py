@@ -111,9 +111,6 @@ def test_bad_round_writes_nothing(setup, tmp_path):
     assert {n.name for n in store.nodes()} == before and strategy.global_node == "flower/init"
 
 
-
-@pytest.mark.skipif(os.environ.get("UMIG_SLOW_TESTS") != "1",
-                    reason="examples/flower_digits.py starts Ray's simulation engine (~40 s); set UMIG_SLOW_TESTS=1")
 def test_flower_example_records_rounds_then_plans(tmp_path):
     pytest.importorskip("ray", reason="Flower's simulation engine needs Ray: pip install 'umig[ray]'")
     import subprocess
