@@ -168,9 +168,16 @@ class WorkerEnv:
         self.blobs.close()
 
 
+_FUNCTIONS: dict[str, Callable[..., Any]] = {}
+
+
 def _import(spec: str) -> Callable[..., Any]:
-    module, _, attr = spec.partition(":")
-    return getattr(importlib.import_module(module), attr)
+    """``"module:function"`` -> the function (looked up once per process)."""
+    fn = _FUNCTIONS.get(spec)
+    if fn is None:
+        module, _, attr = spec.partition(":")
+        fn = _FUNCTIONS[spec] = getattr(importlib.import_module(module), attr)
+    return fn
 
 
 def _call(task: Any, env: WorkerEnv) -> Any:

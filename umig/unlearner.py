@@ -21,6 +21,7 @@ Third parties register a class under the entry-point group ``umig.unlearners``
 from __future__ import annotations
 
 import importlib
+import sys
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Generator, Mapping, Sequence
@@ -393,9 +394,23 @@ def _import(spec: str) -> Any:
 
 
 # ------------------------------------------------------------------- registry
+_INSTALLED: tuple[tuple[str, ...], dict[str, str]] | None = None  # (sys.path, entry points found on it)
+
+
+def _installed() -> dict[str, str]:
+    """The group's entry points, scanned once per ``sys.path`` (a scan reads every installed
+    distribution's metadata: tens of milliseconds on each request otherwise)."""
+    global _INSTALLED
+    key = tuple(sys.path)
+    if _INSTALLED is None or _INSTALLED[0] != key:
+        _INSTALLED = (key, {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)})
+    return _INSTALLED[1]
+
+
 def available() -> dict[str, str]:
-    """Installed methods: name -> ``module:Class`` (entry points, then :func:`register` calls)."""
-    found = {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    """Installed methods: name -> ``module:Class`` (entry points, then :func:`register` calls).
+    A plugin installed into this process's ``sys.path`` after the first call shows up in a new process."""
+    found = dict(_installed())
     found.update(_REGISTERED)
     return found
 

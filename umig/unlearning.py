@@ -16,7 +16,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import networkx as nx
 import numpy as np
 import torch
 
@@ -131,8 +130,8 @@ def _holdings(store: SqlStore, fs: ForgetSet, g: Any) -> tuple[dict[str, np.ndar
             continue
         size = int(g.nodes[name].get("data_size", 0))
         by_label = sum(c for lab, c in g.nodes[name].get("label_counts", {}).items() if lab in labels)
-        ref = DataRef.from_json(ref_json)
-        if datasets and source_fingerprint(ref.source) in datasets:
+        ref = DataRef.from_json(ref_json) if datasets else None
+        if ref is not None and source_fingerprint(ref.source) in datasets:
             base, pos = source_positions(ref)
             mask = fs.mask(base.targets[pos].numpy(), source_fingerprint(ref.source), pos)
             positions[name] = np.flatnonzero(mask)
@@ -158,9 +157,16 @@ def _job(store: SqlStore, forget: ForgetSet, method: U.Unlearner, params: Mappin
     plan.forget, plan.counts = forget.to_json(), counts
     # Parents are part of a node's lineage context (FedAvg clients, retrain inputs); so are the
     # nodes below an aggregate whose data it stands for (multi-layer FL).
-    names = set(plan.affected) | set(plan.discovery)  # with --from, a discovery node may lie outside
-    for n in plan.affected:
-        names.update(nx.ancestors(g, n))
+    # One walk up from every affected node at once (not one ancestor search per node: quadratic on
+    # a long lineage, whose nodes share most of their ancestors).
+    names = set(plan.affected)
+    stack = list(names)
+    while stack:
+        for p in g.predecessors(stack.pop()):
+            if p not in names:
+                names.add(p)
+                stack.append(p)
+    names |= set(plan.discovery)  # with --from, a discovery node may lie outside
     order = [n for n in G.bfs_order(g) if n in names]
     return U.Job(store_root=str(store.root), labels=plan.labels, plan=plan, graph=g,
                  nodes=store.snapshots(order), params=dict(params), seed=seed, forget=forget,

@@ -275,8 +275,16 @@ def unlearning_fim_task(payload: dict[str, Any], env: Any) -> dict[str, Any]:
     return {"node": snap.name, "fim": digest, "samples": fim.samples}
 
 
-def _load_fim(env: Any, digest: str, owner: str) -> FIM:
-    tensors, meta = env.blobs.load_with_metadata(digest, owner=owner)
+_FIM_KEYS = ("weight", "bias", "classes")  # what an update reads: not the per-label statistics
+
+
+def _load_fim(env: Any, digest: str, owner: str, *, stats: bool = True) -> FIM:
+    """An FIM blob (hash-verified); ``stats=False`` leaves its per-label sums unread (a head update
+    uses only the FIM itself; only phase 1 sums the statistics)."""
+    if stats:
+        tensors, meta = env.blobs.load_with_metadata(digest, owner=owner)
+    else:
+        tensors, meta = env.blobs.load_parts(digest, _FIM_KEYS, owner=owner)
     return FIM.from_tensors(tensors, meta)
 
 
@@ -285,7 +293,7 @@ def _merged(env: Any, digests: Sequence[str], node: str, feature_dim: int) -> FI
     key = ("merged", tuple(digests))
     merged_all = env.cache.get(key)
     if merged_all is None:
-        fims = [_load_fim(env, d, node) for d in digests]
+        fims = [_load_fim(env, d, node, stats=False) for d in digests]
         union = sorted({c for f in fims for c in f.classes})
         try:
             merged_all = merge_max(fims, union)
@@ -306,7 +314,7 @@ def update_task(payload: dict[str, Any], env: Any) -> NodeResult:
     ``erase`` reads only the node's head and model FIM: its update does not use the merged FIM."""
     t0 = time.perf_counter()
     snap, p = payload["snap"], payload["params"]
-    model_fim = _load_fim(env, snap.fim_blob, snap.name)
+    model_fim = _load_fim(env, snap.fim_blob, snap.name, stats=False)
     merged = None
     if p["mode"] != "erase":
         merged = _merged(env, payload["discovery_fims"], snap.name, model_fim.feature_dim).aligned(snap.classes)
