@@ -197,17 +197,70 @@ def test_pool_pins_one_worker_per_device_and_uses_every_device(tmp_path, monkeyp
 def test_cpu_pool_coordinator_works_while_workers_start(tmp_path):
     """On CPU the coordinator takes chunks itself until (and while) the spawned workers run."""
     Store.init(tmp_path / "s").close()
-    pool = E.ProcessPool(str(tmp_path / "s"), ["cpu", "cpu"], help_locally=True)
+    E.shutdown_workers()
+    # Work estimated above spawn_after_s: the worker is started, and the coordinator keeps working meanwhile.
+    pool = E.ProcessPool(str(tmp_path / "s"), ["cpu", "cpu"], start="auto", spawn_after_s=0.05)
     threads = torch.get_num_threads()
     try:
         assert pool.describe()["coordinator_helps"]
-        out = pool.run(_tasks("whoami_task", 40, sleep=0.01))
-        assert [r["i"] for r, _ in out] == list(range(40))
+        out = pool.run(_tasks("whoami_task", 60, sleep=0.05))
+        assert [r["i"] for r, _ in out] == list(range(60))
         where = Counter(r["slot"] for r, _ in out)
         assert where["cpu (coordinator)"] > 0  # work started before any worker was up
+        assert pool.describe()["workers_started"] and pool.describe()["decision"].startswith("started")
         assert torch.get_num_threads() == threads  # restored after the local chunks
     finally:
         pool.close()
+
+
+def test_cpu_pool_runs_a_small_phase_in_process_and_keeps_workers_for_the_process(tmp_path):
+    """--workers 2 never pays a worker's start-up for work shorter than it; started workers are reused."""
+    Store.init(tmp_path / "s").close()
+    E.shutdown_workers()
+    small = E.ProcessPool(str(tmp_path / "s"), ["cpu", "cpu"])
+    try:
+        out = small.run(_tasks("whoami_task", 30))
+        d = small.describe()
+        assert {r["pid"] for r, _ in out} == {os.getpid()} and not d["workers_started"]
+        assert d["start"] == "auto" and d["decision"].startswith("not started") and d["chunks_in_workers"] == 0
+    finally:
+        small.close()
+    eager = E.ProcessPool(str(tmp_path / "s"), ["cpu", "cpu"], start="always")
+    try:
+        pids = {w["pid"] for w in eager.workers()}
+        assert len(pids) == 2 and os.getpid() not in pids
+    finally:
+        eager.close()
+    again = E.ProcessPool(str(tmp_path / "s"), ["cpu", "cpu"], start="always")
+    try:
+        d = again.describe()
+        assert d["workers_reused"] and d["workers_started"]
+        out = again.run(_tasks("whoami_task", 8))
+        assert {r["pid"] for r, _ in out} <= pids  # the same processes: start-up paid once
+    finally:
+        again.close()
+        E.shutdown_workers()
+
+
+def test_in_process_work_on_small_models_uses_one_thread_unless_the_user_chose(tmp_path, monkeypatch, fl_store):
+    snap = fl_store.snapshots(["fl/r1/c0"])["fl/r1/c0"]
+    tasks = [Task(fn="x:y", node="fl/r1/c0", payload={"snap": snap})]
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "UMIG_THREADS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(E, "_TORCH_DEFAULT_THREADS", 4)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    assert E.intra_op_threads(tasks, fl_store.blobs)[0] == 1  # a digits CNN: small
+    monkeypatch.setattr(E, "SMALL_MODEL_BYTES", 1000)
+    assert E.intra_op_threads(tasks, fl_store.blobs)[0] is None  # above the size: torch's default
+    monkeypatch.setattr(E, "SMALL_MODEL_BYTES", 8 << 20)
+    assert E.intra_op_threads([Task(fn="x:y", payload={})], fl_store.blobs)[0] is None  # no model named
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    assert E.intra_op_threads(tasks, fl_store.blobs) == (None, "set by the caller (torch.set_num_threads)")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert E.intra_op_threads(tasks, fl_store.blobs)[0] is None
+    monkeypatch.setenv("UMIG_THREADS", "3")
+    assert E.intra_op_threads(tasks, fl_store.blobs)[0] == 3
 
 
 def test_pool_reports_blobs_and_names_the_failing_node(tmp_path):
@@ -314,15 +367,17 @@ def test_pool_results_match_the_in_process_path(fl_store: Store, tmp_path: Path)
     shutil.copytree(fl_store.root, tmp_path / "copy")
     shutil.copytree(fl_store.root, tmp_path / "workers")
     other, third = Store.open(tmp_path / "copy"), Store.open(tmp_path / "workers")
-    # The coordinator computes too here (spawning its one helper only if the work is long).
-    pool = E.ProcessPool(str(third.root), ["cpu", "cpu"], help_locally=True)
+    # Spawned workers from the start; then --workers 2 as users get it (the coordinator computes too,
+    # spawning its helper only if the work is long: here it is not).
+    pool = E.ProcessPool(str(other.root), ["cpu", "cpu"], start="always")
     try:
         one = fl_store.unlearn([1], workers=1, device="cpu", evaluate=False)
-        two = other.unlearn([1], workers=2, device="cpu", evaluate=False)
-        three = third.unlearn([1], backend=pool, evaluate=False)
+        two = other.unlearn([1], backend=pool, evaluate=False)
+        three = third.unlearn([1], workers=2, device="cpu", evaluate=False)
         assert one.backend["backend"] == "inprocess" and two.backend["backend"] == three.backend["backend"] == "pool"
         assert two.backend["workers_started"] and not two.backend["coordinator_helps"]
-        assert three.backend["coordinator_helps"]
+        assert two.backend["chunks_in_workers"] > 0
+        assert three.backend["coordinator_helps"] and not three.backend["workers_started"]
         for res in (two, three):
             assert [n.name for n in one.nodes] == [n.name for n in res.nodes]
             assert [n.version_after for n in one.nodes] == [n.version_after for n in res.nodes]
@@ -333,5 +388,6 @@ def test_pool_results_match_the_in_process_path(fl_store: Store, tmp_path: Path)
                 assert torch.equal(h2[name][k], h3[name][k])  # one thread per worker, wherever it ran
     finally:
         pool.close()
+        E.shutdown_workers()
         other.close()
         third.close()

@@ -78,11 +78,13 @@ def kill_all(pids) -> None:
 @contextmanager
 def unlearn_process(root: Path, tmp_path: Path, *extra: str):
     """``umig unlearn --workers 2`` in the background; output goes to files (an orphaned worker
-    holding a pipe could never block the test). Everything it started is killed afterwards."""
+    holding a pipe could never block the test). Everything it started is killed afterwards.
+    ``UMIG_POOL_START=always``: both workers start at once, as this small request would not start them."""
     token = uuid.uuid4().hex
     cmd = [sys.executable, "-m", "umig.cli.main", "unlearn", "--labels", "1,2", "--workers", "2", "--device", "cpu",
            "--store", str(root), *extra]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200", "UMIG_TEST_MARK": token}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200", "UMIG_TEST_MARK": token,
+           "UMIG_POOL_START": "always"}
     with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=REPO)
     proc.token = token

@@ -9,10 +9,14 @@ fails before it commits.
 
 Backends:
 
-* :class:`InProcess` - ``--workers 1``: tasks run one after another in this process.
+* :class:`InProcess` - ``--workers 1``: tasks run one after another in this process (one torch
+  thread for small models unless the user chose: :func:`intra_op_threads`).
 * :class:`ProcessPool` - spawned worker processes, each pinned to one device (one per GPU, or
   ``--workers-per-device`` per GPU). Tasks go out in cost-balanced chunks that idle workers
-  pull, so every device stays busy; CUDA is initialised only inside the workers.
+  pull, so every device stays busy; CUDA is initialised only inside the workers. Workers are
+  started once per process and kept for later requests; on CPU they are started only when the
+  work would outlast their start-up (the coordinator computes meanwhile, and alone for a small
+  request), so ``--workers 2`` is not slower than ``--workers 1``.
 * :class:`RayBackend` - ``--backend ray [--ray-address ADDR]``: the same chunks run on Ray
   actors (with a GPU each where ``--device cuda``); the store must be on a path every node of
   the cluster can read and write (see docs/ray.md).
@@ -25,14 +29,18 @@ many small blobs overlap; ext4 and most journaling file systems then commit them
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import heapq
 import importlib
 import math
 import os
 import shutil
+import statistics
 import tempfile
+import threading
 import time
+import uuid
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -51,6 +59,7 @@ from umig.store import NodeSnapshot, load_state
 
 Progress = Callable[[int, int], None]  # (done, total)
 BACKENDS = ("local", "ray")
+POOL_STARTS = ("auto", "always")  # when a CPU pool spawns its workers (ProcessPool, UMIG_POOL_START)
 
 
 # ------------------------------------------------------------------- devices
@@ -163,6 +172,11 @@ class WorkerEnv:
         if key not in self._data_cache:
             self._data_cache[key] = verify(DataRef.from_json(snap.data_ref), snap.data_fingerprint)
         return self._data_cache[key]
+
+    def reset(self) -> None:
+        """Forget what earlier requests cached (a pool worker outlives the request that started it)."""
+        self._data_cache.clear()
+        self.cache.clear()
 
     def close(self) -> None:
         self.blobs.close()
@@ -277,23 +291,92 @@ class Backend(ABC):
         self.close()
 
 
+# ------------------------------------------------------------- thread policy
+SMALL_MODEL_BYTES = 8 << 20  # weights (body + head blobs) up to this size count as a small model
+_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+_TORCH_DEFAULT_THREADS = torch.get_num_threads()  # what torch chose, before anyone set it
+
+
+def _task_snapshot(task: Any) -> Any:
+    payload = getattr(task, "payload", None) or {}
+    snap = payload.get("snap")
+    if snap is None and isinstance(payload.get("snapshots"), Mapping):
+        snap = payload["snapshots"].get(payload.get("node"))
+    return snap if hasattr(snap, "body_blob") else None
+
+
+def intra_op_threads(tasks: Sequence[Any], blobs: Any, device: torch.device | str = "cpu") -> tuple[int | None, str]:
+    """The torch threads in-process CPU work on ``tasks`` should use, and why (None: leave torch as it is).
+
+    One thread for small models: an op on a model this small is done before extra threads help, and
+    on busy cores their spinning costs more than the op (a retrain of digits CNNs on two busy cores ran
+    about five times slower with torch's default two threads). The user's choice wins: ``UMIG_THREADS``,
+    ``OMP_NUM_THREADS``/``MKL_NUM_THREADS``, or a ``torch.set_num_threads`` call. Larger models, GPUs, and
+    tasks that name no model keep torch's default.
+    """
+    umig_threads = os.environ.get("UMIG_THREADS", "").strip()
+    if umig_threads:
+        try:
+            return max(1, int(umig_threads)), "UMIG_THREADS"
+        except ValueError:
+            raise UmigError(f"UMIG_THREADS={umig_threads!r} is not a number of threads") from None
+    if any(os.environ.get(v, "").strip() for v in _THREAD_VARS):
+        return None, "set by the environment (OMP_NUM_THREADS/MKL_NUM_THREADS)"
+    if torch.get_num_threads() != _TORCH_DEFAULT_THREADS:
+        return None, "set by the caller (torch.set_num_threads)"
+    if torch.device(device).type != "cpu" or _TORCH_DEFAULT_THREADS <= 1:
+        return None, "torch default"
+    biggest = 0
+    for task in tasks[:16]:
+        snap = _task_snapshot(task)
+        if snap is None:
+            continue
+        try:
+            size = sum(blobs.size(d) for d in (snap.body_blob, snap.head_blob, snap.delta_blob) if d)
+        except OSError:
+            continue
+        biggest = max(biggest, size)
+    if biggest == 0:
+        return None, "torch default"
+    if biggest <= SMALL_MODEL_BYTES:
+        return 1, f"small model ({biggest / 2**20:.1f} MB of weights)"
+    return None, f"torch default ({biggest / 2**20:.0f} MB of weights)"
+
+
 class InProcess(Backend):
-    """Runs tasks one after another in this process (``--workers 1``: easiest to debug)."""
+    """Runs tasks one after another in this process (``--workers 1``: easiest to debug).
+
+    CPU work on small models runs with one torch thread unless the user chose a thread count
+    (:func:`intra_op_threads`); the caller's setting is restored afterwards.
+    """
 
     name = "inprocess"
 
     def __init__(self, store_root: str, device: str = "cpu") -> None:
         self.env = WorkerEnv(store_root, device)
+        self.threads_used: int | None = None
+        self.threads_why = "torch default"
 
     def run(self, tasks: Sequence[Any], progress: Progress | None = None) -> list[tuple[Any, list[str]]]:
         n = len(tasks)
-        return run_tasks(tasks, self.env, (lambda d: progress(d, n)) if progress else None)
+        cb = (lambda d: progress(d, n)) if progress else None
+        threads, why = intra_op_threads(tasks, self.env.blobs, self.env.device)
+        before = torch.get_num_threads()
+        self.threads_used, self.threads_why = threads or before, why
+        if threads is None or threads == before:
+            return run_tasks(tasks, self.env, cb)
+        torch.set_num_threads(threads)
+        try:
+            return run_tasks(tasks, self.env, cb)
+        finally:
+            torch.set_num_threads(before)
 
     def close(self) -> None:
         self.env.close()
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": self.name, "workers": 1, "devices": [str(self.env.device)]}
+        return {"backend": self.name, "workers": 1, "devices": [str(self.env.device)],
+                "threads": self.threads_used or torch.get_num_threads(), "threads_why": self.threads_why}
 
 
 class _Scheduler:
@@ -371,145 +454,354 @@ class _Scheduler:
         return results  # type: ignore[return-value]
 
 
-# Per-process state of a pool worker (set by the initializer).
-_WORKER_ENV: WorkerEnv | None = None
+# Per-process state of a pool worker (set by the initializer; its WorkerEnv is made per store).
+_WORKER: dict[str, Any] = {"slot": None, "device": None, "env": None, "request": None}
 
 
-def _init_worker(store_root: str, device_queue: Any, threads: int, pin: Callable[[str], str] = pin_device,
+def _init_worker(device_queue: Any, threads: int, pin: Callable[[str], str] = pin_device,
                  ready_dir: str | None = None) -> None:
-    global _WORKER_ENV
     slot = device_queue.get()
     torch.set_num_threads(threads)
-    _WORKER_ENV = WorkerEnv(store_root, pin(slot), slot=slot)
+    _WORKER.update(slot=slot, device=pin(slot))
     if ready_dir is not None:  # the last step: a worker without this file has not touched a task queue
         with contextlib.suppress(OSError):
             open(os.path.join(ready_dir, str(os.getpid())), "x").close()
 
 
+def _worker_env(store_root: str | None, request: str | None) -> WorkerEnv:
+    """This worker's env for ``store_root``; a new request starts with empty caches (a worker outlives requests)."""
+    assert _WORKER["slot"] is not None, "worker initializer did not run"
+    env: WorkerEnv | None = _WORKER["env"]
+    if env is None or (store_root is not None and env.store_root != store_root):
+        if env is not None:
+            env.close()
+        if store_root is None:
+            raise UmigError("a pool worker got a task before any store")
+        env = WorkerEnv(store_root, _WORKER["device"], slot=_WORKER["slot"])
+        _WORKER["env"] = env
+    elif request != _WORKER["request"]:
+        env.reset()
+    _WORKER["request"] = request
+    return env
+
+
 def _ready() -> int:
     """Answered by a worker once its initializer ran: it is up and pinned."""
-    assert _WORKER_ENV is not None, "worker initializer did not run"
+    assert _WORKER["slot"] is not None, "worker initializer did not run"
     return os.getpid()
 
 
-def _run_chunk(tasks: Sequence[Any]) -> list[tuple[Any, list[str]]]:
-    assert _WORKER_ENV is not None, "worker initializer did not run"
-    return run_tasks(tasks, _WORKER_ENV)
+def _run_chunk(tasks: Sequence[Any], store_root: str | None = None,
+               request: str | None = None) -> list[tuple[Any, list[str]]]:
+    return run_tasks(tasks, _worker_env(store_root, request))
 
 
 def _worker_info(linger: float = 0.0) -> dict[str, Any]:
-    assert _WORKER_ENV is not None, "worker initializer did not run"
+    assert _WORKER["slot"] is not None, "worker initializer did not run"
     time.sleep(linger)  # keep this worker busy a moment, so the next request reaches another one
-    return {"pid": os.getpid(), "slot": _WORKER_ENV.slot, "device": str(_WORKER_ENV.device),
+    return {"pid": os.getpid(), "slot": _WORKER["slot"], "device": str(_WORKER["device"]),
             "threads": torch.get_num_threads()}
 
 
+class _Workers:
+    """Spawned worker processes, each pinned to one device slot; kept for the life of this process.
+
+    Spawning a worker (a process importing torch) takes seconds: a process pays it once, and
+    later requests with the same slots reuse the workers (:func:`_workers`). Workers are not
+    tied to a store: each chunk names its store root and request.
+    """
+
+    def __init__(self, slots: Sequence[str], threads: int, pin: Callable[[str], str]) -> None:
+        import torch.multiprocessing as mp
+
+        self.slots = list(slots)
+        ctx = mp.get_context("spawn")  # fork is unsafe once torch (or CUDA) holds threads
+        queue = ctx.Queue()
+        for d in self.slots:
+            queue.put(d)
+        self.ready_dir = tempfile.mkdtemp(prefix="umig-pool-")
+        self.executor = ProcessPoolExecutor(max_workers=len(self.slots), mp_context=ctx, initializer=_init_worker,
+                                            initargs=(queue, threads, pin, self.ready_dir))
+        self.started: list[Future] = []
+        self.started_at: float | None = None
+        self.startup_s: float | None = None  # measured: from start() to the first worker up
+
+    def start(self) -> None:
+        if not self.started:
+            self.started_at = time.perf_counter()
+            self.started = [self.executor.submit(_ready) for _ in self.slots]
+
+    def up(self) -> set[int]:
+        """Pids of the workers whose initializer has finished."""
+        try:
+            pids = {int(n) for n in os.listdir(self.ready_dir)}
+        except OSError:
+            return set()
+        if pids and self.startup_s is None and self.started_at is not None:
+            self.startup_s = time.perf_counter() - self.started_at
+            _STARTUP_MEASURED.append(self.startup_s)
+        return pids
+
+    @property
+    def broken(self) -> bool:
+        return bool(getattr(self.executor, "_broken", False))
+
+    def shutdown(self) -> None:
+        # A worker still starting up never ran a task: stop it rather than wait seconds for it to boot.
+        up = self.up()
+        for proc in list((getattr(self.executor, "_processes", None) or {}).values()):
+            if proc.pid not in up and proc.is_alive():
+                proc.terminate()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        shutil.rmtree(self.ready_dir, ignore_errors=True)
+
+
+_POOL: dict[tuple, _Workers] = {}  # at most one: the process's current workers, by (slots, threads, pin)
+_STARTUP_GUESS_S = 3.0  # a spawned CPU worker's start-up before one was measured in this process
+_STARTUP_MEASURED: list[float] = []  # start-ups measured in this process (newest last)
+_TASK_SECONDS: dict[str, tuple[float, int]] = {}  # task fn -> (seconds per task, weight), timed in this process
+
+
+def _workers(slots: Sequence[str], threads: int, pin: Callable[[str], str]) -> _Workers:
+    """The process's workers for these slots: reused, or made (replacing others: one set is kept)."""
+    key = (tuple(slots), threads, getattr(pin, "__module__", ""), getattr(pin, "__qualname__", repr(pin)))
+    w = _POOL.get(key)
+    if w is not None and not w.broken:
+        return w
+    shutdown_workers()
+    w = _POOL[key] = _Workers(slots, threads, pin)
+    return w
+
+
+def _note_seconds(tasks: Sequence[Any], seconds: float) -> None:
+    """Remember how long tasks of each kind took here (the pool's estimate for later phases)."""
+    if not tasks:
+        return
+    kinds = {getattr(t, "fn", "") for t in tasks}
+    if len(kinds) == 1:
+        kind = kinds.pop()
+        rate = seconds / len(tasks)
+        old = _TASK_SECONDS.get(kind)
+        # The newer runs count more: the first one in a process pays one-off costs.
+        _TASK_SECONDS[kind] = (rate if old is None else 0.5 * old[0] + 0.5 * rate, 1)
+
+
+def _seconds_per_task(tasks: Sequence[Any]) -> float | None:
+    """Seconds per task for ``tasks``, from what tasks of their kind took in this process (None: unknown).
+    Tasks of one kind scale with their ``cost``; the estimate is the measured mean."""
+    kinds = {getattr(t, "fn", "") for t in tasks}
+    if not tasks or len(kinds) != 1:
+        return None if tasks else 0.0
+    seen = _TASK_SECONDS.get(kinds.pop())
+    return seen[0] / seen[1] if seen and seen[1] else None
+
+
+def shutdown_workers() -> None:
+    """Stop this process's pool workers (they are otherwise kept until it exits)."""
+    while _POOL:
+        _POOL.popitem()[1].shutdown()
+
+
+# Stop workers before concurrent.futures joins them at exit (a worker still booting would hold the exit up).
+if hasattr(threading, "_register_atexit"):
+    threading._register_atexit(shutdown_workers)  # type: ignore[attr-defined]
+else:  # pragma: no cover
+    atexit.register(shutdown_workers)
+
+
 class ProcessPool(Backend):
-    """A pool of spawned worker processes, each pinned to one device slot.
+    """A pool of worker processes, each pinned to one device slot; started once per process.
 
     ``devices`` lists one slot per worker (see :func:`worker_devices`). Each worker takes one
     slot when it starts and calls ``pin`` on it (default :func:`pin_device`: CUDA is
     initialised there, never in this process). Tasks go out in cost-balanced chunks; a worker
-    is handed the next chunk as soon as it is done, so every device stays busy.
+    is handed the next chunk as soon as it is done, so every device stays busy. The workers
+    outlive the request: the next ``ProcessPool`` with the same slots in this process reuses them.
 
-    Workers start at once. Starting one (a process importing torch) takes seconds: on CPU, a
-    phase of at least ``bridge_min_tasks`` tasks (default: four per process) does not wait for
-    them, the coordinating process works through chunks itself until the first worker is up,
-    then only hands out chunks (smaller phases run on the workers only: ``--workers N`` means N
-    worker processes).
+    ``start`` says when workers are spawned (default: ``UMIG_POOL_START``, else ``auto``):
 
-    With ``help_locally`` (CPU only) the coordinating process is one of the workers instead
-    (``N`` workers: this process and ``N - 1`` spawned ones) for every phase, and starts the
-    others only once the work left is estimated above ``spawn_after_s`` seconds; they join in
-    as soon as each is up (``make_backend(coordinator_helps=True)``).
+    * ``auto`` (CPU): the coordinating process is one of the ``N`` workers and starts the other
+      ``N - 1`` only when they pay off: once the work left, timed on the chunks it ran itself, is
+      more than ``spawn_after_s`` (default: twice a worker's start-up, measured in this process or
+      guessed at 3 s). A small request runs entirely in this process, as ``--workers 1`` would;
+      :meth:`describe` says which happened and why. Workers already up from an earlier request
+      join at once.
+    * ``always``: all ``N`` workers start at once, as GPU slots always do (the coordinator never
+      computes with GPUs: CUDA stays in the workers). On CPU, a phase of at least
+      ``bridge_min_tasks`` tasks (default: four per process) does not wait for them: the
+      coordinator works through chunks until the first worker is up.
+
+    ``help_locally`` is the older name of ``start="auto"`` (True) / ``"always"`` (False).
     """
 
     name = "pool"
 
     def __init__(self, store_root: str, devices: Sequence[str], threads: int | None = None, *,
-                 pin: Callable[[str], str] = pin_device, help_locally: bool = False,
-                 spawn_after_s: float = 2.0, bridge_min_tasks: int | None = None) -> None:
-        import torch.multiprocessing as mp
-
+                 pin: Callable[[str], str] = pin_device, help_locally: bool | None = None,
+                 start: str | None = None, spawn_after_s: float | None = None,
+                 bridge_min_tasks: int | None = None) -> None:
         self.devices = list(devices)
+        on_cpu = all(d == "cpu" for d in self.devices)
+        if start is None:
+            start = ("auto" if help_locally else "always") if help_locally is not None else \
+                (os.environ.get("UMIG_POOL_START", "").strip().lower() or "auto")
+        if start not in POOL_STARTS:
+            raise UmigError(f"UMIG_POOL_START={start!r}: expected one of {', '.join(POOL_STARTS)}")
         # On CPU the coordinator is one of the workers (with the workers' thread count, so results
         # do not depend on where a chunk ran); with GPUs it never computes: CUDA stays in the workers.
-        on_cpu = all(d == "cpu" for d in self.devices)
-        self.help_locally = help_locally and len(self.devices) > 1 and on_cpu
+        self.start_mode = start if on_cpu and len(self.devices) > 1 else "always"
+        self.help_locally = self.start_mode == "auto"
         # Bridging pays where a phase splits into several chunks per process (each chunk is then a
         # small share of the phase, so a worker that comes up waits at most that long for work).
         self.bridge_min_tasks = (bridge_min_tasks or 4 * (len(self.devices) + 1)) if on_cpu else None
         spawned = self.devices[1:] if self.help_locally else self.devices
-        ctx = mp.get_context("spawn")  # fork is unsafe once torch (or CUDA) holds threads
-        queue = ctx.Queue()
-        for d in spawned:
-            queue.put(d)
         self.threads = threads or threads_per_worker(len(self.devices))
-        self._queue = queue
-        self._ready_dir = tempfile.mkdtemp(prefix="umig-pool-")
-        self.pool = ProcessPoolExecutor(
-            max_workers=len(spawned),
-            mp_context=ctx,
-            initializer=_init_worker,
-            initargs=(os.path.abspath(store_root), queue, self.threads, pin, self._ready_dir),
-        )
+        self._workers = _workers(spawned, self.threads, pin)
         self._spawned = len(spawned)
         self._scheduler = _Scheduler(len(spawned))
-        self.spawn_after_s = spawn_after_s
-        self._store_root = store_root
+        self._spawn_after_s = spawn_after_s
+        self._store_root = os.path.abspath(store_root)
+        self._request = uuid.uuid4().hex  # workers start each request with empty caches
         self._local_env: WorkerEnv | None = None
         self._local_done, self._local_s, self._left, self._local_chunks = 0, 0.0, 0, 0
-        self._started: list[Future] = []
+        self._remote_chunks = 0
+        self._reused = bool(self._workers.started)
+        self._decision = ("workers were already up in this process" if self._reused else
+                          "started with the pool" if not self.help_locally else
+                          "not started: the work never outgrew this process")
         if not self.help_locally:
             self.start()
 
+    @property
+    def spawn_after_s(self) -> float:
+        if self._spawn_after_s is not None:
+            return self._spawn_after_s
+        return 2.0 * (_STARTUP_MEASURED[-1] if _STARTUP_MEASURED else _STARTUP_GUESS_S)
+
     def start(self) -> None:
         """Start every worker now (spawning one and importing torch takes seconds)."""
-        if not self._started:
-            self._started = [self.pool.submit(_ready) for _ in range(self._spawned)]
+        self._workers.start()
 
     def _up(self) -> set[int]:
-        """Pids of the workers whose initializer has finished."""
-        try:
-            return {int(n) for n in os.listdir(self._ready_dir)}
-        except OSError:
-            return set()
+        return self._workers.up()
 
-    def _run_locally(self, chunk: list[Any]) -> list[tuple[Any, list[str]]]:
+    def _run_locally(self, chunk: Sequence[Any], progress: Callable[[int], None] | None = None
+                     ) -> list[tuple[Any, list[str]]]:
         if self._local_env is None:
             self._local_env = WorkerEnv(self._store_root, "cpu", slot="cpu (coordinator)")
         before = torch.get_num_threads()
         torch.set_num_threads(self.threads)
         t0 = time.perf_counter()
         try:
-            return run_tasks(chunk, self._local_env)
+            return run_tasks(chunk, self._local_env, progress)
         finally:
             torch.set_num_threads(before)
-            # Workers are worth starting only when the work left would keep this process busy for
-            # longer than ``spawn_after_s``: a small request is done before they could even start.
+            dt = time.perf_counter() - t0
             self._local_chunks += 1
             self._local_done += len(chunk)
-            self._local_s += time.perf_counter() - t0
+            self._local_s += dt
             self._left -= len(chunk)
-            if not self._started and self._left * self._local_s / max(1, self._local_done) > self.spawn_after_s:
-                self.start()
+            _note_seconds(chunk, dt)
+            # Workers are worth starting only when the work left would keep this process busy for
+            # longer than ``spawn_after_s``: a small request is done before they could even start.
+            if not self._workers.started:
+                left_s = self._left * self._local_s / max(1, self._local_done)
+                if left_s > self.spawn_after_s:
+                    self._start_for(left_s)
+
+    def _start_for(self, left_s: float) -> None:
+        self._decision = (f"started: {left_s:.1f} s of work left > {self.spawn_after_s:.1f} s "
+                          "(twice a worker's start-up)")
+        self.start()
+
+    def _in_process(self, tasks: Sequence[Any], progress: Progress | None) -> list[tuple[Any, list[str]]] | None:
+        """``auto`` before any worker is up: run the phase here, one task after another with one durable
+        flush (as ``--workers 1``), unless its work would outlast ``spawn_after_s``: estimated from tasks of
+        the same kind timed earlier in this process, else from the first few run here (the very first
+        excluded: it pays one-off costs). Returns every result, or None once the workers were started
+        (what ran here is then in ``_done_head``)."""
+        n = len(tasks)
+        if self._local_env is None:
+            self._local_env = WorkerEnv(self._store_root, "cpu", slot="cpu (coordinator)")
+        env = self._local_env
+        known = _seconds_per_task(tasks)
+        sample = max(2, min(n // 8, 64))  # tasks to time before deciding, when nothing is known
+        decided = False
+        results: list[Any] = []
+        times: list[float] = []
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        t_start = time.perf_counter()
+        try:
+            for i, task in enumerate(tasks):
+                if not decided and (known is not None or i >= sample):
+                    decided = True
+                    per_task = known if known is not None else statistics.median(times[1:] or times)
+                    left_s = per_task * (n - i)
+                    if left_s > self.spawn_after_s:
+                        self._start_for(left_s)
+                        break
+                env.tag = i
+                t0 = time.perf_counter()
+                results.append(_call(task, env))
+                times.append(time.perf_counter() - t0)
+                if progress:
+                    progress(i + 1, n)
+        except BaseException as e:
+            env.tag = None
+            e.created_blobs = [d for _, d in env.blobs.flush(check=False)]  # type: ignore[attr-defined]
+            raise
+        finally:
+            torch.set_num_threads(before)
+        env.tag = None
+        per_task_blobs: list[list[str]] = [[] for _ in results]
+        for tag, digest in env.blobs.flush():
+            per_task_blobs[tag if isinstance(tag, int) and 0 <= tag < len(results) else 0].append(digest)
+        elapsed = time.perf_counter() - t_start
+        self._local_chunks += 1
+        self._local_done += len(results)
+        self._local_s += elapsed
+        if len(times) > 1:
+            _note_seconds(tasks[1:len(times)], sum(times[1:]))
+        elif times and known is None:
+            _note_seconds(tasks[:1], times[0])
+        done = list(zip(results, per_task_blobs))
+        if len(done) < n:
+            self._done_head = done
+            return None
+        if not self._decision.startswith("started"):
+            self._decision = (f"not started: {n} tasks took {elapsed:.2f} s here, estimated below "
+                              f"{self.spawn_after_s:.1f} s (twice a worker's start-up) before they ran")
+        return done
 
     def run(self, tasks: Sequence[Any], progress: Progress | None = None) -> list[tuple[Any, list[str]]]:
         def wait_any(handles: list[Future], timeout: float | None) -> tuple[list[Any], list[Any]]:
             done, pending = wait(handles, timeout=timeout, return_when=FIRST_COMPLETED)
             return list(done), list(pending)
 
+        def submit(chunk: list[Any], _w: int) -> Future:
+            self._remote_chunks += 1
+            return self._workers.executor.submit(_run_chunk, chunk, self._store_root, self._request)
+
         self._left = len(tasks)
+        self._done_head: list[tuple[Any, list[str]]] = []
         bridge = (not self.help_locally and self.bridge_min_tasks is not None
                   and len(tasks) >= self.bridge_min_tasks)
         try:
+            if self.help_locally and not self._workers.started:
+                out = self._in_process(tasks, progress)
+                if out is not None:
+                    return out
+            head = self._done_head
+            rest = tasks[len(head):]
+            cb = ((lambda d, t: progress(len(head) + d, len(tasks))) if progress and head else progress)
             # Which process runs a chunk is up to the executor: any idle worker takes the next one.
-            return self._scheduler.run(tasks, lambda chunk, _w: self.pool.submit(_run_chunk, chunk), wait_any,
-                                       lambda f: f.result(), progress,
-                                       local=self._run_locally if self.help_locally or bridge else None,
-                                       ready=lambda: len(self._up()),
-                                       local_now=None if self.help_locally else (lambda: not self._up()))
+            return head + self._scheduler.run(rest, submit, wait_any, lambda f: f.result(), cb,
+                                              local=self._run_locally if self.help_locally or bridge else None,
+                                              ready=lambda: len(self._up()),
+                                              local_now=None if self.help_locally else (lambda: not self._up()))
         except BrokenProcessPool as e:
+            shutdown_workers()  # a worker died: the next request starts fresh ones
             err = UnlearningError("a worker process died before finishing its tasks; no node was changed")
             err.created_blobs = getattr(e, "created_blobs", [])  # type: ignore[attr-defined]
             raise err from None
@@ -520,30 +812,26 @@ class ProcessPool(Backend):
         seen: dict[int, dict[str, Any]] = {}
         deadline = time.monotonic() + 120
         while len(seen) < self._spawned and time.monotonic() < deadline:
-            futs = [self.pool.submit(_worker_info, 0.2) for _ in range(self._spawned)]
+            futs = [self._workers.executor.submit(_worker_info, 0.2) for _ in range(self._spawned)]
             for f in futs:
                 info = f.result()
                 seen[info["pid"]] = info
         return sorted(seen.values(), key=lambda i: i["pid"])
 
     def close(self) -> None:
-        # Every result (and its blobs) is already in: no need to wait for the workers' interpreters
-        # to exit. A worker still starting up (the coordinator did the work without it) never ran a
-        # task: stop it, rather than wait seconds for it to boot only to exit.
-        up = self._up()
-        for proc in list((getattr(self.pool, "_processes", None) or {}).values()):
-            if proc.pid not in up and proc.is_alive():
-                proc.terminate()
-        self.pool.shutdown(wait=False, cancel_futures=True)
-        shutil.rmtree(self._ready_dir, ignore_errors=True)
+        # Every result (and its blobs) is already in. The workers stay for the next request of this
+        # process (shutdown_workers() or exit stops them).
         if self._local_env is not None:
             self._local_env.close()
             self._local_env = None
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "workers": len(self.devices), "devices": self.devices, "threads": self.threads,
-                "coordinator_helps": self.help_locally, "workers_started": bool(self._started),
-                "chunks_in_coordinator": self._local_chunks}
+                "coordinator_helps": self.help_locally, "start": self.start_mode,
+                "workers_started": bool(self._workers.started), "workers_reused": self._reused,
+                "decision": self._decision, "chunks_in_coordinator": self._local_chunks,
+                "chunks_in_workers": self._remote_chunks,
+                **({"worker_startup_s": round(self._workers.startup_s, 3)} if self._workers.startup_s else {})}
 
 
 # ------------------------------------------------------------------------ Ray
@@ -684,9 +972,12 @@ def make_backend(
     backend: str = "local",
     ray_address: str | None = None,
     device_count: Callable[[], int] = cuda_count,
-    coordinator_helps: bool = False,
+    coordinator_helps: bool | None = None,
+    pool_start: str | None = None,
 ) -> Backend:
-    """Choose a backend from CLI/API options (``coordinator_helps``: see :class:`ProcessPool`)."""
+    """Choose a backend from CLI/API options. A CPU pool spawns its workers when they pay off
+    (``pool_start="auto"``, the default unless ``UMIG_POOL_START`` says otherwise) or at once
+    (``"always"``); ``coordinator_helps`` is the older spelling (see :class:`ProcessPool`)."""
     if backend not in BACKENDS:
         raise UmigError(f"unknown backend '{backend}' ({', '.join(BACKENDS)})")
     if backend == "ray":
@@ -698,4 +989,4 @@ def make_backend(
     slots = worker_devices(devices, workers, workers_per_device)
     if len(slots) == 1:
         return InProcess(store_root, slots[0])
-    return ProcessPool(store_root, slots, help_locally=coordinator_helps)
+    return ProcessPool(store_root, slots, help_locally=coordinator_helps, start=pool_start)
