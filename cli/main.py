@@ -11,6 +11,9 @@ import typer
 
 from umig.api import Store
 from umig.arch import ArchSpec, parse_arch_args
+from umig.attribution import BY, DEFAULT_METHOD as DEFAULT_ATTRIBUTION, METHODS as ATTRIBUTION_METHODS
+from umig.attribution import attribute as attribute_behaviour
+from umig.attribution import output_paths
 from umig.cli import render as R
 from umig.data import parse_labels, read_indices
 from umig.errors import UmigError
@@ -463,6 +466,72 @@ def eval_node(
 def methods(json_out: JsonOpt = False) -> None:
     """List installed unlearning methods with their parameters and defaults."""
     R.emit(describe(), as_json=json_out, human=R.methods_table)
+
+
+@app.command()
+@handles_errors
+def attribute(
+    name: Annotated[str, typer.Argument(help="The node whose behaviour to trace back.")],
+    inputs: Annotated[Path, typer.Option(
+        "--inputs", help="Query inputs that show the behaviour: safetensors with x (one row per input) and "
+                         "optional y (labels).")],
+    labels: Annotated[Optional[str], typer.Option(
+        "--labels", "-l", help="The label the behaviour is about, e.g. 7 [default: the file's y, else the "
+                               "node's own prediction].")] = None,
+    by: Annotated[str, typer.Option("--by", help="Rank training samples, clients (the same data across "
+                                                 "rounds, as --client counts it) or nodes: sample|client|node.")] = "sample",
+    top: Annotated[Optional[int], typer.Option(
+        "--top", help="Rows to list, and with -o the samples to write [default: 20 samples; every client or node].")] = None,
+    method: Annotated[str, typer.Option(
+        help=f"Scoring method: {', '.join(ATTRIBUTION_METHODS)} (see README).")] = DEFAULT_ATTRIBUTION,
+    output: Annotated[Optional[Path], typer.Option(
+        "--output", "-o", help="With --by sample: write the top samples as int64 indices into their dataset "
+                               "(.npy or .safetensors) for 'umig unlearn --samples FILE --data REF'; one file per "
+                               "dataset (FILE-1, FILE-2, ...) when there are several.")] = None,
+    store: StoreOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Which training samples, clients or nodes of NODE's lineage made it behave as the inputs show (reads only)."""
+    if by not in BY:
+        raise UmigError(f"--by must be one of {', '.join(BY)}, got '{by}'")
+    if top is not None and top < 1:
+        raise UmigError(f"--top must be at least 1, got {top}")
+    if output is not None:
+        if by != "sample":
+            raise UmigError("-o writes samples: use it with --by sample (a whole client is forgotten with "
+                            "'umig unlearn --client NODE')")
+        output_paths(output, 1)  # a bad suffix is refused before any work
+    if method not in ATTRIBUTION_METHODS:
+        raise UmigError(f"unknown attribution method '{method}' (known: {', '.join(ATTRIBUTION_METHODS)})")
+    result = attribute_behaviour(open_store(store), name, inputs, method=method,
+                                 labels=parse_labels(labels) if labels is not None else None)
+    k = top if top is not None else (20 if by == "sample" else None)
+    out = result.to_json(by, k)
+    if output is not None and k is not None:  # -o goes with --by sample (checked above), which sets k
+        out["written"] = result.write_samples(output, k)
+    R.emit(out, as_json=json_out, human=R.attribution_view)
+
+
+@app.command()
+@handles_errors
+def ui(
+    host: Annotated[str, typer.Option(help="Address to listen on; 127.0.0.1 is this machine only.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 8000,
+    allow_write: Annotated[bool, typer.Option(
+        "--allow-write", help="Let the page run and revert operations; without it the server has no "
+                              "endpoint that changes the store.")] = False,
+    store: StoreOpt = None,
+) -> None:
+    """Browse the lineage in a local web app: the graph, node pages, operations and forget-set previews."""
+    require_ui_extra()  # without the extra: one line naming it, exit 1
+    s = open_store(store)
+    mode = "read-write" if allow_write else "read-only"
+
+    def announce(url: str) -> None:
+        R.emit(None, as_json=False, human=lambda _: R.raw(f"umig ui ({mode}) on {url} for {s.root}; Ctrl-C stops it\n"))
+        sys.stdout.flush()  # a pipe reading the address sees it now
+
+    serve_ui(s, host=host, port=port, allow_write=allow_write, announce=announce)
 
 
 if __name__ == "__main__":  # pragma: no cover

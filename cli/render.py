@@ -627,3 +627,27 @@ def methods_table(methods: list[dict]) -> FitTable:
         kind = "per-node" if m.get("per_node") else "graph-wide"
         t.add_row(m["name"], kind if "error" not in m else "[red]broken[/]", params, m.get("description") or m.get("error", ""))
     return t
+
+def attribution_view(out: dict) -> list[Any]:
+    """``umig attribute``: the ranking (samples, clients or nodes), and the index files ``-o`` wrote."""
+    by = out["by"]
+    t = FitTable(title=f"{out['node']}: {out['method']} for label(s) {_ranges(out['labels'])}, {out['queries']} "
+                       f"query input(s), {out['checkpoints']} checkpoint(s), {out['seconds']:.2f} s; by {by}")
+    columns = {"sample": ("rank", "data", "index", "label", "client", "score"),
+               "client": ("rank", "client", "nodes", "samples", "score"),
+               "node": ("rank", "node", "client", "samples", "score")}[by]
+    for col in columns:
+        t.add_column(col, justify="right" if col in ("rank", "index", "label", "samples", "score") else "left")
+    for row in out["ranking"]:
+        cells = []
+        for col in columns:
+            v = row.get(col)
+            text = (f"{v:.4g}" if col == "score" else ", ".join(v) if isinstance(v, list) else "-" if v is None
+                    else str(v))
+            cells.append(Text(text))  # names and paths are never markup
+        t.add_row(*cells)
+    lines: list[Any] = [t]
+    for w in out.get("written", []):
+        lines.append(Text(f"wrote {w['count']} sample index(es) of {w['data']} to {w['path']}: "
+                          f"umig unlearn --samples {w['path']} --data {w['data']}"))
+    return lines

@@ -3,7 +3,8 @@
 The runs the selected tests need start together, two at a time (most of each run is
 interpreter and torch start-up), the first time any test here asks for them; each test then
 checks one run. ``backdoor`` and ``byzantine_client`` also get ``--check``: they exit 1 when
-forgetting misses their targets against ``retrain``.
+forgetting misses their targets against ``retrain``; so does ``incident`` when attribution does not
+rank the poisoning client first or forgetting what it found misses the true-set retrain.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ EXPECT = {
     "pipeline": r"pipeline (?:complete|FAILED its release gates): operation op-\w+ forgot label\(s\) 8 on \d+ models",
     "backdoor": r"backdoor: ASR [\d.]+% -> [\d.]+% with \S+ \(retrain [\d.]+%\), clean accuracy .*: PASS",
     "byzantine_client": r"byzantine client: held-out accuracy [\d.]+% -> [\d.]+% with \S+ \(retrain [\d.]+%\).*: PASS",
+    "incident": r"incident: \S+ ranked first \(poisoner \S+\); forgot \d+ samples \(\d+ of \d+ poisoned found\): .*: PASS",
 }
-EXTRA_ARGS = {"backdoor": ["--check"], "byzantine_client": ["--check"]}
+EXTRA_ARGS = {"backdoor": ["--check"], "byzantine_client": ["--check"], "incident": ["--check"]}
 # Tests that read an example's run without being parametrised by it (so its run starts with the others).
 USES = {"test_pipeline_exports_and_audits": "pipeline", "test_transfer_heads_keep_the_base_body": "transfer",
         "test_backdoor_is_planted_then_removed": "backdoor"}
