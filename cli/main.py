@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
 import typer
+from rich.markup import escape
 
 from umig.api import Store
 from umig.arch import ArchSpec, parse_arch_args
@@ -22,6 +23,8 @@ from umig.forget import samples as sample_set
 from umig.integrations.hf import card_metadata, card_text, write_card
 from umig.requests import deletion_report, to_markdown
 from umig.store import Request
+from umig.ui.server import require_extra as require_ui_extra
+from umig.ui.server import serve as serve_ui
 from umig.unlearner import describe
 from umig.unlearning import evaluate_node
 from umig.verify import verify as verify_operation
@@ -49,7 +52,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JS
 
 def fail(message: str) -> None:
     """One clear line on stderr, exit code 1."""
-    R.err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    R.err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)  # text, not markup
     raise typer.Exit(1)
 
 
