@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import itertools
+import tomllib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -232,3 +233,11 @@ def test_walker_finds_a_planted_cycle(tmp_path: Path) -> None:
     assert cycles(graph) == [["umig.a", "umig.b"]]
     assert graph.edges["umig.b", "umig.a"]["where"] == "umig/b.py:2"
     assert [r.in_function for r in refs if r.source == "umig.b"] == [True]
+
+
+def test_every_package_folder_is_in_the_wheel() -> None:
+    # setuptools' explicit `packages` list must name every package under umig/, or the wheel lacks it.
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {"umig." + ".".join(p.parent.relative_to(ROOT / "umig").parts)
+             for p in (ROOT / "umig").rglob("__init__.py") if p.parent != ROOT / "umig"}
+    assert found <= listed, f"packages missing from pyproject.toml [tool.setuptools] packages: {sorted(found - listed)}"
