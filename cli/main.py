@@ -20,7 +20,8 @@ from umig.data import parse_labels, read_indices
 from umig.errors import UmigError
 from umig.forget import ForgetSet
 from umig.forget import samples as sample_set
-from umig.integrations.hf import card_metadata, card_text, write_card
+from umig.integrations.hf import card_metadata, card_text, export_with_card, write_card
+from umig.integrations.mlflow import sync as mlflow_sync
 from umig.requests import deletion_report, to_markdown
 from umig.store import Request
 from umig.ui.server import require_extra as require_ui_extra
@@ -40,6 +41,8 @@ graph_app = typer.Typer(help="Look at the lineage graph.", no_args_is_help=True)
 node_app = typer.Typer(help="Look at one node.", no_args_is_help=True)
 app.add_typer(graph_app, name="graph")
 app.add_typer(node_app, name="node")
+mlflow_app = typer.Typer(help="MLflow's model registry (needs umig[mlflow]).", no_args_is_help=True)
+app.add_typer(mlflow_app, name="mlflow")
 
 StoreOpt = Annotated[
     Optional[Path],
@@ -218,13 +221,23 @@ def node_show(
 @handles_errors
 def export(
     name: Annotated[str, typer.Argument(help="Node name.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Destination .safetensors file.")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Destination .safetensors file.")] = None,
+    model_card: Annotated[Optional[Path], typer.Option(
+        "--model-card", help="Write DIR/README.md (the model card) and the weights (DIR/model.safetensors "
+                             "unless -o names a file).")] = None,
     version: Annotated[Optional[int], typer.Option(help="Version (default: current).")] = None,
     store: StoreOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Write a node's full weights (any adapter merged) to one safetensors file."""
-    path = open_store(store).export(name, output, version=version)
+    """Write a node's full weights (any adapter merged) to one safetensors file, optionally with its model card."""
+    if output is None and model_card is None:
+        raise UmigError("name where to write: -o FILE (.safetensors) and/or --model-card DIR")
+    s = open_store(store)
+    if model_card is not None:
+        out = export_with_card(s, name, model_card, version=version, checkpoint=output)
+        R.emit(out, as_json=json_out, human=lambda d: f"exported {name} to {d['path']}, model card {d['card']}")
+        return
+    path = s.export(name, output, version=version)
     R.emit({"node": name, "path": str(path)}, as_json=json_out, human=lambda _: f"exported {name} to {path}")
 
 
@@ -244,6 +257,28 @@ def card(
         R.emit({"node": name, "path": str(path)}, as_json=json_out, human=lambda _: f"wrote {path}")
         return
     R.emit(card_metadata(s, name), as_json=json_out, human=lambda _: R.raw(card_text(s, name)))
+
+
+@mlflow_app.command("sync")
+@handles_errors
+def mlflow_sync_cmd(
+    tracking_uri: Annotated[str, typer.Option("--tracking-uri", help="MLflow tracking/registry URI, e.g. sqlite:///m.db.")],
+    registered_model: Annotated[Optional[str], typer.Option(
+        "--registered-model", help="Register every version under this model [default: one per node].")] = None,
+    experiment: Annotated[str, typer.Option(help="Experiment that holds the logged models.")] = "umig",
+    artifact_root: Annotated[Optional[str], typer.Option(
+        "--artifact-root", help="Artifact location (URI or folder) of the experiment when it is created.")] = None,
+    store: StoreOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Register every node version not in MLflow yet (lineage as tags); tag the superseded ones."""
+    if artifact_root is not None and "://" not in artifact_root:
+        artifact_root = Path(artifact_root).resolve().as_uri()
+    out = mlflow_sync(open_store(store), tracking_uri, registered_model=registered_model, experiment=experiment,
+                      artifact_location=artifact_root)
+    R.emit(out, as_json=json_out, human=lambda d: (
+        f"registered {len(d['registered'])} version(s), tagged {len(d['tagged'])} superseded, "
+        f"{len(d['skipped'])} already in MLflow"))
 
 
 @app.command()

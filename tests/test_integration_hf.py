@@ -6,6 +6,7 @@ import json
 import sys
 
 import pytest
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from umig.api import Store
@@ -65,6 +66,32 @@ def test_cli_card_writes_file_and_fails_with_one_line(store, tmp_path):
     assert res.exit_code == 0 and "No unlearning operation" not in res.output  # base was unlearned too
     for args, msg in ((["card", "nope"], "unknown node 'nope'"),
                       (["card", "ft", "-o", str(tmp_path / "missing" / "x.md")], "cannot write")):
+        res = runner.invoke(app, [*args, "--store", str(store.root)])
+        assert res.exit_code == 1 and msg in res.output
+        assert len([line for line in res.output.splitlines() if line.strip()]) == 1
+
+
+def test_export_with_model_card_writes_checkpoint_and_card(store, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "hub" / "ft"
+    res = runner.invoke(app, ["export", "ft", "--model-card", str(out), "--store", str(store.root), "--json"])
+    assert res.exit_code == 0, res.output
+    paths = json.loads(res.output)
+    assert paths == {"node": "ft", "path": str(out / "model.safetensors"), "card": str(out / "README.md")}
+    weights = load_file(str(out / "model.safetensors"))
+    assert all(weights[k].equal(v) for k, v in store.state_dict("ft").items())
+    assert [e.node for e in store.exports(node="ft")] == ["ft"]  # the copy is in the audit log
+    text = (out / "README.md").read_text()
+    assert text == card_text(store, "ft")
+    assert 'base_model: org/digits-base' in text and "base_model_relation: finetune" in text
+    assert "Forgot labels 1" in text and "UTC" in text  # what was forgotten, and when
+    # -o puts the checkpoint elsewhere; the card still goes to DIR.
+    res = runner.invoke(app, ["export", "base", "-o", str(tmp_path / "b.safetensors"), "--model-card",
+                              str(tmp_path / "b"), "--store", str(store.root)])
+    assert res.exit_code == 0 and (tmp_path / "b.safetensors").is_file() and (tmp_path / "b" / "README.md").is_file()
+    (tmp_path / "f").write_text("x")
+    for args, msg in ((["export", "ft"], "-o FILE"), (["export", "ft", "--model-card", str(tmp_path / "f")],
+                                                      "not a directory")):
         res = runner.invoke(app, [*args, "--store", str(store.root)])
         assert res.exit_code == 1 and msg in res.output
         assert len([line for line in res.output.splitlines() if line.strip()]) == 1

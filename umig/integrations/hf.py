@@ -28,7 +28,7 @@ from umig.data import DataRef, format_labels
 from umig.errors import UmigError
 from umig.store import SqlStore
 
-__all__ = ["card_metadata", "card_text", "unlearning_history", "write_card"]
+__all__ = ["card_metadata", "card_text", "export_with_card", "unlearning_history", "write_card"]
 
 # umig relation -> the Hub's base_model_relation (adapter, merge, quantized, finetune).
 HUB_RELATION = {"finetune": "finetune", "increment": "finetune", "transfer": "finetune",
@@ -171,3 +171,21 @@ def write_card(store: SqlStore, node: str, path: str | Path) -> Path:
     except OSError as e:
         raise UmigError(f"cannot write {p}: {e.strerror or e}") from None
     return p
+
+
+def export_with_card(store: SqlStore, node: str, directory: str | Path, *, version: int | None = None,
+                     checkpoint: str | Path | None = None) -> dict[str, str]:
+    """A Hub-ready folder: ``DIR/model.safetensors`` (the node's full weights, through the store's
+    recorded export) and ``DIR/README.md`` (its model card). ``checkpoint`` writes the weights
+    there instead of ``DIR/model.safetensors``. Returns the node and both paths."""
+    root = Path(directory)
+    if root.exists() and not root.is_dir():
+        raise UmigError(f"--model-card {root}: not a directory")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UmigError(f"cannot create {root}: {e.strerror or e}") from None
+    weights = store.export(node, Path(checkpoint) if checkpoint is not None else root / "model.safetensors",
+                           version=version)
+    card = write_card(store, node, root / "README.md")
+    return {"node": node, "path": str(weights), "card": str(card)}

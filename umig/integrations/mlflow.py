@@ -20,8 +20,16 @@ Three calls, all through an ``MlflowClient`` (any tracking/registry URI; tests u
   ``register=True`` it also logs each new version as a new model version of the same registered
   model, tagged with its node and operation.
 
+* :func:`sync` (``umig mlflow sync --tracking-uri URI``) goes the other way: it registers every
+  node version of a store that MLflow does not hold yet (an MLflow 3 ``LoggedModel`` with the
+  safetensors weights, from a run, plus a registered model version) with its lineage as tags
+  (:func:`lineage_tags`), and tags the versions a later one superseded. It is idempotent.
+
 Every imported or registered version carries ``umig.node`` and ``umig.node_version``, so
 ``client.search_model_versions("tags.`umig.node` = 'NAME'")`` finds a node's versions.
+
+MLflow is imported when a function needs it (:func:`require_extra`), not with this module, so the
+``umig`` CLI starts without it; without ``umig[mlflow]`` a call fails with one line naming the extra.
 """
 
 from __future__ import annotations
@@ -32,32 +40,50 @@ import re
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-try:
-    import mlflow
-    from mlflow import MlflowClient
-    from mlflow.entities.model_registry import ModelVersion
-except ImportError as e:  # the extra is optional; say which one is missing
-    raise ImportError(f"umig.integrations.mlflow needs MLflow (pip install 'umig[mlflow]'): {e}") from e
-
 from umig import ingest
 from umig.arch import ArchSpec
-from umig.data import parse_labels
+from umig.data import DataRef, format_labels, parse_labels
 from umig.errors import NotFoundError, UmigError
 from umig.store import NodeInfo, SqlStore
 
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities.model_registry import ModelVersion
+
 __all__ = ["import_registered_model", "import_version", "load_weights", "log_state_dict", "node_versions",
-           "tag_operation", "TAG_NODE", "TAG_NODE_VERSION"]
+           "require_extra", "sync", "tag_operation", "TAG_NODE", "TAG_NODE_VERSION"]
 
 TAG_NODE = "umig.node"
 TAG_NODE_VERSION = "umig.node_version"
 TAG_STORE = "umig.store"
 _WEIGHT_SUFFIXES = (".pt", ".pth")
+
+
+def require_extra() -> Any:
+    """The ``mlflow`` module, or one clear line naming the extra when MLflow is not installed.
+
+    MLflow is imported here, not at module level, so ``umig`` (and its CLI) start without paying
+    for it and ``umig mlflow ...`` without the extra fails with that line.
+    """
+    try:
+        import mlflow
+        import mlflow.artifacts
+        import mlflow.exceptions
+    except ImportError as e:
+        raise UmigError(f"umig's MLflow integration needs MLflow: pip install 'umig[mlflow]' ({e})") from None
+    return mlflow
+
+
+def _client(client: MlflowClient | None = None, tracking_uri: str | None = None) -> MlflowClient:
+    """``client``, else an ``MlflowClient`` for ``tracking_uri`` (default: MLflow's own default)."""
+    mlflow = require_extra()
+    return client if client is not None else mlflow.MlflowClient(tracking_uri)
 
 
 def log_state_dict(model: nn.Module | Mapping[str, Tensor], *, client: MlflowClient | None = None,
@@ -66,9 +92,9 @@ def log_state_dict(model: nn.Module | Mapping[str, Tensor], *, client: MlflowCli
 
     Returns the artifact URI of ``artifact_path``, to register with ``client.create_model_version``.
     """
-    client = client or MlflowClient()
+    client = _client(client)
     if run_id is None:
-        run = mlflow.active_run()
+        run = require_extra().active_run()
         if run is None:
             raise UmigError("no run to log to: pass run_id= or call inside mlflow.start_run()")
         run_id = run.info.run_id
@@ -122,7 +148,7 @@ def _tags(client: MlflowClient, mv: ModelVersion) -> dict[str, str]:
     if mv.run_id:
         try:
             tags.update(client.get_run(mv.run_id).data.tags)
-        except mlflow.exceptions.MlflowException:
+        except require_extra().exceptions.MlflowException:
             pass
     tags.update(mv.tags or {})
     return tags
@@ -145,7 +171,7 @@ def default_node_name(name: str, version: int | str) -> str:
 def _get_version(client: MlflowClient, name: str, version: int | str) -> ModelVersion:
     try:
         return client.get_model_version(name, str(version))
-    except mlflow.exceptions.MlflowException:
+    except require_extra().exceptions.MlflowException:
         raise NotFoundError(f"MLflow has no registered model '{name}' version {version}") from None
 
 
@@ -160,7 +186,7 @@ def import_version(store: SqlStore, name: str, version: int | str, *, client: Ml
     module docstring). ``tag`` writes ``umig.node``/``umig.node_version``/``umig.store`` on the
     version and ``umig.node`` on its run.
     """
-    client = client or MlflowClient()
+    client = _client(client)
     mv = _get_version(client, name, version)
     tags = _tags(client, mv)
     node = node or default_node_name(name, mv.version)
@@ -176,7 +202,7 @@ def import_version(store: SqlStore, name: str, version: int | str, *, client: Ml
     recipe = recipe if recipe is not None else _json_tag(tags, "umig.recipe")
     relation = relation or tags.get("umig.relation") or ("finetune" if parents else None)
     with tempfile.TemporaryDirectory() as tmp:
-        local = mlflow.artifacts.download_artifacts(
+        local = require_extra().artifacts.download_artifacts(
             artifact_uri=client.get_model_version_download_uri(name, mv.version), dst_path=tmp,
             tracking_uri=client.tracking_uri)
         state, source = load_weights(local, weights_file)
@@ -207,7 +233,7 @@ def import_registered_model(store: SqlStore, name: str, *, client: MlflowClient 
     previous version's node (the first one of ``parent``, if given). ``kwargs`` go to
     :func:`import_version` for every version. Returns the nodes recorded now.
     """
-    client = client or MlflowClient()
+    client = _client(client)
     versions = sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
     if not versions:
         raise NotFoundError(f"MLflow has no registered model '{name}' (or it has no versions)")
@@ -258,7 +284,7 @@ def tag_operation(store: SqlStore, op_id: str, *, client: MlflowClient | None = 
     model, tagged with node and operation.
     Returns ``{"tagged": ["model/vK", ...], "registered": [...]}``.
     """
-    client = client or MlflowClient()
+    client = _client(client)
     entry = store.operation(op_id)
     tags = {"umig.unlearned_by": op_id, "umig.forgotten": _forgot(entry), "umig.method": str(entry.get("method"))}
     if entry.get("ticket"):
@@ -294,16 +320,166 @@ def _experiment_id(client: MlflowClient, latest: ModelVersion, experiment: str |
 
 def _register_node(store: SqlStore, client: MlflowClient, node: str, version: int, latest: ModelVersion,
                    op_id: str, tags: Mapping[str, str], experiment: str | None) -> str:
-    """Log ``node`` at ``version`` in a new run and register it as the next version of ``latest``'s model."""
-    model = latest.name
+    """Log ``node`` at ``version`` and register it as the next version of ``latest``'s model."""
     exp_id = _experiment_id(client, latest, experiment)
-    run = client.create_run(exp_id, tags={TAG_NODE: node, "umig.operation": op_id},
-                            run_name=f"umig {op_id} {node}")
-    uri = log_state_dict(store.state_dict(node, version), client=client, run_id=run.info.run_id)
-    client.set_terminated(run.info.run_id)
-    info = store.node(node)
-    mv = client.create_model_version(model, source=uri, run_id=run.info.run_id, tags={
-        **{k: v for k, v in tags.items() if k != "umig.unlearned_by"}, TAG_NODE: node, TAG_NODE_VERSION: str(version),
-        "umig.operation": op_id, TAG_STORE: str(Path(store.root).resolve()),
-        "umig.parents": ",".join(p for p, *_ in info.parents)})
+    extra = {k: v for k, v in tags.items() if k != "umig.unlearned_by"}
+    mv = _log_version(store, client, exp_id, latest.name, node, version, {**extra, "umig.operation": op_id})
     return f"{mv.name}/v{mv.version}"
+
+
+def lineage_tags(store: SqlStore, node: str, version: int) -> dict[str, str]:
+    """The tags a node version carries in MLflow: its lineage, what made it, how to import it back.
+
+    ``umig.node``, ``umig.node_version``, ``umig.store``, ``umig.parents`` (comma-separated
+    names), ``umig.relation`` (the parents' relations, comma-separated in the same order),
+    ``umig.framework``, ``umig.data`` and ``umig.data_fingerprint`` (when it has data of its
+    own), ``umig.arch``/``umig.arch_args``/``umig.classes`` (what :func:`import_version` reads),
+    and ``umig.operation`` (the unlearning operation that made the version; absent for v0).
+    """
+    info = store.node(node)
+    arch = info.arch if isinstance(info.arch, dict) else {"spec": str(info.arch)}
+    tags = {TAG_NODE: node, TAG_NODE_VERSION: str(version), TAG_STORE: str(Path(store.root).resolve()),
+            "umig.parents": ",".join(p for p, *_ in info.parents),
+            "umig.relation": ",".join(r for _, r, _ in info.parents),
+            "umig.framework": info.framework, "umig.arch": str(arch.get("spec", "")),
+            "umig.arch_args": json.dumps(arch.get("kwargs") or {}, sort_keys=True),
+            "umig.classes": format_labels(info.classes)}
+    if info.data_ref:
+        ref = info.data_ref
+        labels = ref.get("only_labels")
+        tags["umig.data"] = str(DataRef(ref["source"], ref.get("subset"), tuple(labels) if labels is not None else None))
+        tags["umig.data_fingerprint"] = str(info.data_fingerprint)
+    op = store.version(node, version).operation
+    if op:
+        tags["umig.operation"] = op
+    return {k: v for k, v in tags.items() if v and len(v) <= 5000}  # MLflow's tag value limit
+
+
+def _log_version(store: SqlStore, client: MlflowClient, experiment_id: str, model: str, node: str, version: int,
+                 tags: Mapping[str, str]) -> ModelVersion:
+    """Log ``node`` at ``version`` (safetensors) and register it as the next version of ``model``.
+
+    With MLflow 3 the weights are a ``LoggedModel`` (``client.create_logged_model``, its artifacts,
+    status READY) and the model version points at it; an older MLflow gets a run holding the
+    artifact instead. Both carry :func:`lineage_tags` (over ``tags``).
+    """
+    all_tags = {**lineage_tags(store, node, version), **tags}
+    state = store.state_dict(node, version)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items() if isinstance(v, Tensor)}
+    if not client.search_registered_models(f"name='{model}'"):
+        client.create_registered_model(model, tags={"umig.store": all_tags[TAG_STORE]})
+    run_tags = {k: all_tags[k] for k in (TAG_NODE, TAG_NODE_VERSION, "umig.operation") if k in all_tags}
+    run = client.create_run(experiment_id, tags=run_tags, run_name=f"umig {node}@v{version}")
+    run_id = run.info.run_id
+    try:
+        if hasattr(client, "create_logged_model"):  # MLflow 3
+            logged = client.create_logged_model(experiment_id, name=_model_name(node), source_run_id=run_id,
+                                                tags=all_tags, model_type="umig")
+            with tempfile.TemporaryDirectory() as tmp:
+                save_file(tensors, str(Path(tmp) / "model.safetensors"))
+                client.log_model_artifacts(logged.model_id, tmp)
+            client.finalize_logged_model(logged.model_id, "READY")
+            # run_id given: MLflow's SQL registry would otherwise look the model up through the default URI
+            return client.create_model_version(model, source=logged.artifact_location, run_id=run_id,
+                                               tags=all_tags, model_id=logged.model_id)
+        uri = log_state_dict(tensors, client=client, run_id=run_id)
+        return client.create_model_version(model, source=uri, run_id=run_id, tags=all_tags)
+    finally:
+        client.set_terminated(run_id)
+
+
+def _model_name(node: str) -> str:
+    """A registered model name for ``node``: MLflow refuses ``/`` and ``:`` in names."""
+    return re.sub(r"[/:]", "_", node)
+
+
+def _all_versions(client: MlflowClient) -> list[ModelVersion]:
+    """Every model version of the registry tagged with a umig node, page by page."""
+    out: list[ModelVersion] = []
+    token = None
+    while True:
+        page = client.search_model_versions(f"tags.`{TAG_NODE}` LIKE '%'", max_results=1000, page_token=token)
+        out.extend(page)
+        token = page.token
+        if not token:
+            return out
+
+
+def sync(store: SqlStore, tracking_uri: str | None = None, *, client: MlflowClient | None = None,
+         registered_model: str | None = None, experiment: str = "umig",
+         artifact_location: str | None = None) -> dict[str, list[str]]:
+    """Register every node version of ``store`` not in MLflow yet; tag superseded versions.
+
+    A version is in MLflow when some model version is tagged with its ``umig.node`` and
+    ``umig.node_version`` and this store's path as ``umig.store`` (or no store tag): one this
+    function registered, or one :func:`import_version` brought in, so a second call adds only
+    what is new. Each new one is logged (a MLflow 3
+    ``LoggedModel`` in ``experiment``, created with ``artifact_location`` if missing) and
+    registered as a version of ``registered_model``, else of the registered model that already
+    holds the node's versions, else of a registered model named after the node (``/`` and ``:``
+    become ``_``), with :func:`lineage_tags`. Purged versions are not registered.
+
+    Every MLflow version of a node version that a later version replaced gets
+    ``umig.superseded_by`` (``NODE@vN``, the next version) and, when an unlearning operation made
+    it, ``umig.unlearned_by``, ``umig.forgotten``, ``umig.method`` and ``umig.ticket``, as
+    :func:`tag_operation` writes them. Returns ``{"registered": ["model/vK", ...], "tagged":
+    [...], "skipped": ["NODE@vN", ...]}`` (skipped: already in MLflow).
+    """
+    if registered_model is not None and (not registered_model.strip() or any(c in registered_model for c in "/:")):
+        raise UmigError(f"registered model name {registered_model!r}: MLflow names cannot be empty or hold '/' or ':'")
+    mlflow = require_extra()
+    try:
+        return _sync(store, _client(client, tracking_uri), registered_model, experiment, artifact_location)
+    except mlflow.exceptions.MlflowException as e:
+        raise UmigError(f"MLflow ({tracking_uri or (client.tracking_uri if client else 'default URI')}): "
+                        f"{str(e.message).strip().splitlines()[0][:300]}") from None
+
+
+def _sync(store: SqlStore, client: MlflowClient, registered_model: str | None, experiment: str,
+          artifact_location: str | None) -> dict[str, list[str]]:
+    root = str(Path(store.root).resolve())
+    existing: dict[tuple[str, int], list[ModelVersion]] = {}
+    for mv in _all_versions(client):
+        tags = mv.tags or {}
+        if tags.get(TAG_STORE, root) != root:
+            continue  # another store's node of the same name
+        try:
+            key = (tags[TAG_NODE], int(tags.get(TAG_NODE_VERSION, "0")))
+        except ValueError:
+            continue
+        existing.setdefault(key, []).append(mv)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=artifact_location)
+    out: dict[str, list[str]] = {"registered": [], "tagged": [], "skipped": []}
+    for info in store.nodes():
+        node = info.name
+        versions = store.versions(node)
+        home = registered_model
+        if home is None:
+            known = sorted((mv for (n, _), mvs in existing.items() if n == node for mv in mvs),
+                           key=lambda v: int(v.version))
+            home = known[-1].name if known else _model_name(node)
+        for v in versions:
+            if (node, v.version) in existing:
+                out["skipped"].append(f"{node}@v{v.version}")
+                continue
+            if v.purged:
+                continue
+            mv = _log_version(store, client, exp_id, home, node, v.version, {})
+            existing[(node, v.version)] = [mv]
+            out["registered"].append(f"{mv.name}/v{mv.version}")
+        for older, newer in zip(versions, versions[1:]):
+            tags = {"umig.superseded_by": f"{node}@v{newer.version}"}
+            if newer.operation:
+                entry = store.operation(newer.operation)
+                tags.update({"umig.unlearned_by": newer.operation, "umig.forgotten": _forgot(entry),
+                             "umig.method": str(entry.get("method"))})
+                if entry.get("ticket"):
+                    tags["umig.ticket"] = str(entry["ticket"])
+            for mv in existing.get((node, older.version), []):
+                changed = {k: val for k, val in tags.items() if (mv.tags or {}).get(k) != val}
+                for k, val in changed.items():
+                    client.set_model_version_tag(mv.name, mv.version, k, val)
+                if changed:
+                    out["tagged"].append(f"{mv.name}/v{mv.version}")
+    return out
