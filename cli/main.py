@@ -23,6 +23,7 @@ from umig.forget import samples as sample_set
 from umig.integrations.hf import card_metadata, card_text, export_with_card, write_card
 from umig.integrations.mlflow import sync as mlflow_sync
 from umig.requests import deletion_report, to_markdown
+from umig.requests import forgotten as forgotten_in
 from umig.store import Request
 from umig.ui.server import require_extra as require_ui_extra
 from umig.ui.server import serve as serve_ui
@@ -112,7 +113,9 @@ def add_node(
     weights: Annotated[Path, typer.Option("--weights", help="Checkpoint: .safetensors, or a .pt state dict.")],
     arch: Annotated[str, typer.Option("--arch", help="torchvision:NAME or package.module:callable.")],
     arch_arg: Annotated[list[str], typer.Option("--arch-arg", help="Builder argument key=value (typed).")] = [],
-    parent: Annotated[list[str], typer.Option("--parent", help="Parent node, optionally NAME:WEIGHT.")] = [],
+    parent: Annotated[list[str], typer.Option(
+        "--parent", help="Parent node: NAME, or NAME@VERSION (the version it was derived from; default: the live "
+                         "one), optionally with :WEIGHT.")] = [],
     relation: Annotated[
         Optional[str], typer.Option(help="aggregate|sync|finetune|increment|transfer|copy.")
     ] = None,
@@ -126,6 +129,9 @@ def add_node(
     no_fim: Annotated[bool, typer.Option("--no-fim", help="Do not compute the model FIM.")] = False,
     meta: Annotated[list[str], typer.Option("--meta", help="Free-form metadata key=value.")] = [],
     recipe: Annotated[Optional[Path], typer.Option(help="Training recipe JSON (needed by --method retrain).")] = None,
+    catch_up: Annotated[bool, typer.Option(
+        "--catch-up", help="Derived from a version an unlearning operation superseded, or trained on data it "
+                           "forgot: record the node and apply those operations to it, instead of refusing it.")] = False,
     store: StoreOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -153,10 +159,14 @@ def add_node(
         compute_fim=not no_fim,
         meta=parse_kv(meta, "--meta"),
         recipe=recipe,
+        catch_up=catch_up,
     )
-    R.emit(info, as_json=json_out, to_json=lambda i: i.to_json(),
-           human=lambda i: f"added node [bold]{i.name}[/] ({i.framework}, head {i.head}, {len(i.classes)} classes, "
-                           f"{i.data_size} samples)")
+    caught = s.caught_up(node=info.name) if catch_up else []
+    R.emit({**info.to_json(), **({"caught_up": caught} if catch_up else {})}, as_json=json_out,
+           human=lambda _: f"added node [bold]{info.name}[/] ({info.framework}, head {info.head}, "
+                           f"{len(info.classes)} classes, {info.data_size} samples)"
+                           + (f"; caught up with {', '.join(c['operation'] for c in caught)} "
+                              f"(now v{info.version})" if caught else ""))
 
 
 @app.command()
@@ -444,6 +454,21 @@ def report(
         R.emit({"operation": operation, "path": str(output)}, as_json=json_out, human=lambda _: f"wrote {output}")
         return
     R.emit(data, as_json=fmt == "json", human=lambda d: R.raw(to_markdown(d)))
+
+
+@app.command()
+@handles_errors
+def forgotten(
+    data: Annotated[str, typer.Option("--data", help="The dataset to check (any data reference, with its subset).")],
+    output: Annotated[Optional[Path], typer.Option(
+        "--output", "-o", help="Write the indices nothing forgot (into the whole source) to FILE (.npy or "
+                               ".safetensors), for add-node --subset.")] = None,
+    store: StoreOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Which live unlearning operations forgot which share of a dataset, and what is left to train on."""
+    out = forgotten_in(open_store(store), data, output=output)
+    R.emit(out, as_json=json_out, human=R.forgotten_view)
 
 
 @app.command()

@@ -337,9 +337,10 @@ def node_view(data: dict) -> FitTable:
     for k in ("framework", "arch", "head", "classes", "data", "data_size", "label_counts", "version",
               "parents", "children", "meta", "recipe", "fim"):
         v = data[k]
-        if k == "parents":  # one per line: name (relation, weight)
-            text = "\n".join(f"{p['name']} ({p['relation']}" + (f", {p['weight']:.4g})" if p["weight"] is not None
-                                                                  else ")") for p in v)
+        if k == "parents":  # one per line: name@version (relation, weight)
+            text = "\n".join(f"{p['name']}" + (f"@{p['version']}" if p.get("version") is not None else "")
+                              + f" ({p['relation']}" + (f", {p['weight']:.4g})" if p["weight"] is not None else ")")
+                              for p in v)
         elif k == "children":
             text = ", ".join(v)
         else:
@@ -530,6 +531,23 @@ def exports_table(exports: list[Any]) -> FitTable:
     for e in exports:
         t.add_row(e.node, str(e.version), _time(e.created), Text(e.path))
     return t
+
+
+def forgotten_view(report: dict) -> list[Text]:
+    """``umig forgotten``: which live operations forgot which share of a dataset (plain text: data
+    references and paths are never markup)."""
+    lines = [(f"{report['data']}: {report['forgotten']} of {report['items']} item(s) forgotten by "
+              f"{len(report['operations'])} live operation(s); {report['kept']} kept")]
+    for e in report["operations"]:
+        what = ", ".join(p for p in (f"label(s) {_ranges(sorted(e['labels']))}" if e["labels"] else "",
+                                     f"{e['samples']} sample(s)" if e["samples"] else "") if p)
+        lines.append(f"  {e['operation']}" + (f" (ticket {e['ticket']})" if e["ticket"] else "")
+                     + f": {e['forgotten']} item(s), {100 * e['share']:.1f}% ({what})")
+    if report["unchecked"]:
+        lines.append("  not checked (recorded before umig kept forgotten indices): " + ", ".join(report["unchecked"]))
+    if report["output"]:
+        lines.append(f"wrote the {report['kept']} index(es) nothing forgot to {report['output']} (use it as --subset)")
+    return [Text(line) for line in lines]
 
 
 def write_document(path: Path, text: str) -> None:

@@ -151,7 +151,7 @@ def test_node_show_json_metadata_and_fim(lineage):
     assert t5["data"]["only_labels"] == [5, 6, 7, 8, 9]
     assert t5["fim"]["weight_shape"] == [5, 64] and t5["fim"]["bias_shape"] == [5]
     assert t5["fim"]["classes"] == [5, 6, 7, 8, 9]
-    assert t5["parents"] == [{"name": "agg", "relation": "transfer", "weight": None}]
+    assert t5["parents"] == [{"name": "agg", "relation": "transfer", "weight": None, "version": 0}]
 
     # The human view works too.
     text = run("node", "show", "t5", store=lineage.root)

@@ -1,15 +1,15 @@
 """The Python API's facade: one object that records, plans and forgets.
 
 ``Store`` is the metadata store (:class:`umig.store.SqlStore`) plus the operations of the
-layers above it: :func:`umig.ingest.add_node` and :func:`umig.unlearning.unlearn`. It adds
-no logic of its own.
+layers above it: :func:`umig.unlearning.add_node` (:func:`umig.ingest.add_node` with the
+catch-up) and :func:`umig.unlearning.unlearn`. It adds no logic of its own.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from umig import ingest, unlearning
+from umig import unlearning
 from umig.store import NodeInfo, SqlStore
 
 
@@ -17,8 +17,10 @@ class Store(SqlStore):
     """A lineage store. Open with :meth:`init` or :meth:`open`; see the README for a tour."""
 
     def add_node(self, name: str, weights: Any, arch: Any, **kwargs: Any) -> NodeInfo:
-        """Record a model node; see :func:`umig.ingest.add_node`."""
-        return ingest.add_node(self, name, weights, arch, **kwargs)
+        """Record a model node; see :func:`umig.ingest.add_node`. ``catch_up=True`` records a node derived
+        from a superseded version (or trained on forgotten data) and unlearns it on the spot instead of
+        refusing it; see :func:`umig.unlearning.add_node`."""
+        return unlearning.add_node(self, name, weights, arch, **kwargs)
 
     def plan_unlearning(self, forget: unlearning.Forget = (), **kwargs: Any) -> unlearning.UnlearnResult:
         """The plan of an unlearning request without running it; see :func:`umig.unlearning.plan_unlearning`."""

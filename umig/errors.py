@@ -33,5 +33,9 @@ class UnlearningError(UmigError):
     """An unlearning request that cannot be planned or executed (unknown labels, missing prerequisites)."""
 
 
+class SupersededError(UmigError):
+    """A node derived from a version an unlearning operation superseded, or trained on data it forgot."""
+
+
 class LabelError(UmigError, ValueError):
     """A label id a head cannot predict, or a class list naming a label twice."""

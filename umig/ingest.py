@@ -3,25 +3,35 @@
 Builds the architecture and loads the weights strictly, detects the classifier head,
 resolves the data reference (with its fingerprint and label counts) and computes the
 model FIM, all before anything is written. ``Store.add_node`` (the facade) and the
-lineage recorders call :func:`add_node`.
+lineage recorders call :func:`add_node` (through ``umig.unlearning.add_node``, which
+supplies the catch-up).
+
+The lineage guard (:func:`superseded`): every edge records the parent version the node was
+derived from. A node derived from a version that a live unlearning operation superseded, or
+whose own data holds samples or labels a live operation forgot, is refused with one line
+naming the operation, unless the caller passes ``catch_up``: then it is recorded and
+``catch_up`` brings it up to date in the same transaction.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from umig import arch as A
 from umig import data as D
 from umig import fisher as F
-from umig.errors import GraphError, NotFoundError, UmigError
-from umig.store import FRAMEWORKS, RELATIONS, NodeInfo, SqlStore, split_head
+from umig.errors import GraphError, NotFoundError, SupersededError, UmigError
+from umig.forget import source_fingerprint
+from umig.store import FRAMEWORKS, RELATIONS, NodeInfo, OperationRef, SqlStore, split_head
 from umig.train import Recipe
 
 LABEL_STATS_MAX = 1 << 20
@@ -29,6 +39,25 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:@/+-]{0,199}$")
 # Rebuilding from the spec and the dummy forward that finds the head depend only on the
 # architecture and the state's keys/shapes/dtypes: done once per combination (bulk recording).
 _VALIDATED: dict[tuple, tuple[A.HeadInfo, nn.Module | None]] = {}
+# A parent as add_node takes it: "NAME", "NAME@VERSION", "NAME:WEIGHT", "NAME@VERSION:WEIGHT",
+# (name, weight) or (name, weight, version).
+ParentSpec = str | tuple[str, float | None] | tuple[str, float | None, int | None]
+
+
+@dataclass(frozen=True)
+class Superseded:
+    """Why a node being added holds what a live unlearning operation forgot."""
+
+    operation: OperationRef
+    reason: str  # "parent", "samples" or "labels"
+    detail: str  # e.g. "derived from fl/r2/global v0", "holds 20 forgotten sample(s) of ..."
+    count: int = 0  # items of the node's data it concerns (samples, labels)
+    hint: str = ""  # what to do instead, e.g. "derive it from fl/r2/global@1"
+
+
+# Called inside add_node's transaction once the node is written: brings it up to date with the
+# operations in the list (umig.unlearning.catch_up_node). Without one, such a node is refused.
+CatchUp = Callable[[SqlStore, str, Sequence[Superseded]], Any]
 
 
 def add_node(
@@ -38,7 +67,7 @@ def add_node(
     arch: Any,
     *,
     arch_args: Mapping[str, Any] | None = None,
-    parents: Sequence[str | tuple[str, float | None]] = (),
+    parents: Sequence[ParentSpec] = (),
     relation: str | None = None,
     framework: str = "other",
     data: Any = None,
@@ -54,6 +83,7 @@ def add_node(
     recipe: Any = None,
     fisher_batch: int = 256,
     device: str | torch.device | None = None,
+    catch_up: CatchUp | None = None,
 ) -> NodeInfo:
     """Record a model node (version 0) with its edges, data reference and model FIM.
 
@@ -63,6 +93,11 @@ def add_node(
     naming it. ``fim`` is a model FIM already computed (e.g. during training by
     ``umig.fisher.FisherCapture``); without one, ``compute_fim`` computes it with one forward
     pass over the data (or, for a data-less node, as the mean of its parents' FIMs). Everything is validated before anything is written.
+
+    ``parents`` name the version each was derived from as ``NAME@VERSION`` (or a 3-tuple); without
+    one, the version this store object last loaded of it (``SqlStore.loaded``), else its live version.
+    A node derived from a superseded version, or whose data holds what a live operation forgot, raises
+    :class:`SupersededError` (nothing written) unless ``catch_up`` is given (see the module docstring).
     """
     if not _NAME_RE.match(name or ""):
         raise UmigError(f"invalid node name {name!r} (letters, digits and _.:@/+- only)")
@@ -72,15 +107,19 @@ def add_node(
         raise UmigError(f"unknown relation '{relation}' (choose from {', '.join(RELATIONS)})")
     if store.has_node(name):
         raise GraphError(f"node '{name}' already exists")
-    # An existing node's full name wins over NAME:WEIGHT (names may contain ':', e.g. 'ckpt:3').
-    parent_list = [(p, None) if isinstance(p, str) and store.has_node(p) else _parse_parent(p) for p in parents]
-    for p, _ in parent_list:
+    # An existing node's full name wins over NAME@VERSION and NAME:WEIGHT (names may contain '@' and
+    # ':', e.g. 'ckpt:3').
+    parent_specs = [_parse_parent(store, p) for p in parents]
+    for p, _, v in parent_specs:
         if p == name:
             raise GraphError(f"node '{name}' cannot be its own parent (cycle)")
         if not store.has_node(p):
             raise NotFoundError(f"unknown parent node '{p}'")
-    if len({p for p, _ in parent_list}) != len(parent_list):
+        if v is not None:
+            store.version(p, v)  # NotFoundError: node 'p' has no version v
+    if len({p for p, _, _ in parent_specs}) != len(parent_specs):
         raise GraphError(f"node '{name}' lists a parent twice")
+    parent_list = [(p, w) for p, w, _ in parent_specs]
     relation = relation or _default_relation(framework, len(parent_list))
 
     spec = arch if isinstance(arch, A.ArchSpec) else A.ArchSpec(str(arch), dict(arch_args or {}))
@@ -166,12 +205,70 @@ def add_node(
 
     body, head_t = split_head(state, hinfo.name)
     recipe_json = _recipe_json(recipe)
-    return store.insert_node(
-        name, arch=spec.to_json(), head=hinfo.name, classes=cls, input_shape=hinfo.input_shape,
-        data_ref=ref_json, data_fingerprint=fingerprint, label_counts=counts, framework=framework,
-        meta=dict(meta or {}), recipe=recipe_json, parents=parent_list, relation=relation,
-        body=body, head_tensors=head_t, fim=model_fim,
-    )
+    with store.transaction():  # the guard reads the live lineage under the lock that the write holds
+        derived = [(p, w, v if v is not None else store.loaded.get(p, store.live_version(p)))
+                   for p, w, v in parent_specs]
+        found = superseded(store, [(p, v) for p, _, v in derived], dataset, counts)
+        if found and catch_up is None:
+            raise SupersededError(refusal(name, found, dataset))
+        info = store.insert_node(
+            name, arch=spec.to_json(), head=hinfo.name, classes=cls, input_shape=hinfo.input_shape,
+            data_ref=ref_json, data_fingerprint=fingerprint, label_counts=counts, framework=framework,
+            meta=dict(meta or {}), recipe=recipe_json, parents=derived, relation=relation,
+            body=body, head_tensors=head_t, fim=model_fim,
+        )
+        if found and catch_up is not None:
+            catch_up(store, name, found)
+            info = store.node(name)
+    return info
+
+
+def superseded(store: SqlStore, parents: Sequence[tuple[str, int]], data: D.Data | None,
+               label_counts: Mapping[int, int]) -> list[Superseded]:
+    """What a live unlearning operation forgot that a node would hold: ``parents`` (name, version
+    derived from) at superseded versions, and (``data``, with its ``label_counts``) forgotten labels
+    and forgotten samples of its dataset; oldest operation first."""
+    found: list[Superseded] = []
+    for p, v in parents:
+        found += [Superseded(op, "parent", f"derived from {p} v{v}", hint=f"derive it from {p}@{store.live_version(p)}")
+                  for op in store.superseded_by(p, v)]
+    if data is not None and label_counts:
+        by_op: dict[OperationRef, list[int]] = {}
+        for op, label in store.label_forgets(label_counts):
+            by_op.setdefault(op, []).append(label)
+        for op, labels in by_op.items():
+            n = sum(label_counts.get(x, 0) for x in labels)
+            found.append(Superseded(op, "labels", f"holds {n} sample(s) of forgotten label(s) "
+                                                  f"{D.format_labels(labels)}", n))
+    if data is not None and data.ref is not None and store.sample_forgets():
+        fp = source_fingerprint(data.ref.source)
+        forgets = store.sample_forgets(dataset=fp)
+        if forgets:
+            _, positions = D.source_positions(data.ref)
+            for f in forgets:
+                n = int(np.isin(positions, store.forgotten_indices(f)).sum())
+                if n:
+                    what = f"client {f.client}'s data" if f.client else f.source
+                    found.append(Superseded(f.operation, "samples", f"holds {n} forgotten sample(s) of {what}", n))
+    return sorted(found, key=lambda s: s.operation.created)
+
+
+def refusal(name: str, found: Sequence[Superseded], data: D.Data | None = None) -> str:
+    """The one line that refuses a node (``found`` from :func:`superseded`, non-empty)."""
+    first = found[0]
+    op = first.operation
+    who = f"operation {op.id}" + (f" (ticket {op.ticket})" if op.ticket else "")
+    if first.reason == "parent":
+        text = f"node '{name}' is {first.detail}, which {who} superseded; {first.hint}"
+    else:
+        text = f"data of node '{name}' {first.detail} that {who} forgot; leave them out"
+        if data is not None and data.ref is not None:
+            text += (f" ('umig forgotten --data \"{data.ref}\" -o keep.npy' writes the rest, for "
+                     f"--data {data.ref.source} --subset keep.npy)")
+    others = sorted({s.operation.id for s in found} - {op.id})
+    if others:
+        text += f" (also superseded by {', '.join(others[:3])}{', ...' if len(others) > 3 else ''})"
+    return text + ", or add it with --catch-up to unlearn it on the spot"
 
 def _data_arg(data: Any, data_ref: str | None, subset: str | None, only_labels: Any):
     if data is None:
@@ -207,13 +304,35 @@ def _mean_parent_fim(store: SqlStore, parents: list[tuple[str, float | None]], c
     return F.weighted_mean(fims, weights, classes=classes)
 
 
-def _parse_parent(p: str | tuple[str, float | None]) -> tuple[str, float | None]:
+def _parse_parent(store: SqlStore, p: ParentSpec) -> tuple[str, float | None, int | None]:
+    """``(name, weight, version)`` of a parent: an existing node's full name wins, then ``:WEIGHT``
+    (a number) and ``@VERSION`` (digits) are split off, in that order."""
     if isinstance(p, tuple):
-        return p[0], (float(p[1]) if p[1] is not None else None)
-    name, sep, weight = p.rpartition(":")
-    if sep and _is_float(weight):
-        return name, float(weight)
-    return p, None
+        if len(p) not in (2, 3) or not isinstance(p[0], str):
+            raise UmigError(f"a parent is NAME, (name, weight) or (name, weight, version), got {p!r}")
+        try:
+            weight = float(p[1]) if p[1] is not None else None
+            version = int(p[2]) if len(p) == 3 and p[2] is not None else None
+        except (TypeError, ValueError):
+            raise UmigError(f"parent {p!r}: the weight must be a number and the version a whole number") from None
+        return p[0], weight, version
+    if not isinstance(p, str):
+        raise UmigError(f"a parent is a node name or a tuple, got {type(p).__name__}")
+    if store.has_node(p):
+        return p, None, None
+    name, weight = p, None
+    head, sep, tail = p.rpartition(":")
+    if sep and _is_float(tail):
+        name, weight = head, float(tail)
+    if store.has_node(name):
+        return name, weight, None
+    base, sep, version = name.rpartition("@")
+    if sep and version.isascii() and version.isdigit():
+        return base, weight, int(version)
+    if sep and store.has_node(base):
+        raise UmigError(f"malformed parent '{p}': the version after '@' must be a whole number "
+                        "(NAME@VERSION, optionally NAME@VERSION:WEIGHT)")
+    return name, weight, None
 
 
 def _is_float(s: str) -> bool:

@@ -33,7 +33,7 @@ FederatedRecorder also records server-side fine-tuning of the global model
 (``server``); every recorder accepts ``name=``/``parent=``/``meta=`` overrides and
 ``rec.record(...)`` writes any other node with the recorder's defaults.
 
-Model FIMs stay on the training device. By default :meth:`umig.ingest.add_node` computes
+Model FIMs stay on the training device. By default :func:`umig.ingest.add_node` computes
 each node's model FIM with one forward pass over its data on the device the model
 already lives on (never moving it to the CPU); that pass costs about a third of one
 training epoch. :class:`FisherCapture` instead accumulates it from the last training
@@ -65,7 +65,7 @@ import torch
 from torch import Tensor, nn
 
 from umig import graph as G
-from umig import ingest, unlearning
+from umig import unlearning
 from umig.arch import ArchSpec, build_model
 from umig.data import Data, parse_ref, resolve, save_subset
 from umig.errors import UmigError
@@ -126,6 +126,11 @@ class LineageRecorder:
     the nodes unless a call passes its own; ``classes``/``head``/``recipe`` are defaults
     for every node. ``device`` forces the Fisher pass onto a device; by default it runs
     where each model lives. ``seconds`` accumulates the time spent recording.
+
+    Each edge records the parent's live version at record time (a recorder records children of
+    what it just recorded), or the version this store object last loaded of it (``SqlStore.loaded``).
+    A node whose data holds what a live unlearning operation forgot is refused, unless
+    ``catch_up`` (here or per call): then it is recorded and unlearned on the spot.
     """
 
     framework = "other"
@@ -133,19 +138,21 @@ class LineageRecorder:
     def __init__(self, store: SqlStore, arch: Any = None, *, prefix: str = "node",
                  classes: Sequence[int] | None = None, head: str | None = None, recipe: Any = None,
                  device: str | torch.device | None = None, compute_fim: bool = True, fisher_batch: int = 512,
-                 num_classes_arg: str = "num_classes") -> None:
+                 num_classes_arg: str = "num_classes", catch_up: bool = False) -> None:
         self.store, self.arch, self.prefix = store, arch, prefix
         self.classes = tuple(int(c) for c in classes) if classes is not None else None
         self.head_module, self.recipe, self.device = head, recipe, device
         self.compute_fim, self.fisher_batch, self.num_classes_arg = compute_fim, fisher_batch, num_classes_arg
+        self.catch_up = catch_up
         self.nodes: list[str] = []
         self.seconds = 0.0
         self._mass: dict[str, int] = {}
 
     def record(self, name: str, model: Model, *, arch: Any = None, parents: Sequence[str | tuple[str, float | None]] = (),
                relation: str | None = None, data: Data | str | None = None, classes: Sequence[int] | None = None,
-               recipe: Any = None, meta: Mapping[str, Any] | None = None, fim: Any = None) -> NodeInfo:
-        """Write one node (and its in-edges) through :meth:`umig.ingest.add_node`.
+               recipe: Any = None, meta: Mapping[str, Any] | None = None, fim: Any = None,
+               catch_up: bool | None = None) -> NodeInfo:
+        """Write one node (and its in-edges) through :func:`umig.unlearning.add_node`.
 
         ``fim`` is a model FIM the training loop already has (:class:`FisherCapture`);
         by default the store computes it with one forward pass over the node's data.
@@ -155,12 +162,13 @@ class LineageRecorder:
         if spec is None:
             raise ValueError(f"node '{name}': no architecture given (pass arch= to the recorder or the call)")
         device = self.device if self.device is not None else model_device(model)
-        info = ingest.add_node(
+        info = unlearning.add_node(
             self.store, name, model, spec, parents=list(parents), relation=relation, framework=self.framework, data=data,
             classes=classes if classes is not None else self.classes, head=self.head_module,
             recipe=recipe if recipe is not None else self.recipe, meta=dict(meta or {}),
             fim=fim, compute_fim=self.compute_fim,
-            fisher_batch=self.fisher_batch, device=device)
+            fisher_batch=self.fisher_batch, device=device,
+            catch_up=self.catch_up if catch_up is None else catch_up)
         self.nodes.append(info.name)
         own = info.data_size
         self._mass[info.name] = own if own else sum(self.mass(p if isinstance(p, str) else p[0]) for p in parents)
@@ -284,9 +292,9 @@ class FederatedRecorder(_RoundRecorder):
 
     def __init__(self, store: SqlStore, arch: Any, *, prefix: str = "fl", classes: Sequence[int] | None = None,
                  head: str | None = None, recipe: Any = None, device: str | torch.device | None = None,
-                 compute_fim: bool = True, fisher_batch: int = 512) -> None:
+                 compute_fim: bool = True, fisher_batch: int = 512, catch_up: bool = False) -> None:
         super().__init__(store, arch, prefix=prefix, classes=classes, head=head, recipe=recipe, device=device,
-                         compute_fim=compute_fim, fisher_batch=fisher_batch)
+                         compute_fim=compute_fim, fisher_batch=fisher_batch, catch_up=catch_up)
 
     def client(self, round: int, client: int | str, model: Model, data: Data | str, *, recipe: Any = None,
                name: str | None = None, parent: str | None = None, meta: Mapping[str, Any] | None = None,
@@ -337,9 +345,9 @@ class DataParallelRecorder(_RoundRecorder):
 
     def __init__(self, store: SqlStore, arch: Any, *, prefix: str = "ddp", classes: Sequence[int] | None = None,
                  head: str | None = None, recipe: Any = None, device: str | torch.device | None = None,
-                 compute_fim: bool = True, fisher_batch: int = 512) -> None:
+                 compute_fim: bool = True, fisher_batch: int = 512, catch_up: bool = False) -> None:
         super().__init__(store, arch, prefix=prefix, classes=classes, head=head, recipe=recipe, device=device,
-                         compute_fim=compute_fim, fisher_batch=fisher_batch)
+                         compute_fim=compute_fim, fisher_batch=fisher_batch, catch_up=catch_up)
 
     def shard(self, step: int, rank: int, model: Model, data: Data | str, *, recipe: Any = None,
               name: str | None = None, parent: str | None = None, meta: Mapping[str, Any] | None = None,
@@ -368,9 +376,9 @@ class IncrementalRecorder(LineageRecorder):
 
     def __init__(self, store: SqlStore, arch: Any, *, prefix: str = "il", head: str | None = None, recipe: Any = None,
                  device: str | torch.device | None = None, compute_fim: bool = True, fisher_batch: int = 512,
-                 num_classes_arg: str = "num_classes") -> None:
+                 num_classes_arg: str = "num_classes", catch_up: bool = False) -> None:
         super().__init__(store, arch, prefix=prefix, head=head, recipe=recipe, device=device, compute_fim=compute_fim,
-                         fisher_batch=fisher_batch, num_classes_arg=num_classes_arg)
+                         fisher_batch=fisher_batch, num_classes_arg=num_classes_arg, catch_up=catch_up)
         self.last: str | None = None
         self.steps = 0
 
@@ -407,9 +415,9 @@ class TransferRecorder(LineageRecorder):
 
     def __init__(self, store: SqlStore, arch: Any, *, prefix: str = "tl", head: str | None = None, recipe: Any = None,
                  device: str | torch.device | None = None, compute_fim: bool = True, fisher_batch: int = 512,
-                 num_classes_arg: str = "num_classes") -> None:
+                 num_classes_arg: str = "num_classes", catch_up: bool = False) -> None:
         super().__init__(store, arch, prefix=prefix, head=head, recipe=recipe, device=device, compute_fim=compute_fim,
-                         fisher_batch=fisher_batch, num_classes_arg=num_classes_arg)
+                         fisher_batch=fisher_batch, num_classes_arg=num_classes_arg, catch_up=catch_up)
         self.base_node: str | None = None
         self._heads = 0
 

@@ -8,17 +8,27 @@ every affected model with its version and weight digests before and after, the v
 versions that still hold the forgotten data, and the models caught up later. :func:`to_markdown`
 writes it as a document that reads well as plain text.
 
+:func:`forgotten` answers the question a training job asks before it records a model: which
+live operations forgot which share of a dataset, and which of its items nothing forgot (an
+index file usable as ``--subset``, so that the next node passes ``add-node``'s guard).
+
 All of it is read through :class:`umig.store.SqlStore`; this module runs no SQL.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from umig.data import parse_ref, save_subset, source_positions
+from umig.errors import UmigError
+from umig.forget import source_fingerprint
 from umig.store import REQUEST_FIELDS, SqlStore, Version
 
 REPORT_FORMAT = "umig-deletion-report/1"  # bump when a field changes meaning
@@ -78,10 +88,18 @@ def deletion_report(store: SqlStore, operation: str) -> dict[str, Any]:
         "superseded_blobs_gone": not remaining,
         "operation_blobs": op_blobs,
         "exports": exports,
-        # Models recorded later from a superseded version and unlearned on the spot: the store lists
-        # them on the operation once it records catch-ups; until then there are none.
-        "caught_up": list(entry.get("caught_up") or []),
+        # Models recorded later from a superseded version (or on forgotten data) and unlearned on the
+        # spot, with their versions before and after the catch-up.
+        "caught_up": [_caught_up_json(store, c) for c in entry.get("caught_up") or []],
     }
+
+
+def _caught_up_json(store: SqlStore, c: Mapping[str, Any]) -> dict[str, Any]:
+    name = c["name"]
+    before, after = store.version(name, c["version_before"]), store.version(name, c["version_after"])
+    return {**c, "current_version": store.node(name).version,
+            "before": _version_json(store, before), "after": _version_json(store, after),
+            "exports": _holding_exports(store, name, after.version, c["created"])}
 
 
 def _version_json(store: SqlStore, v: Version) -> dict[str, Any]:
@@ -106,6 +124,64 @@ def _holding_exports(store: SqlStore, name: str, version_after: int, op_time: fl
         grew = bool(new)
     return [{**e.to_json(), "before_operation": e.created < op_time, "file_present": Path(e.path).exists()}
             for e in store.exports(node=name) if e.version not in derived]
+
+
+# ------------------------------------------------------------------ forgotten
+def forgotten(store: SqlStore, data: str, *, output: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Which live operations (applied or purged, not reverted) forgot which share of the dataset
+    ``data`` names (any data reference: its subset and label filter count), and how many of its items
+    nothing forgot. With ``output``, those items' indices into the whole source are written there
+    (``.npy`` or ``.safetensors``): ``add-node --data SOURCE --subset FILE`` then holds nothing forgotten.
+
+    Sample forget sets are matched by the source's fingerprint and the indices the operation kept;
+    an operation recorded before umig kept them is listed under ``unchecked``.
+    """
+    ref = parse_ref(data)
+    base, positions = source_positions(ref)
+    fingerprint = source_fingerprint(ref.source)
+    targets = base.targets[positions].numpy()
+    gone = np.zeros(len(positions), dtype=bool)
+    ops: dict[str, dict[str, Any]] = {}
+    masks: dict[str, np.ndarray] = {}
+
+    def entry(op: Any) -> dict[str, Any]:
+        if op.id not in ops:
+            ops[op.id] = {"operation": op.id, "ticket": op.ticket, "created": op.created, "labels": [], "samples": 0}
+            masks[op.id] = np.zeros(len(positions), dtype=bool)
+        return ops[op.id]
+
+    for op, label in store.label_forgets(np.unique(targets).tolist()):
+        entry(op)["labels"].append(label)
+        masks[op.id] |= targets == label
+    kept = store.sample_forgets(dataset=fingerprint)
+    for f in kept:
+        hit = np.isin(positions, store.forgotten_indices(f))
+        entry(f.operation)["samples"] += int(hit.sum())
+        masks[f.operation.id] |= hit
+    stored = {f.operation.id for f in kept}
+    unchecked = [e["operation"] for e in store.history()
+                 if e["state"] != "reverted" and e["operation"] not in stored
+                 and any(s.get("dataset") == fingerprint for s in e["forget"].get("samples") or [])]
+    n = len(positions)
+    for op_id, e in ops.items():
+        gone |= masks[op_id]
+        e["forgotten"] = int(masks[op_id].sum())
+        e["share"] = e["forgotten"] / n if n else 0.0
+    keep = positions[~gone]
+    try:
+        path = save_subset(output, keep) if output is not None else None
+    except OSError as e:
+        raise UmigError(f"cannot write {output}: {e.strerror or e}") from None
+    return {
+        "data": str(ref),
+        "dataset": fingerprint,
+        "items": n,
+        "forgotten": int(gone.sum()),
+        "kept": int(keep.size),
+        "operations": sorted((e for e in ops.values() if e["forgotten"]), key=lambda e: e["created"]),
+        "unchecked": unchecked,
+        "output": str(path) if path is not None else None,
+    }
 
 
 # ------------------------------------------------------------------ Markdown
@@ -139,9 +215,22 @@ def to_markdown(report: Mapping[str, Any]) -> str:
             "## Exported copies that may still hold the forgotten data", ""]
     out += _exports_section(report["exports"])
     out += ["", "## Models caught up later", ""]
-    caught = report["caught_up"]
-    out += [f"- {_code(c['name'] if isinstance(c, Mapping) else c)}" for c in caught] or ["None."]
+    out += _caught_up_section(report["caught_up"])
     return "\n".join(out) + "\n"
+
+
+def _caught_up_section(caught: list[Mapping[str, Any]]) -> list[str]:
+    if not caught:
+        return ["None: no model was recorded later from a superseded version or on forgotten data."]
+    lines = [("These models were recorded after the operation from a version it superseded, or on data it "
+              "forgot, and the operation was applied to them when they were added (same forget set, method "
+              "and parameters). Reverting or purging the operation covers them too."), ""]
+    for c in caught:
+        after = c["after"]
+        lines.append(f"- {_code(c['name'])}: v{c['version_before']} -> v{c['version_after']} on {_when(c['created'])} "
+                     f"({_text(c.get('reason'))}); now v{c['current_version']}; weights after: "
+                     f"body {_code(after['body_blob'])}, head {_code(after['head_blob'])}")
+    return lines
 
 
 def _status(r: Mapping[str, Any]) -> str:

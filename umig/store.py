@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import networkx as nx
+import numpy as np
 import torch
 from safetensors.torch import save_file
 from torch import nn
@@ -41,6 +42,7 @@ from umig.data import Data, DataRef, verify
 from umig.delta import apply as apply_delta
 from umig.errors import GraphError, LockTimeout, NotFoundError, UmigError
 from umig.fisher import FIM
+from umig.forget import SampleSet
 
 DB_NAME = "umig.db"
 DEFAULT_STORE = ".umig"
@@ -157,6 +159,45 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX exports_node ON exports(node, version);
     """,
+    # 5: lineage guard (issue 19). Every edge records the parent version the child was derived from
+    # (NULL: recorded before umig knew). What a live operation forgot, in a form add-node can check
+    # membership against: its labels (indexed), and per sample set the forgotten indices into the
+    # dataset's whole source (a blob: which rows were deleted, never the rows), kept after a purge so
+    # that the guard keeps working. Nodes recorded later from a superseded version (or on forgotten
+    # data) and unlearned on the spot are "caught up": their update is attached to the operation.
+    """
+    ALTER TABLE edges ADD COLUMN parent_version INTEGER;
+    CREATE TABLE operation_labels(
+        operation TEXT NOT NULL REFERENCES operations(id),
+        label INTEGER NOT NULL,
+        PRIMARY KEY(operation, label)
+    );
+    CREATE INDEX operation_labels_label ON operation_labels(label);
+    INSERT OR IGNORE INTO operation_labels(operation, label)
+        SELECT o.id, CAST(j.value AS INTEGER) FROM operations o, json_each(o.labels) j;
+    CREATE TABLE operation_samples(
+        operation TEXT NOT NULL REFERENCES operations(id),
+        dataset TEXT NOT NULL,
+        source TEXT NOT NULL,
+        client TEXT,
+        size INTEGER NOT NULL,
+        count INTEGER NOT NULL,
+        indices TEXT NOT NULL
+    );
+    CREATE INDEX operation_samples_dataset ON operation_samples(dataset);
+    CREATE INDEX operation_samples_op ON operation_samples(operation);
+    CREATE TABLE caught_up(
+        operation TEXT NOT NULL REFERENCES operations(id),
+        node INTEGER NOT NULL REFERENCES nodes(id) ON DELETE CASCADE,
+        version_before INTEGER NOT NULL,
+        version_after INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        metrics TEXT NOT NULL DEFAULT '{}',
+        created REAL NOT NULL,
+        PRIMARY KEY(operation, node)
+    );
+    CREATE INDEX caught_up_node ON caught_up(node);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -239,6 +280,8 @@ class NodeInfo:
     version: int
     parents: tuple[tuple[str, str, float | None], ...] = ()
     children: tuple[str, ...] = ()
+    # Parent -> the version of it this node was derived from (None: recorded before umig kept it).
+    parent_versions: Mapping[str, int | None] = field(default_factory=dict)
 
     @property
     def labels(self) -> frozenset[int]:
@@ -260,7 +303,8 @@ class NodeInfo:
             "recipe": self.recipe,
             "created": self.created,
             "version": self.version,
-            "parents": [{"name": p, "relation": r, "weight": w} for p, r, w in self.parents],
+            "parents": [{"name": p, "relation": r, "weight": w, "version": self.parent_versions.get(p)}
+                        for p, r, w in self.parents],
             "children": list(self.children),
         }
 
@@ -324,6 +368,29 @@ class Export:
         return {"node": self.node, "version": self.version, "path": self.path, "created": self.created}
 
 
+@dataclass(frozen=True)
+class OperationRef:
+    """A live unlearning operation as the lineage guard names it (:mod:`umig.ingest`)."""
+
+    id: str
+    ticket: str | None
+    created: float
+
+
+@dataclass(frozen=True)
+class SampleForget:
+    """Samples a live operation forgot from one dataset: the indices into its whole source are the
+    blob ``indices_blob`` (int64 tensor ``indices``; :meth:`SqlStore.forgotten_indices`)."""
+
+    operation: OperationRef
+    dataset: str  # fingerprint of the whole source (umig.forget.source_fingerprint)
+    source: str  # the reference it was named by (for messages only)
+    client: str | None  # the node whose own data it was, for a client forget set
+    size: int  # items in the whole source
+    count: int  # indices forgotten
+    indices_blob: str
+
+
 @dataclass
 class _Txn:
     depth: int = 0
@@ -345,6 +412,9 @@ class SqlStore:
         self._txn = _Txn()
         self._lock_fh: Any = None
         self.lock_timeout = float(os.environ.get("UMIG_LOCK_TIMEOUT", "60"))
+        # The version of each node this object last handed out (state_dict, load_model, export):
+        # ``add_node`` takes a parent named without a version to be derived from it (see ``ingest``).
+        self.loaded: dict[str, int] = {}
 
     # ------------------------------------------------------------------ opening
     @staticmethod
@@ -510,6 +580,7 @@ class SqlStore:
         refs.update(r[0] for r in self.db.execute("SELECT digest FROM operation_blobs"))
         for row in self.db.execute("SELECT body, head, delta, fim FROM operation_references"):
             refs.update(d for d in row if d)
+        refs.update(r[0] for r in self.db.execute("SELECT indices FROM operation_samples"))  # kept for good
         return refs
 
     def _discard_unreferenced(self, digests: Iterable[str]) -> None:
@@ -532,14 +603,12 @@ class SqlStore:
         row = self.db.execute("SELECT * FROM nodes WHERE name=?", (name,)).fetchone()
         if row is None:
             raise NotFoundError(f"unknown node '{name}'")
-        parents = tuple(
-            (r["name"], r["relation"], r["weight"])
-            for r in self.db.execute(
-                "SELECT n.name, e.relation, e.weight FROM edges e JOIN nodes n ON n.id=e.parent "
-                "WHERE e.child=? ORDER BY n.name",
-                (row["id"],),
-            )
-        )
+        edges = self.db.execute(
+            "SELECT n.name, e.relation, e.weight, e.parent_version FROM edges e JOIN nodes n ON n.id=e.parent "
+            "WHERE e.child=? ORDER BY n.name",
+            (row["id"],),
+        ).fetchall()
+        parents = tuple((r["name"], r["relation"], r["weight"]) for r in edges)
         children = tuple(
             r[0]
             for r in self.db.execute(
@@ -547,7 +616,7 @@ class SqlStore:
                 (row["id"],),
             )
         )
-        return _node_from_row(row, parents, children)
+        return _node_from_row(row, parents, children, {r["name"]: r["parent_version"] for r in edges})
 
     def nodes(self) -> list[NodeInfo]:
         """Every node (without parent/child lists; use :meth:`graph` for structure)."""
@@ -592,6 +661,13 @@ class SqlStore:
             raise NotFoundError(f"node '{name}' has no version {version}")
         return _version_from_row(name, row)
 
+    def live_version(self, name: str) -> int:
+        """The node's current (live) version number."""
+        row = self.db.execute("SELECT version FROM nodes WHERE name=?", (name,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"unknown node '{name}'")
+        return int(row[0])
+
     def versions(self, name: str) -> list[Version]:
         nid = self._node_id(name)
         return [
@@ -604,7 +680,9 @@ class SqlStore:
         v = self.version(name, version)
         if v.purged:
             raise UmigError(f"version {v.version} of node '{name}' was purged")
-        return load_state(self.blobs, {"body": v.body_blob, "head": v.head_blob, "delta": v.delta_blob}, owner=name)
+        sd = load_state(self.blobs, {"body": v.body_blob, "head": v.head_blob, "delta": v.delta_blob}, owner=name)
+        self.loaded[name] = v.version  # what a child recorded through this object was derived from
+        return sd
 
     def load_model(self, name: str, version: int | None = None, *, device: str | torch.device = "cpu") -> nn.Module:
         """Build the node's architecture and load its weights (eval mode)."""
@@ -654,7 +732,7 @@ class SqlStore:
         framework: str,
         meta: Mapping[str, Any],
         recipe: dict | None,
-        parents: Sequence[tuple[str, float | None]],
+        parents: Sequence[tuple[str, float | None] | tuple[str, float | None, int | None]],
         relation: str,
         body: Mapping[str, torch.Tensor],
         head_tensors: Mapping[str, torch.Tensor],
@@ -662,7 +740,9 @@ class SqlStore:
     ) -> NodeInfo:
         """Write a validated node (version 0): its blobs first, then its rows and edges in one transaction.
 
-        ``umig.ingest.add_node`` validates and prepares every argument; call that instead.
+        ``parents`` are ``(name, weight)`` or ``(name, weight, version)``: the version of the parent the
+        node was derived from (default: the parent's live version). ``umig.ingest.add_node`` validates
+        and prepares every argument; call that instead.
         """
         with self.transaction():
             if self.has_node(name):  # a concurrent writer may have won the race
@@ -691,10 +771,11 @@ class SqlStore:
                 ),
             )
             nid = cur.lastrowid
-            for p, w in parents:
+            for p, w, *version in parents:
+                v = version[0] if version and version[0] is not None else self.live_version(p)
                 self.db.execute(
-                    "INSERT INTO edges(parent, child, relation, weight) VALUES(?,?,?,?)",
-                    (self._node_id(p), nid, relation, w),
+                    "INSERT INTO edges(parent, child, relation, weight, parent_version) VALUES(?,?,?,?,?)",
+                    (self._node_id(p), nid, relation, w, v),
                 )
             self.db.execute(
                 "INSERT INTO versions(node, version, body, head, delta, fim, operation, created) "
@@ -719,7 +800,8 @@ class SqlStore:
             self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES(?, ?)", (f"config.{key}", str(value)))
 
     def link(self, parent: str, child: str, *, relation: str = "finetune", weight: float | None = None) -> None:
-        """Add an edge between existing nodes; refused when it would close a cycle."""
+        """Add an edge between existing nodes; refused when it would close a cycle. The edge records the
+        parent's live version as the one the child derives from."""
         if relation not in RELATIONS:
             raise UmigError(f"unknown relation '{relation}' (choose from {', '.join(RELATIONS)})")
         with self.transaction():
@@ -729,8 +811,8 @@ class SqlStore:
             if self.db.execute("SELECT 1 FROM edges WHERE parent=? AND child=?", (pid, cid)).fetchone():
                 raise GraphError(f"edge {parent} -> {child} already exists")
             self.db.execute(
-                "INSERT INTO edges(parent, child, relation, weight) VALUES(?,?,?,?)", (pid, cid, relation, weight)
-            )
+                "INSERT INTO edges(parent, child, relation, weight, parent_version) VALUES(?,?,?,?,?)",
+                (pid, cid, relation, weight, self.live_version(parent)))
 
     def remove(self, name: str, *, recursive: bool = False) -> list[str]:
         """Remove a node (and with ``recursive`` its descendants); returns the removed names."""
@@ -756,6 +838,8 @@ class SqlStore:
                 self.db.execute("DELETE FROM nodes WHERE id=?", (nid,))
             # Deleted after the commit (of the outermost transaction), unless still shared.
             self._txn.released.update(blobs)
+            for v in victims:
+                self.loaded.pop(v, None)
         return victims
 
     def export(self, name: str, path: str | Path, *, version: int | None = None) -> Path:
@@ -867,14 +951,20 @@ class SqlStore:
                          params: Mapping[str, Any],
                          plan: Mapping[str, Any], result: Mapping[str, Any], wall_s: float,
                          versions: Sequence[NewVersion], blobs: Sequence[tuple[str, str]],
-                         request: Request | None = None) -> dict[str, int]:
+                         request: Request | None = None, samples: Sequence[SampleSet] = ()) -> dict[str, int]:
         """Record an operation: its new versions become current, with its audit rows, in one transaction.
 
         ``blobs`` are ``(digest, kind)`` the operation keeps for its audit trail (e.g. unlearning FIMs);
-        ``request`` is the deletion request it answers. Returns node -> new version number.
+        ``request`` is the deletion request it answers. ``samples`` are its forget set's sample sets:
+        their indices are kept (one blob each, never deleted) so that ``add_node`` can refuse data that
+        holds them. Returns node -> new version number.
         """
         request = request or Request()
         with self.transaction():
+            kept = [(sset, self.put_tensors({"indices": torch.from_numpy(np.ascontiguousarray(sset.indices,
+                                                                                                dtype=np.int64))},
+                                            {"part": "forgotten-indices", "dataset": sset.dataset}))
+                    for sset in samples]
             now = time.time()
             ids = dict(self.db.execute("SELECT name, id FROM nodes").fetchall())
             latest = dict(self.db.execute("SELECT node, MAX(version) FROM versions GROUP BY node").fetchall())
@@ -898,6 +988,12 @@ class SqlStore:
                  for v in versions])
             self.db.executemany("INSERT INTO operation_blobs(operation, digest, kind) VALUES(?,?,?)",
                                 [(op_id, d, k) for d, k in blobs])
+            self.db.executemany("INSERT OR IGNORE INTO operation_labels(operation, label) VALUES(?,?)",
+                                [(op_id, int(x)) for x in labels])
+            self.db.executemany(
+                "INSERT INTO operation_samples(operation, dataset, source, client, size, count, indices) "
+                "VALUES(?,?,?,?,?,?,?)",
+                [(op_id, ss.dataset, ss.source, ss.client, int(ss.size), int(ss.indices.size), d) for ss, d in kept])
         return after
 
     def _operation(self, op_id: str) -> sqlite3.Row:
@@ -913,15 +1009,23 @@ class SqlStore:
             (op_id,),
         ).fetchall()
 
+    def _caught_up_rows(self, op_id: str) -> list[sqlite3.Row]:
+        return self.db.execute(
+            "SELECT c.*, n.name, n.version AS current FROM caught_up c JOIN nodes n ON n.id=c.node "
+            "WHERE c.operation=? ORDER BY c.created, n.id",
+            (op_id,),
+        ).fetchall()
+
     def revert(self, op_id: str) -> list[str]:
-        """Move every node of an operation back to the version it had before, bit for bit."""
+        """Move every node of an operation back to the version it had before, bit for bit; nodes it
+        caught up later go back to the version they had before that (as they were added)."""
         with self.transaction():
             op = self._operation(op_id)
             if op["state"] == "purged":
                 raise UmigError(f"operation {op_id} was purged; its previous versions no longer exist")
             if op["state"] == "reverted":
                 raise UmigError(f"operation {op_id} was already reverted")
-            rows = self._operation_nodes(op_id)
+            rows = self._operation_nodes(op_id) + self._caught_up_rows(op_id)
             moved = [r for r in rows if r["current"] != r["version_after"]]
             if moved:
                 later = self.db.execute(
@@ -946,7 +1050,9 @@ class SqlStore:
                 raise UmigError(f"operation {op_id} was already purged")
             if op["state"] == "reverted":
                 raise UmigError(f"operation {op_id} was reverted; its superseded versions are current again")
-            rows = self._operation_nodes(op_id)
+            # Nodes caught up later: what they were added as was derived from (or trained on) what the
+            # operation forgot, so it goes with the operation's superseded versions.
+            rows = self._operation_nodes(op_id) + self._caught_up_rows(op_id)
             old = [(r["node"], r["version_before"]) for r in rows]
             candidates: set[str] = set()
             for nid, ver in old:
@@ -999,9 +1105,12 @@ class SqlStore:
             "SELECT digest, kind FROM operation_blobs WHERE operation=? ORDER BY rowid", (op_id,))]
 
     def version_sources(self, name: str) -> dict[int, int]:
-        """Each version an operation made of node ``name`` -> the version it was made from."""
+        """Each version an operation made of node ``name`` (or a catch-up attached to one) -> the
+        version it was made from."""
+        nid = self._node_id(name)
         return {r[0]: r[1] for r in self.db.execute(
-            "SELECT version_after, version_before FROM operation_nodes WHERE node=?", (self._node_id(name),))}
+            "SELECT version_after, version_before FROM operation_nodes WHERE node=? "
+            "UNION ALL SELECT version_after, version_before FROM caught_up WHERE node=?", (nid, nid))}
 
     def _history_entry(self, op: sqlite3.Row) -> dict[str, Any]:
         plan = json.loads(op["plan"])
@@ -1028,7 +1137,122 @@ class SqlStore:
             **json.loads(op["result"]),
             "verification": json.loads(op["verification"]) if op["verification"] else None,
             **_request_from_row(op).to_json(),
+            "caught_up": [_caught_up_json(r) for r in self._caught_up_rows(op["id"])],
         }
+
+    # ------------------------------------------------------- lineage guard
+    def _operation_ref(self, op_id: str) -> OperationRef:
+        op = self.db.execute("SELECT id, ticket, created FROM operations WHERE id=?", (op_id,)).fetchone()
+        return OperationRef(id=op["id"], ticket=op["ticket"], created=op["created"])
+
+    def superseded_by(self, name: str, version: int) -> list[OperationRef]:
+        """The live operations that superseded ``version`` of node ``name``, oldest first: those that made
+        the versions between it and the live one. Empty for the live version, and for a version that is
+        no ancestor of it (one a since-reverted operation made holds nothing the live lineage forgot).
+        Raises ``NotFoundError`` for a version the node never had."""
+        current = self.live_version(name)
+        if version == current:  # the common case (recorders, no @VERSION): nothing more to read
+            return []
+        self.version(name, version)
+        made_from = self.version_sources(name)
+        chain: list[int] = []
+        v = current
+        while v != version and v in made_from:
+            chain.append(v)
+            v = made_from[v]
+        if v != version:
+            return []
+        nid = self._node_id(name)
+        ops = []
+        for after in reversed(chain):
+            row = self.db.execute("SELECT operation FROM versions WHERE node=? AND version=?", (nid, after)).fetchone()
+            if row is not None and row[0] and all(o.id != row[0] for o in ops):
+                ops.append(self._operation_ref(row[0]))
+        return sorted(ops, key=lambda o: o.created)
+
+    def label_forgets(self, labels: Iterable[int]) -> list[tuple[OperationRef, int]]:
+        """``(operation, label)`` for each of ``labels`` that a live (applied or purged, not reverted)
+        operation forgot, oldest operation first."""
+        wanted = sorted({int(x) for x in labels})
+        out: list[tuple[OperationRef, int]] = []
+        for i in range(0, len(wanted), 500):
+            part = wanted[i : i + 500]
+            out += [(OperationRef(id=r["id"], ticket=r["ticket"], created=r["created"]), int(r["label"]))
+                    for r in self.db.execute(
+                        f"SELECT o.id, o.ticket, o.created, l.label FROM operation_labels l "
+                        f"JOIN operations o ON o.id=l.operation WHERE l.label IN ({','.join('?' * len(part))}) "
+                        f"AND o.state!='reverted'", part)]
+        return sorted(out, key=lambda t: (t[0].created, t[0].id, t[1]))
+
+    def sample_forgets(self, *, dataset: str | None = None, operation: str | None = None,
+                       live: bool = True) -> list[SampleForget]:
+        """Sample sets that operations forgot (live ones only, unless ``live=False``), oldest first; only
+        those of ``dataset`` (a whole source's fingerprint) or of ``operation``, when given."""
+        where, args = (["o.state!='reverted'"] if live else []), []
+        if dataset is not None:
+            where.append("s.dataset=?")
+            args.append(dataset)
+        if operation is not None:
+            where.append("s.operation=?")
+            args.append(operation)
+        rows = self.db.execute(
+            "SELECT s.*, o.ticket, o.created FROM operation_samples s JOIN operations o ON o.id=s.operation"
+            + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY o.created, s.rowid", args)
+        return [SampleForget(operation=OperationRef(id=r["operation"], ticket=r["ticket"], created=r["created"]),
+                             dataset=r["dataset"], source=r["source"], client=r["client"], size=r["size"],
+                             count=r["count"], indices_blob=r["indices"]) for r in rows]
+
+    def forgotten_indices(self, forget: SampleForget) -> np.ndarray:
+        """The sorted int64 indices (into the whole source) a :class:`SampleForget` names."""
+        return self.blobs.load(forget.indices_blob, owner=f"operation {forget.operation.id}")["indices"].numpy()
+
+    def flush_blobs(self) -> None:
+        """Make the current transaction's deferred blob writes readable by other processes now (workers
+        read blobs from disk); they stay the transaction's, removed if it rolls back."""
+        if self._txn.depth:
+            self._txn.created_blobs.extend(d for _, d in self.blobs.flush())
+
+    def commit_catch_up(self, op_id: str, version: NewVersion, *, reason: str,
+                        blobs: Sequence[tuple[str, str]] = ()) -> int:
+        """Attach a catch-up to operation ``op_id``: ``version`` (blobs written) becomes the node's live
+        version, made by that operation, and the operation lists the node as caught up. Reverting the
+        operation moves the node back to ``version.version_before``; purging it purges that version.
+        Against an operation purged already, that version is purged at once (with the method's audit
+        blobs, which were computed from the forgotten data). Returns the new version number."""
+        with self.transaction():
+            op = self._operation(op_id)
+            if op["state"] == "reverted":
+                raise UmigError(f"operation {op_id} was reverted; nothing to catch up with")
+            nid = self._node_id(version.node)
+            after = int(self.db.execute("SELECT MAX(version) FROM versions WHERE node=?", (nid,)).fetchone()[0]) + 1
+            now = time.time()
+            self.db.execute(
+                "INSERT INTO versions(node, version, body, head, delta, fim, operation, created) VALUES(?,?,?,?,?,?,?,?)",
+                (nid, after, version.body_blob, version.head_blob, version.delta_blob, version.fim_blob, op_id, now))
+            self.db.execute("UPDATE nodes SET version=? WHERE id=?", (after, nid))
+            self.db.execute(
+                "INSERT INTO caught_up(operation, node, version_before, version_after, reason, metrics, created) "
+                "VALUES(?,?,?,?,?,?,?)",
+                (op_id, nid, version.version_before, after, reason, json.dumps(dict(version.metrics), default=float),
+                 now))
+            if op["state"] == "purged":
+                self.db.execute("UPDATE versions SET purged=1 WHERE node=? AND version=?", (nid, version.version_before))
+                row = self.db.execute("SELECT body, head, delta, fim FROM versions WHERE node=? AND version=?",
+                                      (nid, version.version_before)).fetchone()
+                self._txn.released.update(d for d in (*row, *(d for d, _ in blobs)) if d)
+            else:
+                self.db.executemany("INSERT INTO operation_blobs(operation, digest, kind) VALUES(?,?,?)",
+                                    [(op_id, d, k) for d, k in blobs])
+        return after
+
+    def caught_up(self, *, node: str | None = None) -> list[dict[str, Any]]:
+        """Catch-ups, oldest first (of ``node`` when given): operation, node, versions, reason, time."""
+        where, args = "", []
+        if node is not None:
+            where, args = " WHERE c.node=?", [self._node_id(node)]
+        return [{"operation": r["operation"], **_caught_up_json(r)} for r in self.db.execute(
+            "SELECT c.*, n.name FROM caught_up c JOIN nodes n ON n.id=c.node" + where + " ORDER BY c.created, c.rowid",
+            args)]
 
     # ------------------------------------------------------- verification
     def commit_reference(self, op_id: str, method: str, parts: Mapping[str, Mapping[str, str | None]],
@@ -1095,7 +1319,7 @@ def _split_sql(script: str) -> list[str]:
     return [s.strip() for s in script.split(";") if s.strip()]
 
 
-def _node_from_row(row: sqlite3.Row, parents=(), children=()) -> NodeInfo:
+def _node_from_row(row: sqlite3.Row, parents=(), children=(), parent_versions=None) -> NodeInfo:
     return NodeInfo(
         name=row["name"],
         arch=json.loads(row["arch"]),
@@ -1113,7 +1337,13 @@ def _node_from_row(row: sqlite3.Row, parents=(), children=()) -> NodeInfo:
         version=row["version"],
         parents=tuple(parents),
         children=tuple(children),
+        parent_versions=dict(parent_versions or {}),
     )
+
+
+def _caught_up_json(row: sqlite3.Row) -> dict[str, Any]:
+    return {"name": row["name"], "version_before": row["version_before"], "version_after": row["version_after"],
+            "reason": row["reason"], "created": row["created"], **json.loads(row["metrics"])}
 
 
 def _request_from_row(row: sqlite3.Row) -> Request:

@@ -90,6 +90,9 @@ class Job:
     counts: dict[str, tuple[int, int]] = field(default_factory=dict)
     # (digest, kind) of blobs the operation keeps for its audit trail, e.g. unlearning FIMs.
     op_blobs: list[tuple[str, str]] = field(default_factory=list)
+    # (kind, node) -> digest of a blob an earlier run of the same forget set kept: a catch-up hands a
+    # method its operation's (e.g. FIUn's unlearning FIMs), which it may use instead of recomputing.
+    reuse: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def holds_forget(self, node: str) -> bool:
         """Whether the node's own data holds anything to forget."""

@@ -4,6 +4,12 @@
 store lock and an open transaction for the whole request; workers only write
 blobs; the new node versions, the operation and its audit data are committed
 together at the end, so an error or a kill leaves every node where it was.
+
+``Store.add_node`` lands here too (:func:`add_node`): a node derived from a version an
+operation superseded, or trained on data it forgot, is refused by ``umig.ingest``'s guard,
+or with ``catch_up`` recorded and brought up to date (:func:`catch_up_node`): each
+superseding operation runs again on the new node alone, and the update is attached to
+that operation (not a new one), so reverting or purging it covers the node too.
 """
 
 from __future__ import annotations
@@ -20,13 +26,14 @@ import numpy as np
 import torch
 
 from umig import graph as G
+from umig import ingest
 from umig import unlearner as U
 from umig.data import Data, DataRef, parse_ref, resolve, source_positions, verify
 from umig.errors import UnlearningError
 from umig.evaluate import unlearning_accuracy
 from umig.execution import Backend, make_backend
 from umig.forget import ForgetSet, SampleSet, source_fingerprint
-from umig.store import NewVersion, Request, SqlStore
+from umig.store import NewVersion, NodeInfo, Request, SqlStore
 
 PhaseProgress = Callable[[str, int, int], None]  # (phase name, done, total)
 
@@ -349,12 +356,86 @@ def _commit(store: SqlStore, job: U.Job, method: str, params: dict, by_node: dic
     numbers = store.commit_operation(
         op_id, labels=job.labels, forget=job.forget.to_json(), method=method, params=params, plan=job.plan.to_json(),
         result={"eval_s": eval_s, "backend": backend}, wall_s=wall, versions=versions, blobs=job.op_blobs,
-        request=request)
+        request=request, samples=job.forget.samples)
     outcomes = [NodeOutcome(v.node, v.role, v.version_before, numbers[v.node], by_node[v.node].seconds,
                             dict(v.metrics)) for v in versions]
     return UnlearnResult(
         operation=op_id, labels=job.labels, method=method, params=params, plan=job.plan,
         phases=[], nodes=outcomes, wall_s=wall, eval_s=eval_s, backend=backend, request=request or Request())
+
+
+# ------------------------------------------------------------------ catch-up
+def add_node(store: SqlStore, name: str, weights: Any, arch: Any, *, catch_up: bool = False,
+             **kwargs: Any) -> NodeInfo:
+    """Record a node (:func:`umig.ingest.add_node`, same arguments). A node derived from a version a live
+    operation superseded, or whose data holds what one forgot, is refused; with ``catch_up`` it is
+    recorded and those operations are applied to it in the same transaction (:func:`catch_up_node`)."""
+    return ingest.add_node(store, name, weights, arch, catch_up=catch_up_node if catch_up else None, **kwargs)
+
+
+def operation_forget_set(store: SqlStore, operation: str) -> ForgetSet:
+    """What ``operation`` forgot, rebuilt from the store: its labels, and its sample sets from the
+    indices it kept. Raises ``UnlearningError`` for an operation recorded before umig kept them."""
+    entry = store.operation(operation)
+    kept = store.sample_forgets(operation=operation, live=False)
+    if len(kept) != len(entry["forget"].get("samples") or []):
+        raise UnlearningError(f"operation {operation} forgot samples but was recorded before umig kept their "
+                              "indices; it cannot be applied to another node")
+    return ForgetSet(labels=tuple(entry["labels"]), samples=tuple(
+        SampleSet(dataset=k.dataset, source=k.source, indices=store.forgotten_indices(k), size=k.size,
+                  client=k.client) for k in kept))
+
+
+def catch_up_node(store: SqlStore, node: str, superseded: Sequence[ingest.Superseded], *,
+                  device: str | None = "auto") -> list[dict[str, Any]]:
+    """Bring ``node`` (just recorded) up to date with the live operations in ``superseded``, oldest first.
+
+    Each operation runs again with its own forget set, method, parameters and discovery policy,
+    restricted to the node (``from_nodes=[node]``); the blobs it kept are handed to the method
+    (FIUn reuses its unlearning FIMs). The new version is attached to the operation
+    (``SqlStore.commit_catch_up``), which then lists the node as caught up. Returns the catch-ups.
+    """
+    reasons: dict[str, list[str]] = {}
+    ops = {}
+    for s in superseded:
+        reasons.setdefault(s.operation.id, []).append(s.detail)
+        ops[s.operation.id] = s.operation
+    out = []
+    with store.transaction():
+        for op in sorted(ops.values(), key=lambda o: o.created):
+            entry = store.operation(op.id)
+            fs = operation_forget_set(store, op.id)
+            method = entry["method"]
+            m = U.get(method)
+            params = m.resolve_params(entry["params"])
+            m.check_kinds(fs)
+            store.flush_blobs()  # workers read the node's blobs (and any earlier catch-up's) from disk
+            job = _job(store, fs, m, params, entry.get("policy") or "first", [node], 0)
+            if job.plan.affected != [node]:
+                raise UnlearningError(f"operation {op.id}'s forget set does not reach node '{node}'; "
+                                      "it cannot be caught up")
+            job.reuse = _kept_blobs(store, op.id)
+            m.check(job)
+            with _backend(store, "local", workers=1, device=device) as be:
+                by_node, wall = _results(m, method, job, be, store, None)
+            snap, r = job.nodes[node], by_node[node]
+            after = r.blobs_after(snap)
+            version = NewVersion(node=node, role="caught-up", version_before=snap.version, body_blob=after["body"],
+                                 head_blob=after["head"], delta_blob=after["delta"],
+                                 fim_blob=r.fim_blob or snap.fim_blob, metrics={**r.metrics, "wall_s": wall})
+            number = store.commit_catch_up(op.id, version, reason="; ".join(reasons[op.id]), blobs=job.op_blobs)
+            out.append({"operation": op.id, "name": node, "version_before": snap.version, "version_after": number})
+    return out
+
+
+def _kept_blobs(store: SqlStore, operation: str) -> dict[tuple[str, str], str]:
+    """(kind, node) -> digest of the per-node blobs ``operation`` kept (gone once it is purged)."""
+    out = {}
+    for digest, kind in store.operation_blobs(operation):
+        node = store.blobs.metadata(digest).get("node") if store.blobs.exists(digest) else None
+        if node:
+            out[(kind, node)] = digest
+    return out
 
 
 # ---------------------------------------------------------------- evaluation

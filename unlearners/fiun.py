@@ -226,23 +226,28 @@ class FIUn(Unlearner):
             raise UnlearningError(f"discovery node(s) {', '.join(nodata)} have no data reference")
 
     def describe_phases(self, job: Job) -> list[dict[str, Any]]:
+        todo = [n for n in job.plan.discovery if ("unlearning_fim", n) not in job.reuse]
         return [
-            {"name": "unlearning FIM", "nodes": list(job.plan.discovery)},
+            *([{"name": "unlearning FIM", "nodes": todo}] if todo or not job.plan.discovery else []),
             {"name": "merge + update", "nodes": list(job.plan.affected),
              "merge_groups": len(job.plan.groups)},
         ]
 
     def schedule(self, job: Job) -> Generator[list[Task], list[Any], list[NodeResult]]:
         p = job.params
+        # A catch-up reuses its operation's unlearning FIMs: computed on the discovery nodes as they were
+        # when the operation ran, what every other node's update was merged from.
+        disc_fim = {n: job.reuse[("unlearning_fim", n)] for n in job.plan.discovery
+                    if ("unlearning_fim", n) in job.reuse}
         phase1 = [
             Task(fn="umig.unlearners.fiun:unlearning_fim_task", node=n, cost=float(job.nodes[n].data_size or 1),
                  payload={"snap": job.nodes[n], "labels": job.labels, "batch_size": p["batch_size"],
                           # The stored per-label sums match the node's weights only as it was added.
                           "stats": job.nodes[n].version == 0 and n not in job.positions})
-            for n in job.plan.discovery
+            for n in job.plan.discovery if n not in disc_fim
         ]
-        fims: list[dict[str, Any]] = yield phase1
-        disc_fim = {r["node"]: r["fim"] for r in fims}
+        fims: list[dict[str, Any]] = (yield phase1) if phase1 or not job.plan.discovery else []
+        disc_fim.update({r["node"]: r["fim"] for r in fims})
         job.op_blobs.extend((r["fim"], "unlearning_fim") for r in fims)
         phase2 = []
         for key, nodes in job.plan.groups:
