@@ -199,7 +199,15 @@ def test_find_head_rejects_wrong_candidate_and_accepts_explicit_head():
 
 
 def test_find_head_rejects_post_processed_output():
-    for model in (nn.Sequential(nn.Linear(4, 3), nn.Softmax(dim=1)), nn.Sequential(nn.Linear(4, 3), nn.ReLU(inplace=True))):
+    def linear() -> nn.Linear:
+        # A fixed, very negative bias on one row: ReLU must change the output whatever the random init
+        # (with all logits positive it is the identity, and nothing could tell it apart).
+        lin = nn.Linear(4, 3)
+        with torch.no_grad():
+            lin.bias.copy_(torch.tensor([-100.0, 0.0, 100.0]))
+        return lin
+
+    for model in (nn.Sequential(linear(), nn.Softmax(dim=1)), nn.Sequential(linear(), nn.ReLU(inplace=True))):
         with pytest.raises(ArchError) as exc:
             find_head(model)
         assert "--head" in _one_line(exc)
