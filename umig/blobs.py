@@ -229,17 +229,27 @@ def _serialise_direct(cpu: dict[str, torch.Tensor], metadata: dict[str, str] | N
             ptrs.add(ptr)
         items.append((spec[0], name, spec[1], t))
     items.sort(key=lambda it: (it[0], it[1]))
-    header: dict[str, object] = {} if metadata is None else {"__metadata__": metadata}
-    chunks = []
-    offset = 0
-    for _, name, code, t in items:
-        raw = t.numpy().tobytes() if t.numel() else b""
-        header[name] = {"dtype": code, "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
-        offset += len(raw)
-        chunks.append(raw)
-    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    return b"".join([struct.pack("<Q", len(text)), text, *chunks])
+    chunks = [t.numpy().tobytes() if t.numel() else b"" for _, _, _, t in items]
+    # The header depends only on names, dtypes, shapes and metadata: thousands of heads share one.
+    key = (tuple((name, code, tuple(t.shape)) for _, name, code, t in items),
+           None if metadata is None else tuple(sorted(metadata.items())))
+    prefix = _HEADERS.get(key)
+    if prefix is None:
+        header: dict[str, object] = {} if metadata is None else {"__metadata__": metadata}
+        offset = 0
+        for (_, name, code, t), raw in zip(items, chunks):
+            header[name] = {"dtype": code, "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+            offset += len(raw)
+        text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        prefix = struct.pack("<Q", len(text)) + text
+        if len(_HEADERS) >= 4096:
+            _HEADERS.clear()
+        _HEADERS[key] = prefix
+    return b"".join([prefix, *chunks])
+
+
+_HEADERS: dict[tuple, bytes] = {}  # (tensor names/dtypes/shapes, metadata) -> length + header bytes
 
 
 def _serialise_safetensors(cpu: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
@@ -313,8 +323,7 @@ class BufferedBlobStore(BlobStore):
         with self._lock:
             if digest in self._data:
                 return digest
-        if super().exists(digest):
-            return digest
+        # Whether it is on disk already is checked by the writer thread (the write is then skipped).
         if self._pool is None:
             self._pool = _writer_pool(self.threads)
         with self._lock:
