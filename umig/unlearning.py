@@ -132,7 +132,9 @@ def _holdings(store: SqlStore, fs: ForgetSet, g: Any) -> tuple[dict[str, np.ndar
     counts: dict[str, tuple[int, int]] = {}
     datasets = {s.dataset for s in fs.samples}
     labels = set(fs.labels)
-    for name, (ref_json, _fp) in store.data_refs().items():
+    # Labels alone need no data reference parsed: only which nodes have data.
+    refs = store.data_refs() if datasets else dict.fromkeys(store.data_nodes(), (None, None))
+    for name, (ref_json, _fp) in refs.items():
         if name not in g:
             continue
         size = int(g.nodes[name].get("data_size", 0))
