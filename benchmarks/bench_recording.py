@@ -35,6 +35,8 @@ import federated  # noqa: E402
 import incremental  # noqa: E402
 import transfer  # noqa: E402
 
+import bench_integrations  # noqa: E402  (benchmarks/, the script's own folder)
+
 from umig.api import Store  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -139,9 +141,17 @@ def main(argv: list[str] | None = None) -> int:
         f"Worst lineage: {100 * worst[False]:.1f}% with the FIM pass, {100 * worst[True]:.1f}% with captured FIMs "
         f"(target < 5%).",
     ]
+    summary = lines[-2:]
+    print("integrations ...", flush=True)
+    integrations = bench_integrations.table(bench_integrations.rows(args.quick, repeat))
+    print("\n".join(integrations), flush=True)
+    lines += ["", "## Through the integrations", "",
+              "Recording the same models through each integration (Flower strategy, Lightning callback) next to "
+              "the plain recorder; see `benchmarks/bench_integrations.py` for what each column times.", "",
+              *integrations]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[-2:]))
+    print("\n".join(summary))
     print(f"written to {args.out}")
     return 0
 

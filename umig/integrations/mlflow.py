@@ -34,6 +34,7 @@ MLflow is imported when a function needs it (:func:`require_extra`), not with th
 
 from __future__ import annotations
 
+import itertools
 import json
 import pickle
 import re
@@ -468,7 +469,7 @@ def _sync(store: SqlStore, client: MlflowClient, registered_model: str | None, e
             mv = _log_version(store, client, exp_id, home, node, v.version, {})
             existing[(node, v.version)] = [mv]
             out["registered"].append(f"{mv.name}/v{mv.version}")
-        for older, newer in zip(versions, versions[1:]):
+        for older, newer in itertools.pairwise(versions):
             tags = {"umig.superseded_by": f"{node}@v{newer.version}"}
             if newer.operation:
                 entry = store.operation(newer.operation)
