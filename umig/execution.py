@@ -716,17 +716,18 @@ class ProcessPool(Backend):
 
     def _in_process(self, tasks: Sequence[Any], progress: Progress | None) -> list[tuple[Any, list[str]]] | None:
         """``auto`` before any worker is up: run the phase here, one task after another with one durable
-        flush (as ``--workers 1``), unless its work would outlast ``spawn_after_s``: estimated from tasks of
-        the same kind timed earlier in this process, else from the first few run here (the very first
-        excluded: it pays one-off costs). Returns every result, or None once the workers were started
-        (what ran here is then in ``_done_head``)."""
+        flush (as ``--workers 1``), unless the work left would outlast ``spawn_after_s``: estimated from
+        tasks of the same kind timed earlier in this process, else from the first few run here (the very
+        first excluded: it pays one-off costs), and again every 256 tasks from the time taken so far.
+        Returns every result, or None once the workers were started (what ran here is then in
+        ``_done_head``)."""
         n = len(tasks)
         if self._local_env is None:
             self._local_env = WorkerEnv(self._store_root, "cpu", slot="cpu (coordinator)")
         env = self._local_env
         known = _seconds_per_task(tasks)
         sample = max(2, min(n // 8, 64))  # tasks to time before deciding, when nothing is known
-        decided = False
+        check = 0 if known is not None else sample  # the next task before which to (re)decide
         results: list[Any] = []
         times: list[float] = []
         before = torch.get_num_threads()
@@ -734,13 +735,16 @@ class ProcessPool(Backend):
         t_start = time.perf_counter()
         try:
             for i, task in enumerate(tasks):
-                if not decided and (known is not None or i >= sample):
-                    decided = True
-                    per_task = known if known is not None else statistics.median(times[1:] or times)
+                if i == check:
+                    # Re-decided every 256 tasks: once the write queue fills, the time so far includes
+                    # the writes too (the first tasks' compute alone under-estimates the phase).
+                    per_task = known if known is not None and i == 0 else max(
+                        statistics.median(times[1:] or times), (time.perf_counter() - t_start) / i)
                     left_s = per_task * (n - i)
                     if left_s > self.spawn_after_s:
                         self._start_for(left_s)
                         break
+                    check = i + 256
                 env.tag = i
                 t0 = time.perf_counter()
                 results.append(_call(task, env))
@@ -761,8 +765,8 @@ class ProcessPool(Backend):
         self._local_chunks += 1
         self._local_done += len(results)
         self._local_s += elapsed
-        if len(times) > 1:
-            _note_seconds(tasks[1:len(times)], sum(times[1:]))
+        if len(times) > 1:  # the first task pays one-off costs; the rest include their writes
+            _note_seconds(tasks[1:len(times)], max(elapsed - times[0], sum(times[1:])))
         elif times and known is None:
             _note_seconds(tasks[:1], times[0])
         done = list(zip(results, per_task_blobs))
@@ -770,8 +774,8 @@ class ProcessPool(Backend):
             self._done_head = done
             return None
         if not self._decision.startswith("started"):
-            self._decision = (f"not started: {n} tasks took {elapsed:.2f} s here, estimated below "
-                              f"{self.spawn_after_s:.1f} s (twice a worker's start-up) before they ran")
+            self._decision = (f"not started: {n} tasks took {elapsed:.2f} s here; the work left never looked "
+                              f"longer than {self.spawn_after_s:.1f} s (twice a worker's start-up)")
         return done
 
     def run(self, tasks: Sequence[Any], progress: Progress | None = None) -> list[tuple[Any, list[str]]]:
