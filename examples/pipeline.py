@@ -5,9 +5,13 @@
 2. A deletion request arrives: every sample of a label (default 8) must be forgotten.
 3. Plan: which models hold or inherit that data (dry run, nothing changes).
 4. Unlearn: FIUn across the whole lineage, one atomic operation.
-5. Evaluate against a retrained reference: every affected model retrained from scratch
-   without the label along the lineage (``umig.lineage.retrain_reference``); release gates
-   on the production model: AD_f <= 1% and AD_r within 3 points of the reference.
+5. Release gate: ``umig verify`` (``umig.verify.verify``) judges the operation against the exact
+   reference, every changed model retrained without the label along the lineage (kept with the
+   operation, never live), metric by metric and under attack. The gate, as ``umig verify OP
+   --max-gap 1.5`` plus the white-box check: every changed model within 1.5 points Avg. Gap of its
+   retrained reference, and the head edit gives back no more of the label than it does from the
+   retrained model (within 5 points). The body's attacks (relearning, linear probe) are printed,
+   not gated: FIUn edits only the head (see the README, "Verifying an operation").
 6. Export the unlearned production model as safetensors and check the exported file.
 7. Print the audit entry the store keeps for the operation.
 
@@ -26,13 +30,18 @@ from pathlib import Path
 from _common import console, example_parser, parse_args
 from federated import build  # the federated lineage of examples/federated.py
 
+from umig.api import Store
 from umig.data import parse_labels, resolve
 from umig.demo import DIGITS_TEST
-from umig.lineage import evaluate_models, retrain_reference
-from umig.api import Store
+from umig.verify import verify
 
-MAX_AD_F = 0.01
-MAX_GAP = 0.03
+MAX_AVG_GAP = 1.5  # points: SalUn's Avg. Gap to the retrained reference, every changed model (umig verify --max-gap)
+MAX_HEAD_EDIT_GAP = 5.0  # points: what the white-box head edit gets back beyond the retrained model, every model
+
+
+def _points(x: float | None) -> str:
+    """Points with two decimals, "-" when not measured."""
+    return "-" if x is None else f"{x:.2f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,9 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(ap, argv)
     if args.quick:
         args.rounds, args.epochs = 1, 1
-    from rich.table import Table
-
-    from umig.cli.render import plan_view, result_table
+    from umig.cli.render import plan_view, result_table, verify_view
 
     con = console()
     tmp = tempfile.mkdtemp(prefix="umig-pipeline-")
@@ -80,29 +87,27 @@ def main(argv: list[str] | None = None) -> int:
         result = store.unlearn(labels, eval_data=DIGITS_TEST)
         con.print(result_table(result))
 
-        con.rule("5. evaluate against a retrained reference")
-        ref = retrain_reference(store, labels)
-        ref_metrics = evaluate_models(store, ref.states, labels, heldout=DIGITS_TEST)
-        t = Table(title=f"FIUn ({result.wall_s:.3f} s for all {len(result.nodes)}) vs retraining "
-                        f"({ref.wall_s:.1f} s sequential), held-out digits, %")
-        for col in ("node", "AD_f FIUn", "AD_f retrain", "AD_r FIUn", "AD_r retrain", "retrain s (cumulative)"):
-            t.add_column(col, justify="left" if col == "node" else "right")
-        by = {n.name: n.metrics for n in result.nodes}
-        for n in result.nodes:
-            m, r = by[n.name], ref_metrics[n.name]
-            t.add_row(n.name, f"{100 * m['AD_f_heldout_after']:.1f}", f"{100 * r['AD_f_heldout']:.1f}",
-                      f"{100 * m['AD_r_heldout_after']:.1f}", f"{100 * r['AD_r_heldout']:.1f}",
-                      f"{ref.cumulative(n.name):.2f}")
-        con.print(t)
-        m, r = by[prod], ref_metrics[prod]
-        gate_f = m["AD_f_heldout_after"] <= MAX_AD_F
-        gate_r = m["AD_r_heldout_after"] >= r["AD_r_heldout"] - MAX_GAP
-        gates_ok = gate_f and gate_r
-        speedup = 100 * (1 - result.wall_s / max(ref.cumulative(prod), 1e-9))
-        print(f"release gates for {prod}: AD_f {100 * m['AD_f_heldout_after']:.1f}% <= {100 * MAX_AD_F:.0f}%: "
-              f"{'PASS' if gate_f else 'FAIL'}; AD_r {100 * m['AD_r_heldout_after']:.1f}% vs retrained "
-              f"{100 * r['AD_r_heldout']:.1f}% (within {100 * MAX_GAP:.0f} points): {'PASS' if gate_r else 'FAIL'}; "
-              f"FIUn {speedup:.1f}% faster than retraining it")
+        con.rule("5. release gate: umig verify against retraining")
+        out = verify(store, result.operation, data=DIGITS_TEST, max_gap=MAX_AVG_GAP)
+        for part in verify_view(out):
+            con.print(part)
+        edits = [n["gap"]["head_edit_acc"] for n in out["nodes"] if n["gap"].get("head_edit_acc") is not None]
+        worst_edit = max(edits, default=0.0)
+        gate_gap = bool(out["passed"])
+        gate_edit = worst_edit <= MAX_HEAD_EDIT_GAP
+        gates_ok = gate_gap and gate_edit
+        body = {label: max((n["gap"][key] for n in out["nodes"] if n["gap"].get(key) is not None), default=None, key=abs)
+                for label, key in (("relearn", "relearn_acc"), ("relearn after reset", "relearn_reset_acc"),
+                                   ("probe", "probe_acc"))}
+        print("not gated (the body's attacks; FIUn edits only the head), worst node's gap: "
+              + ", ".join(f"{k} {'-' if v is None else format(v, '+.1f')}" for k, v in body.items()) + " points")
+        prod_gap = next((n["avg_gap"] for n in out["nodes"] if n["name"] == prod), None)
+        speedup = out["reference_s"] / max(result.wall_s, 1e-9)
+        print(f"release gate (umig verify, reference {out['reference']}) on {len(out['nodes'])} models: worst Avg. Gap "
+              f"{_points(out['max_avg_gap'])} <= {MAX_AVG_GAP:g} points: {'PASS' if gate_gap else 'FAIL'}; worst head-edit "
+              f"gap {worst_edit:+.1f} <= {MAX_HEAD_EDIT_GAP:g} points: {'PASS' if gate_edit else 'FAIL'}; production "
+              f"model {prod}: Avg. Gap {_points(prod_gap)}; FIUn {result.wall_s:.3f} s vs retraining "
+              f"{out['reference_s']:.1f} s ({speedup:.0f}x)")
 
         con.rule("6. export")
         store.export(prod, out_path)
@@ -122,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         entry = {**entry, "nodes": [f"{n['name']} ({n['role']}) v{n['version_before']} -> v{n['version_after']}"
                                     for n in entry["nodes"]]}
         entry.pop("affected", None)  # the same names as "nodes"
+        if entry.get("verification"):  # the gate's verdict, kept with the operation (per node: umig history --json)
+            v = entry["verification"]
+            entry["verification"] = {k: v.get(k) for k in ("reference", "avg_gap", "max_avg_gap", "max_gap", "passed")}
         print(json.dumps({"request": request["request"], **entry}, indent=1, default=str))
         print(f"pipeline {'complete' if gates_ok else 'FAILED its release gates'}: operation "
               f"{result.operation} forgot label(s) {','.join(map(str, labels))} on {len(result.nodes)} models")

@@ -79,7 +79,18 @@ def test_pipeline_exports_and_audits(runs):
     out = runs["pipeline"].stdout
     assert re.search(r"exported fl/r1/global v1 to \S+\.safetensors", out)
     assert '"operation": "op-' in out and '"request": "DR-0001"' in out
-    assert re.search(r"release gates for fl/r1/global: AD_f [\d.]+% <= 1%: (PASS|FAIL)", out)
+    # The release gate is umig verify's verdict against retraining, kept with the operation (audit entry).
+    gate = re.search(r"release gate \(umig verify, reference computed\) on (\d+) models: worst Avg\. Gap ([\d.]+) "
+                     r"<= 1\.5 points: (PASS|FAIL); worst head-edit gap ([+-][\d.]+) <= 5 points: (PASS|FAIL); "
+                     r"production model fl/r1/global: Avg\. Gap [\d.]+", out)
+    assert gate, out[-3000:]
+    assert (gate.group(3) == "PASS") == (float(gate.group(2)) <= 1.5)
+    # FIUn's erase mode leaves the head nothing the white-box edit can bring back.
+    assert gate.group(5) == "PASS" and float(gate.group(4)) <= 5.0, gate.group(0)
+    assert ("pipeline complete:" in out) == (gate.group(3) == gate.group(5) == "PASS")
+    kept = re.search(r'"verification": \{\s*"reference": "computed",.*?"max_gap": 1\.5,\s*"passed": (true|false)', out,
+                     re.DOTALL)
+    assert kept and (kept.group(1) == "true") == (gate.group(3) == "PASS"), kept
 
 
 def test_transfer_heads_keep_the_base_body(runs):
