@@ -375,3 +375,22 @@ def test_node_update_with_state_and_delta_keeps_both(fl_store, test_methods):
     w = fl_store.version(g)
     assert (w.body_blob, w.head_blob, w.delta_blob) == (v.body_blob, v.head_blob, v.delta_blob)
 
+
+
+class _Diverges(U.NodeUnlearner):
+    name = "test-diverges"
+
+    def unlearn_node(self, ctx):
+        state = ctx.state_of(ctx.node.name)
+        return U.NodeUpdate(state={k: v * float("nan") if v.is_floating_point() else v for k, v in state.items()})
+
+
+def test_non_finite_weights_fail_the_operation_and_change_nothing(fl_store):
+    U.register("test-diverges", "test_unlearners:_Diverges")
+    try:
+        state = store_state(fl_store.root)
+        with pytest.raises(UnlearningError, match="non-finite weights"):
+            fl_store.unlearn([3], method="test-diverges", evaluate=False)
+        assert store_state(fl_store.root) == state
+    finally:
+        U.unregister("test-diverges")

@@ -368,6 +368,12 @@ def run_node_task(payload: dict[str, Any], env: Any) -> NodeResult:
                       payload["updated"], payload["seed"], payload.get("positions"), payload.get("counts"))
     t0 = time.perf_counter()
     upd = method.unlearn_node(ctx)
+    # A diverged update (e.g. gradient ascent run too long) must fail the operation, not become a version.
+    bad = [k for k, v in (upd.state or {}).items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    bad += [k for k, (_, v) in (upd.delta or {}).items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        raise UnlearningError(f"method '{method.name}' produced non-finite weights for node '{snap.name}' "
+                              f"({', '.join(bad[:3])}); nothing was changed (lower its lr or epochs)")
     result = NodeResult(node=snap.name, metrics=dict(upd.metrics))
     if upd.state is not None:
         body, head = split_head({k: v.detach().cpu() for k, v in upd.state.items()}, snap.head)
