@@ -169,12 +169,13 @@ def plan(
     from_nodes: Sequence[str] | None = None,
     holders: Iterable[str] = (),
     what: str | None = None,
+    order: Sequence[str] | None = None,
 ) -> Plan:
     """Plan an unlearning request: discovery nodes, affected subgraph, merge groups.
 
     ``labels`` and ``holders`` (nodes whose own data holds forgotten samples) say what is
-    forgotten; ``what`` names it in messages. Raises ``UnlearningError`` for labels no node
-    was trained on and for a request that touches nothing.
+    forgotten; ``what`` names it in messages; ``order`` is :func:`bfs_order` when the caller has it.
+    Raises ``UnlearningError`` for labels no node was trained on and for a request that touches nothing.
     """
     forget = tuple(sorted(set(int(x) for x in labels)))
     holders = [n for n in holders]
@@ -186,7 +187,7 @@ def plan(
             f"label(s) {','.join(map(str, unseen))} were never in any node's training data"
         )
     what = what or f"label(s) {','.join(map(str, forget))}"
-    order = bfs_order(g)
+    order = list(order) if order is not None else bfs_order(g)
     discovery = discovery_nodes(g, forget, policy, order, holders)
     up = upstream_discovery(g, discovery, order)
     affected = [n for n in order if n in up]
