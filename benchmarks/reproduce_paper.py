@@ -4,7 +4,8 @@ For each framework (FL, DDP, IL, TL) the lineage is trained and recorded once wi
 example builders (examples/*.py); then for every forget-set size #C_f in {1, 2, 4}:
 
 * Original: AD_r / AD_f of three nodes at increasing depth (the paper's w_g, w_a, w_b);
-* FIUn: ``store.unlearn`` (its ``wall_s``, evaluation excluded), then reverted;
+* FIUn: ``store.unlearn``, timed over the whole call (planning, both phases, the commit;
+  evaluation excluded), then reverted;
 * Retraining: every affected node retrained without the labels, sequentially in
   topological order (``umig.lineage.retrain_reference``; ``--retrain method`` uses the
   ``retrain`` unlearner instead);
@@ -114,10 +115,11 @@ def build_lineage(fw: str, store: Store, cfg: dict, arch: ArchSpec) -> tuple[lis
     return nodes, out
 
 
-def fiun_cumulative(result, g, nodes) -> dict[str, float]:
-    """Per node: the operation's shared phase + head updates of its affected ancestors and itself."""
+def fiun_cumulative(result, g, nodes, total_s: float) -> dict[str, float]:
+    """Per node: the operation's shared part (planning, unlearning FIMs, commit: ``total_s``, the whole
+    call without evaluation, less the head updates) + head updates of its affected ancestors and itself."""
     secs = {n.name: n.seconds for n in result.nodes}
-    shared = max(result.wall_s - sum(secs.values()), 0.0)
+    shared = max(total_s - sum(secs.values()), 0.0)
     out = {}
     for n in nodes:
         members = set(G.effective_ancestors(g, n))
@@ -150,13 +152,15 @@ def run_framework(fw: str, cfg: dict, arch: ArchSpec, retrain: str, log=print) -
         rows = {}
         for k in cfg["cf"]:
             labels = FORGET[k]
+            t0 = time.perf_counter()
             res = store.unlearn(labels, eval_data=DIGITS_TEST)
+            fiun_s = time.perf_counter() - t0 - res.eval_s  # the whole call, evaluation excluded
             by = {n.name: n.metrics for n in res.nodes}
             orig = {n: {s: by[n].get(f"{s}_before") for s in ("AD_r_train", "AD_f_train", "AD_r_heldout",
                                                               "AD_f_heldout")} for n in nodes}
             fiun = {n: {s: by[n].get(f"{s}_after") for s in ("AD_r_train", "AD_f_train", "AD_r_heldout",
                                                              "AD_f_heldout")} for n in nodes}
-            fiun_t = fiun_cumulative(res, g, nodes)
+            fiun_t = fiun_cumulative(res, g, nodes, fiun_s)
             store.revert(res.operation)
             if retrain == "method":
                 ret, ret_t, ret_wall = run_retrain_method(store, labels, nodes, g)
@@ -166,9 +170,9 @@ def run_framework(fw: str, cfg: dict, arch: ArchSpec, retrain: str, log=print) -
                 ret_t = {n: ref.cumulative(n) for n in nodes}
                 ret_wall = ref.wall_s
             rows[k] = {"labels": list(labels), "original": orig, "retrain": ret, "fiun": fiun,
-                       "time_retrain": ret_t, "time_fiun": fiun_t, "fiun_wall_s": res.wall_s,
+                       "time_retrain": ret_t, "time_fiun": fiun_t, "fiun_wall_s": fiun_s,
                        "retrain_wall_s": ret_wall, "affected": len(res.nodes), "discovery": res.plan.discovery}
-            log(f"[{NAMES[fw]}] #C_f={k} {labels}: FIUn {res.wall_s:.3f} s on {len(res.nodes)} nodes "
+            log(f"[{NAMES[fw]}] #C_f={k} {labels}: FIUn {fiun_s:.3f} s on {len(res.nodes)} nodes "
                 f"(AD_f w_b {_pct(fiun[nodes[2]]['AD_f_train'])}), retraining {ret_wall:.1f} s "
                 f"(AD_f w_b {_pct(ret[nodes[2]]['AD_f_train'])})")
         store.close()
@@ -294,6 +298,11 @@ def claims(results: list[dict]) -> tuple[list[str], dict]:
                 for r in results for row in r["rows"].values() if row["time_retrain"][r["nodes"][2]] > 0]
     s["speedup_min"] = min(speedups) if speedups else None
     s["speedup_mean"] = statistics.fmean(speedups) if speedups else None
+    # Every node (w_g, w_a, w_b), every framework and forget set: the paper's ">= 99% at every node".
+    every = [1 - row["time_fiun"][n] / row["time_retrain"][n]
+             for r in results for row in r["rows"].values() for n in r["nodes"] if row["time_retrain"][n] > 0]
+    s["speedup_every_min"] = min(every) if every else None
+    s["speedup_every_mean"] = statistics.fmean(every) if every else None
     lines = [
         "| claim (paper) | paper | here, training data | here, held-out data |",
         "|---|---:|---:|---:|",
@@ -313,6 +322,8 @@ def claims(results: list[dict]) -> tuple[list[str], dict]:
         f"{_pct(s['multi_original_AD_r_heldout'])} / {_pct(s['multi_retrain_AD_r_heldout'])}% |",
         f"| speed-up over retraining at w_b (min / mean) | ≥ 99% | {_pct(s['speedup_min'])}% / "
         f"{_pct(s['speedup_mean'])}% | (same) |",
+        f"| speed-up over retraining at every node w_g, w_a, w_b (min / mean) | ≥ 99% | "
+        f"{_pct(s['speedup_every_min'])}% / {_pct(s['speedup_every_mean'])}% | (same) |",
     ]
     return lines, s
 
@@ -470,7 +481,9 @@ def main(argv: list[str] | None = None) -> int:
     md = [
         "# FIUn paper reproduction on scikit-learn digits",
         "",
-        f"Generated by `benchmarks/reproduce_paper.py{' --quick' if q else ''}{' --resnet18' if args.resnet18 else ''}` "
+        f"Generated by `benchmarks/reproduce_paper.py{' --quick' if q else ''}{' --resnet18' if args.resnet18 else ''}"
+        f"{' --no-depth' if args.no_depth else ''}"
+        f"{f' --frameworks {args.frameworks}' if args.frameworks != ','.join(FRAMEWORKS) else ''}` "
         f"in {time.perf_counter() - t_start:.0f} s on {platform.machine()} ({os.cpu_count()} CPU cores, shared), "
         f"torch {torch.__version__}, {args.threads} thread(s). Model: {model}. FIUn with its defaults "
         "(`mode=erase`; gamma=1, tau=1, eta=0.1 for the Eq. 6 modes). Retraining reference: "
