@@ -17,6 +17,7 @@ Target: head_fisher <= 1.2x inference. Random-init models and random 32x32 input
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -84,6 +85,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--per-sample-subset", type=int, default=64, help="samples timed for per-sample autograd")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--json", dest="json_out", default=None, help="also write the figures to this JSON file")
     args = ap.parse_args()
 
     torch.set_num_threads(cores())
@@ -145,6 +147,13 @@ def main() -> None:
           f"  target <= {TARGET}x: {verdict}")
     print(f"FIM / per-batch autograd  = {med['head_fisher'] / med['per-batch autograd']:.2f}")
     print(f"FIM / per-sample autograd = {med['head_fisher'] / med['per-sample autograd']:.3f}")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({
+            "model": args.model, "samples": args.samples, "batch": args.batch, "repeats": args.repeats,
+            "device": str(device), "threads": torch.get_num_threads(), "median_s": med, "min_s": best,
+            "fim_over_inference": ratio, "target": TARGET, "max_rel_diff": rel,
+            "load": [load_before, load_after]}, indent=1))
+
 
 if __name__ == "__main__":
     main()

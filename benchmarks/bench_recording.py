@@ -16,6 +16,7 @@ written to ``benchmarks/results/recording.md``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
@@ -88,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3, help="runs per case; the median overhead is reported")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=RESULTS / "recording.md")
+    ap.add_argument("--json", dest="json_out", type=Path, default=None, help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     repeat = 1 if args.quick else args.repeat
@@ -121,9 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     ]
     worst = {False: 0.0, True: 0.0}
     tot = {False: [0.0, 0.0], True: [0.0, 0.0]}
+    figures = []
     for (name, exact), (_, captured) in zip(cases(args.quick, False), cases(args.quick, True)):
         r = {False: measure(exact, repeat), True: measure(captured, repeat)}
         ratio = {k: v["record"] / v["train"] for k, v in r.items()}
+        figures.append({"lineage": name, "default": r[False], "captured": r[True],
+                        "overhead_default": ratio[False], "overhead_captured": ratio[True]})
         for k in r:
             worst[k] = max(worst[k], ratio[k])
             tot[k][0] += r[k]["train"]
@@ -151,6 +156,11 @@ def main(argv: list[str] | None = None) -> int:
               *integrations]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
+    if args.json_out:
+        args.json_out.write_text(json.dumps({
+            "repeat": repeat, "quick": args.quick, "threads": args.threads, "lineages": figures,
+            "overall_default": tot[False][1] / tot[False][0], "overall_captured": tot[True][1] / tot[True][0],
+            "worst_default": worst[False], "worst_captured": worst[True]}, indent=1))
     print("\n".join(summary))
     print(f"written to {args.out}")
     return 0

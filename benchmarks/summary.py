@@ -1,0 +1,232 @@
+"""``make bench``: every headline ratio of the README, each against its baseline measured in the same run.
+
+Runs the benchmarks one after another (each in its own process, so one's memory and threads do
+not weigh on the next), collects their JSON and writes ``benchmarks/results/summary.md`` (and
+``summary.json``): one table, one row per ratio, with the baseline it was measured against in the
+same run (retraining, the floor, training without recording, plain inference, ``--workers 1``),
+and the machine (cores, CPU model, torch) and its load before and after. About 8-10 minutes on 2
+busy cores; ``--quick`` is a smoke run of the same steps (a minute or two).
+
+    python benchmarks/summary.py [--quick] [--only unlearn,scale]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
+RESULTS = BENCH / "results"
+
+
+def steps(quick: bool, tmp: Path) -> list[tuple[str, list[str]]]:
+    """(name, command line) of each benchmark, writing ``tmp/<name>.json``."""
+    def js(name: str) -> list[str]:
+        return ["--json", str(tmp / f"{name}.json")]
+
+    return [
+        ("fisher", ["bench_fisher.py", "--samples", "128" if quick else "512", "--repeats", "1" if quick else "3",
+                    *js("fisher")]),
+        ("unlearn", ["bench_unlearn.py", *(["--quick"] if quick else []), *js("unlearn")]),
+        ("scale", ["bench_scale.py", "--sizes", "1000" if quick else "10000", "--workers", "1,2", "--no-cli",
+                   *js("scale")]),
+        ("recording", ["bench_recording.py", *(["--quick"] if quick else ["--repeat", "1"]),
+                       "--out", str(tmp / "recording.md"), *js("recording")]),
+        ("paper", ["reproduce_paper.py", "--quick", "--no-depth", "--out", str(tmp / "paper"),
+                   *(["--frameworks", "il", "--cf", "1"] if quick else [])]),
+    ]
+
+
+def machine() -> dict:
+    import torch
+
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cores": cores, "cpu": model, "machine": platform.machine(), "torch": torch.__version__,
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M %Z")}
+
+
+def _x(v: float | None, digits: int = 2) -> str:
+    return "-" if v is None else f"{v:.{digits}f}x"
+
+
+def _pct(v: float | None, digits: int = 1) -> str:
+    return "-" if v is None else f"{100 * v:.{digits}f}%"
+
+
+def _s(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{1000 * v:.1f} ms" if v < 1 else f"{v:.2f} s"
+
+
+def _verdict(ok: bool | None) -> str:
+    return "-" if ok is None else ("met" if ok else "**missed**")
+
+
+def rows(res: dict) -> list[tuple[str, str, str, str, str, str]]:
+    """(what, baseline (same run), measured, ratio, target, verdict)."""
+    out = []
+    u = res.get("unlearn") or {}
+    for key in ("fl", "synthetic"):
+        r = u.get(key)
+        if not r:
+            continue
+        where = f"{r['lineage']}, {r['nodes']} affected nodes"
+        out.append((f"FIUn (erase) / its floor, warm: {where}", f"floor {_s(r['floor_warm_s'])}",
+                    f"FIUn {_s(r['fiun_warm_s'])}", _x(r["ratio_warm"]), "<= 1.5x", _verdict(r["ratio_warm"] <= 1.5)))
+        out.append((f"FIUn (erase) / its floor, cold (first call in a process): {where}",
+                    f"floor {_s(r['floor_cold_s'])}", f"FIUn {_s(r['fiun_cold_s'])}", _x(r["ratio_cold"]), "<= 3x",
+                    _verdict(r["ratio_cold"] <= 3.0)))
+    r = u.get("fl")
+    if r:
+        out.append(("Retraining / FIUn, warm (speed-up)", f"retraining {_s(r['retrain_s'])}", f"FIUn {_s(r['fiun_warm_s'])}",
+                    _x(r["retrain_over_fiun_warm"], 0), f"bound: retraining / floor = {r['retrain_over_floor']:.0f}x", "-"))
+        out.append(("Retraining / FIUn, cold (speed-up)", f"retraining {_s(r['retrain_s'])}", f"FIUn {_s(r['fiun_cold_s'])}",
+                    _x(r["retrain_over_fiun_cold"], 0), "-", "-"))
+        if r.get("retrain_default_threads_s"):
+            out.append((f"Thread policy: retraining with torch's default {r['default_threads']} threads / umig's "
+                        f"({r['retrain_backend'].get('threads')}: {r['retrain_backend'].get('threads_why')})",
+                        f"umig's choice {_s(r['retrain_s'])}", f"default threads {_s(r['retrain_default_threads_s'])}",
+                        _x(r["retrain_default_threads_s"] / r["retrain_s"]), "> 1x", _verdict(
+                            r["retrain_default_threads_s"] >= r["retrain_s"])))
+    r = u.get("synthetic")
+    if r and r.get("workers1_s"):
+        ratio = r["workers2_s"] / r["workers1_s"]
+        decision = (r.get("workers2_backend") or {}).get("decision", "")
+        out.append((f"`--workers 2` / `--workers 1` time, {r['lineage']} ({decision})",
+                    f"w1 {_s(r['workers1_s'])}", f"w2 {_s(r['workers2_s'])}", _x(ratio), "<= 1x (noise aside)",
+                    _verdict(ratio <= 1.1)))
+    for r in res.get("scale") or []:
+        n = r["nodes"]
+        for w in ("1", "2"):
+            nps = r.get(f"fiun_w{w}_nps")
+            if nps is not None:
+                out.append((f"FIUn throughput, `--workers {w}`, {n:,}-node synthetic FL lineage (whole call)",
+                            "-", f"{r[f'fiun_w{w}_s']:.2f} s", f"{nps:,.0f} nodes/s",
+                            ">= 1,000 nodes/s" if n >= 10_000 else "-",
+                            _verdict(nps >= 1000) if n >= 10_000 else "-"))
+        if r.get("fiun_w1_s") and r.get("fiun_w2_s"):
+            ratio = r["fiun_w2_s"] / r["fiun_w1_s"]
+            out.append((f"`--workers 2` / `--workers 1` time, {n:,} nodes", f"w1 {r['fiun_w1_s']:.2f} s",
+                        f"w2 {r['fiun_w2_s']:.2f} s", _x(ratio), "<= 1x (noise aside)", _verdict(ratio <= 1.1)))
+        target = 2.0 * n / 50_000
+        out.append((f"planning {n:,} nodes (`plan_unlearning`)", "-", f"{r['plan_s']:.2f} s", "-",
+                    f"< {target:.2f} s (2 s at 50,000, linear)", _verdict(r["plan_s"] < target)))
+        workers = r.get("peak_rss_workers_mb") or 0
+        out.append((f"peak memory (RSS), {n:,} nodes: coordinator / each pool worker", "-",
+                    f"{r['peak_rss_mb']:.0f} MB / " + (f"{workers:.0f} MB" if workers else "none started"),
+                    "-", "-", "-"))
+    f = res.get("fisher")
+    if f:
+        out.append((f"Closed-form model FIM / plain inference ({f['model']}, {f['samples']} inputs)",
+                    f"inference {_s(f['median_s']['inference'])}", f"FIM {_s(f['median_s']['head_fisher'])}",
+                    _x(f["fim_over_inference"]), "<= 1.2x", _verdict(f["fim_over_inference"] <= 1.2)))
+    rec = res.get("recording")
+    if rec:
+        for lin in rec["lineages"]:
+            name = lin["lineage"].split(" (")[0]
+            out.append((f"Recording / training without recording, {lin['lineage']} (default settings)",
+                        f"training {_s(lin['default']['train'])}", f"recording {_s(lin['default']['record'])}",
+                        _pct(lin["overhead_default"]), "<= 5%", _verdict(lin["overhead_default"] <= 0.05)))
+            out.append((f"... {name} with the FIM captured from the last epoch", f"training {_s(lin['captured']['train'])}",
+                        f"recording {_s(lin['captured']['record'])}", _pct(lin["overhead_captured"]), "<= 5%",
+                        _verdict(lin["overhead_captured"] <= 0.05)))
+    p = res.get("paper")
+    if p:
+        s = p["summary"]
+        fws = ", ".join(fr["framework"].upper() for fr in p["frameworks"])
+        out.append((f"FIUn time saved vs retraining, at every node w_g/w_a/w_b ({fws}, CNN, `--quick`): min / mean",
+                    "retraining (cumulative per node)", "FIUn (cumulative per node)",
+                    f"{_pct(s.get('speedup_every_min'))} / {_pct(s.get('speedup_every_mean'))}", ">= 99% at every node",
+                    _verdict(s.get("speedup_every_min") is not None and s["speedup_every_min"] >= 0.99)))
+    return out
+
+
+def markdown(res: dict, info: dict, timings: dict, quick: bool, load: tuple[float, float]) -> str:
+    lines = [
+        "# Benchmark summary (`make bench`)",
+        "",
+        f"Generated by `benchmarks/summary.py{' --quick' if quick else ''}` on {info['date']} in "
+        f"{sum(timings.values()):.0f} s. Machine: {info['cores']} cores ({info['cpu']}, {info['machine']}), "
+        f"torch {info['torch']}, Python {info['python']}; load average {load[0]:.1f} before and {load[1]:.1f} after "
+        "(the machine is shared: figures are noisy, which is why every ratio is taken against a baseline measured "
+        "in the same run, and timed figures are medians where the step repeats).",
+        "",
+        "| ratio | baseline (same run) | measured | ratio | target | |",
+        "|---|---|---|---:|---|---|",
+    ]
+    for what, base, meas, ratio, target, verdict in rows(res):
+        lines.append(f"| {what} | {base} | {meas} | {ratio} | {target} | {verdict} |")
+    lines += [
+        "",
+        "Sources: `bench_unlearn.py` (FIUn vs the floor of the same operation and vs retraining, `--workers`), "
+        "`bench_scale.py` (throughput, planning, memory), `bench_fisher.py`, `bench_recording.py`, "
+        "`reproduce_paper.py --quick --no-depth`. Step times: "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + ".",
+    ]
+    u = res.get("unlearn") or {}
+    for key in ("fl", "synthetic"):
+        r = u.get(key)
+        if r:
+            lines.append(f"\n{r['lineage']}: warm runs (ms) floor {[round(1000 * x, 1) for x in r['runs']['floor_warm']]}, "
+                         f"FIUn {[round(1000 * x, 1) for x in r['runs']['fiun_warm']]}; cold floor "
+                         f"{[round(1000 * x, 1) for x in r['runs']['floor_cold']]}, FIUn "
+                         f"{[round(1000 * x, 1) for x in r['runs']['fiun_cold']]}.")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="a smoke run of every step (smaller sizes)")
+    ap.add_argument("--only", default=None, help="comma-separated steps: fisher,unlearn,scale,recording,paper")
+    ap.add_argument("--out", type=Path, default=RESULTS / "summary.md")
+    args = ap.parse_args()
+    info = machine()
+    load0 = os.getloadavg()[0]
+    tmp = Path(tempfile.mkdtemp(prefix="umig-summary-"))
+    results: dict = {}
+    timings: dict[str, float] = {}
+    only = set(args.only.split(",")) if args.only else None
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for name, cmd in steps(args.quick, tmp):
+        if only and name not in only:
+            continue
+        print(f"== {name}: {' '.join(cmd)}", flush=True)
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, str(BENCH / cmd[0]), *cmd[1:]], env=env, cwd=REPO, check=False)
+        timings[name] = time.perf_counter() - t0
+        if proc.returncode != 0:
+            print(f"   {name} failed (exit {proc.returncode}); its rows are left out", flush=True)
+            continue
+        path = tmp / ("paper/paper_results.json" if name == "paper" else f"{name}.json")
+        if path.exists():
+            results[name] = json.loads(path.read_text())
+    load1 = os.getloadavg()[0]
+    md = markdown(results, info, timings, args.quick, (load0, load1))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(md)
+    args.out.with_suffix(".json").write_text(json.dumps({"machine": info, "load": [load0, load1], "timings": timings,
+                                                         "results": results}, indent=1, default=str))
+    print(md)
+    print(f"written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
