@@ -43,7 +43,7 @@ import time
 import uuid
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
@@ -204,13 +204,14 @@ def _call(task: Any, env: WorkerEnv) -> Any:
         raise
 
 
-def run_tasks(tasks: Sequence[Any], env: WorkerEnv,
-              progress: Callable[[int], None] | None = None) -> list[tuple[Any, list[str]]]:
+def run_tasks(tasks: Sequence[Any], env: WorkerEnv, progress: Callable[[int], None] | None = None, *,
+              flush: bool = True) -> list[tuple[Any, list[str]]]:
     """Run tasks one after another in ``env``; return ``(result, created blobs)`` per task.
 
     Blob writes of all the tasks overlap; this returns only once every one is durable. On an
     error, the blobs written so far are on the exception as ``created_blobs`` (the coordinator
-    removes them with the rolled-back operation).
+    removes them with the rolled-back operation). ``flush=False`` leaves the writes pending (and
+    the created lists empty) for one later ``env.blobs.flush()`` (see :meth:`Backend.deferred_flush`).
     """
     results: list[Any] = []
     try:
@@ -226,6 +227,8 @@ def run_tasks(tasks: Sequence[Any], env: WorkerEnv,
         raise
     env.tag = None
     per_task: list[list[str]] = [[] for _ in tasks]
+    if not flush:
+        return list(zip(results, per_task))
     for tag, digest in env.blobs.flush():
         per_task[tag if isinstance(tag, int) and 0 <= tag < len(tasks) else 0].append(digest)
     return list(zip(results, per_task))
@@ -280,6 +283,13 @@ class Backend(ABC):
 
     def close(self) -> None:
         """Release workers."""
+
+    @contextlib.contextmanager
+    def deferred_flush(self, adopt: Callable[[list[str]], None]) -> Iterator[None]:
+        """Phases run inside share one durable flush at the end, where the backend writes in this process
+        (one flush per operation, not per phase); every blob created is handed to ``adopt`` then, or
+        when anything fails. Other backends flush each phase, as :meth:`run` says."""
+        yield
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name}
@@ -364,6 +374,19 @@ class InProcess(Backend):
         self.env = WorkerEnv(store_root, device)
         self.threads_used: int | None = None
         self.threads_why = "torch default"
+        self._defer = False
+
+    @contextlib.contextmanager
+    def deferred_flush(self, adopt: Callable[[list[str]], None]) -> Iterator[None]:
+        self._defer = True
+        try:
+            yield
+        except BaseException:
+            self._defer = False
+            adopt([d for _, d in self.env.blobs.flush(check=False)])
+            raise
+        self._defer = False
+        adopt([d for _, d in self.env.blobs.flush()])  # a write error is raised with its created_blobs
 
     def run(self, tasks: Sequence[Any], progress: Progress | None = None) -> list[tuple[Any, list[str]]]:
         n = len(tasks)
@@ -371,11 +394,12 @@ class InProcess(Backend):
         threads, why = intra_op_threads(tasks, self.env.blobs, self.env.device)
         before = torch.get_num_threads()
         self.threads_used, self.threads_why = threads or before, why
+        flush = not self._defer
         if threads is None or threads == before:
-            return run_tasks(tasks, self.env, cb)
+            return run_tasks(tasks, self.env, cb, flush=flush)
         torch.set_num_threads(threads)
         try:
-            return run_tasks(tasks, self.env, cb)
+            return run_tasks(tasks, self.env, cb, flush=flush)
         finally:
             torch.set_num_threads(before)
 

@@ -232,21 +232,25 @@ def _drive(method: U.Unlearner, job: U.Job, backend: Backend, store: SqlStore,
            progress: PhaseProgress | None) -> list[U.NodeResult]:
     phase_names = [p["name"] for p in method.describe_phases(job)]
     gen = method.schedule(job)
-    try:
-        tasks = next(gen)
-        i = 0
-        while True:
-            name = phase_names[i] if i < len(phase_names) else f"phase {i + 1}"
-            cb = (lambda d, t, _n=name: progress(_n, d, t)) if progress else None
-            if progress:
-                progress(name, 0, len(tasks))
-            pairs = backend.run(tasks, cb)
-            for _, created in pairs:
-                store.adopt_blobs(created)
-            tasks = gen.send([r for r, _ in pairs])
-            i += 1
-    except StopIteration as stop:
-        return list(stop.value or [])
+    # One durable flush for all the phases where the backend allows it (it writes in this process):
+    # the commit needs every blob on disk, not each phase.
+    with backend.deferred_flush(store.adopt_blobs):
+        try:
+            tasks = next(gen)
+            i = 0
+            while True:
+                name = phase_names[i] if i < len(phase_names) else f"phase {i + 1}"
+                cb = (lambda d, t, _n=name: progress(_n, d, t)) if progress else None
+                if progress:
+                    progress(name, 0, len(tasks))
+                pairs = backend.run(tasks, cb)
+                for _, created in pairs:
+                    store.adopt_blobs(created)
+                tasks = gen.send([r for r, _ in pairs])
+                i += 1
+        except StopIteration as stop:
+            results = list(stop.value or [])
+    return results
 
 
 def unlearn(
