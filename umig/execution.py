@@ -315,6 +315,19 @@ def _task_snapshot(task: Any) -> Any:
     return snap if hasattr(snap, "body_blob") else None
 
 
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _idle_cores() -> float:
+    """Cores not in use by others: the cores less the 1-minute load average, this process counted once."""
+    try:
+        others = max(0.0, os.getloadavg()[0] - 1.0)
+    except OSError:
+        others = 0.0
+    return max(0.0, _cores() - others)
+
+
 def intra_op_threads(tasks: Sequence[Any], blobs: Any, device: torch.device | str = "cpu") -> tuple[int | None, str]:
     """The torch threads in-process CPU work on ``tasks`` should use, and why (None: leave torch as it is).
 
@@ -352,13 +365,9 @@ def intra_op_threads(tasks: Sequence[Any], blobs: Any, device: torch.device | st
         return None, "torch default"
     if biggest > SMALL_MODEL_BYTES:
         return None, f"torch default ({biggest / 2**20:.0f} MB of weights)"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        others = max(0.0, os.getloadavg()[0] - 1.0)  # runnable besides this process
-    except OSError:
-        others = 0.0
-    threads = max(1, min(_TORCH_DEFAULT_THREADS, int(cores - others)))
-    return threads, f"small model ({biggest / 2**20:.1f} MB of weights), {max(0.0, cores - others):.1f} idle cores"
+    idle = _idle_cores()
+    threads = max(1, min(_TORCH_DEFAULT_THREADS, int(idle)))
+    return threads, f"small model ({biggest / 2**20:.1f} MB of weights), {idle:.1f} idle cores"
 
 
 class InProcess(Backend):
@@ -653,11 +662,13 @@ class ProcessPool(Backend):
     ``start`` says when workers are spawned (default: ``UMIG_POOL_START``, else ``auto``):
 
     * ``auto`` (CPU): the coordinating process is one of the ``N`` workers and starts the other
-      ``N - 1`` only when they pay off: once the work left, timed on the chunks it ran itself, is
+      ``N - 1`` only when they pay off: once the work left, timed on the tasks it ran itself, is
       more than ``spawn_after_s`` (default: twice a worker's start-up, measured in this process or
-      guessed at 3 s). A small request runs entirely in this process, as ``--workers 1`` would;
-      :meth:`describe` says which happened and why. Workers already up from an earlier request
-      join at once.
+      guessed at 3 s) and a core is idle for them (cores less the 1-minute load average; a helper
+      sharing a busy core with the coordinator only slows it; not checked when ``spawn_after_s`` is
+      given). A small request, or one on busy cores, runs entirely in this process, as
+      ``--workers 1`` would; :meth:`describe` says which happened and why. Workers already up from
+      an earlier request join at once.
     * ``always``: all ``N`` workers start at once, as GPU slots always do (the coordinator never
       computes with GPUs: CUDA stays in the workers). On CPU, a phase of at least
       ``bridge_min_tasks`` tasks (default: four per process) does not wait for them: the
@@ -697,6 +708,7 @@ class ProcessPool(Backend):
         self._local_env: WorkerEnv | None = None
         self._local_done, self._local_s, self._left, self._local_chunks = 0, 0.0, 0, 0
         self._remote_chunks = 0
+        self._no_idle = False  # no idle core for the helpers was found in this request
         self._reused = bool(self._workers.started)
         self._decision = ("workers were already up in this process" if self._reused else
                           "started with the pool" if not self.help_locally else
@@ -736,15 +748,24 @@ class ProcessPool(Backend):
             _note_seconds(chunk, dt)
             # Workers are worth starting only when the work left would keep this process busy for
             # longer than ``spawn_after_s``: a small request is done before they could even start.
-            if not self._workers.started:
+            if not self._workers.started and not self._no_idle:
                 left_s = self._left * self._local_s / max(1, self._local_done)
                 if left_s > self.spawn_after_s:
                     self._start_for(left_s)
 
-    def _start_for(self, left_s: float) -> None:
+    def _start_for(self, left_s: float) -> bool:
+        """Start the helpers for ``left_s`` of work, if a core is idle for them (a helper that has to share
+        a busy core with the coordinator only slows it); returns whether they were started."""
+        idle = _idle_cores()
+        if idle < 1.0 and self._spawn_after_s is None:
+            self._decision = (f"not started: {left_s:.1f} s of work left, but no idle core for a helper "
+                              f"({idle:.1f} idle: load average {os.getloadavg()[0]:.1f} on {_cores()} cores)")
+            self._no_idle = True
+            return False
         self._decision = (f"started: {left_s:.1f} s of work left > {self.spawn_after_s:.1f} s "
-                          "(twice a worker's start-up)")
+                          f"(twice a worker's start-up), {idle:.1f} idle cores")
         self.start()
+        return True
 
     def _in_process(self, tasks: Sequence[Any], progress: Progress | None) -> list[tuple[Any, list[str]]] | None:
         """``auto`` before any worker is up: run the phase here, one task after another with one durable
@@ -773,8 +794,7 @@ class ProcessPool(Backend):
                     per_task = known if known is not None and i == 0 else max(
                         statistics.median(times[1:] or times), (time.perf_counter() - t_start) / i)
                     left_s = per_task * (n - i)
-                    if left_s > self.spawn_after_s:
-                        self._start_for(left_s)
+                    if left_s > self.spawn_after_s and not self._no_idle and self._start_for(left_s):
                         break
                     check = i + 256
                 env.tag = i
