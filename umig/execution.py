@@ -366,7 +366,7 @@ def intra_op_threads(tasks: Sequence[Any], blobs: Any, device: torch.device | st
     if biggest > SMALL_MODEL_BYTES:
         return None, f"torch default ({biggest / 2**20:.0f} MB of weights)"
     idle = _idle_cores()
-    threads = max(1, min(_TORCH_DEFAULT_THREADS, int(idle)))
+    threads = max(1, min(_TORCH_DEFAULT_THREADS, round(idle)))  # 1.96 idle cores are two
     return threads, f"small model ({biggest / 2**20:.1f} MB of weights), {idle:.1f} idle cores"
 
 
