@@ -603,15 +603,28 @@ _STARTUP_MEASURED: list[float] = []  # start-ups measured in this process (newes
 _TASK_SECONDS: dict[str, tuple[float, int]] = {}  # task fn -> (seconds per task, weight), timed in this process
 
 
-def _workers(slots: Sequence[str], threads: int, pin: Callable[[str], str]) -> _Workers:
-    """The process's workers for these slots: reused, or made (replacing others: one set is kept)."""
+def _workers(slots: Sequence[str], threads: int, pin: Callable[[str], str], *, make: bool = True) -> _Workers | None:
+    """The process's workers for these slots: reused, or made (replacing others: one set is kept);
+    with ``make=False`` only the existing ones (None: none yet)."""
     key = (tuple(slots), threads, getattr(pin, "__module__", ""), getattr(pin, "__qualname__", repr(pin)))
     w = _POOL.get(key)
     if w is not None and not w.broken:
         return w
+    if not make:
+        return None
     shutdown_workers()
     w = _POOL[key] = _Workers(slots, threads, pin)
     return w
+
+
+class _NoWorkers:
+    """Stands for workers not made yet (a request that never starts them costs no pool set-up)."""
+
+    started: tuple[Future, ...] = ()
+    startup_s = None
+
+    def up(self) -> set[int]:
+        return set()
 
 
 def _note_seconds(tasks: Sequence[Any], seconds: float) -> None:
@@ -699,7 +712,8 @@ class ProcessPool(Backend):
         self.bridge_min_tasks = (bridge_min_tasks or 4 * (len(self.devices) + 1)) if on_cpu else None
         spawned = self.devices[1:] if self.help_locally else self.devices
         self.threads = threads or threads_per_worker(len(self.devices))
-        self._workers = _workers(spawned, self.threads, pin)
+        self._slots_spawned, self._pin = list(spawned), pin
+        self._workers: _Workers | _NoWorkers = _workers(spawned, self.threads, pin, make=False) or _NoWorkers()
         self._spawned = len(spawned)
         self._scheduler = _Scheduler(len(spawned))
         self._spawn_after_s = spawn_after_s
@@ -724,6 +738,8 @@ class ProcessPool(Backend):
 
     def start(self) -> None:
         """Start every worker now (spawning one and importing torch takes seconds)."""
+        if isinstance(self._workers, _NoWorkers):
+            self._workers = _workers(self._slots_spawned, self.threads, self._pin)
         self._workers.start()
 
     def _up(self) -> set[int]:
