@@ -723,12 +723,29 @@ class ProcessPool(Backend):
         self._local_done, self._local_s, self._left, self._local_chunks = 0, 0.0, 0, 0
         self._remote_chunks = 0
         self._no_idle = False  # no idle core for the helpers was found in this request
+        self._defer = False  # inside deferred_flush: in-process phases leave their writes pending
         self._reused = bool(self._workers.started)
         self._decision = ("workers were already up in this process" if self._reused else
                           "started with the pool" if not self.help_locally else
                           "not started: the work never outgrew this process")
         if not self.help_locally:
             self.start()
+
+    @contextlib.contextmanager
+    def deferred_flush(self, adopt: Callable[[list[str]], None]) -> Iterator[None]:
+        """Phases that run entirely in this process share one flush at the end (as :class:`InProcess`);
+        a phase that hands chunks to workers flushes first, since they read blobs from disk."""
+        self._defer = True
+        try:
+            yield
+        except BaseException:
+            self._defer = False
+            if self._local_env is not None:
+                adopt([d for _, d in self._local_env.blobs.flush(check=False)])
+            raise
+        self._defer = False
+        if self._local_env is not None:
+            adopt([d for _, d in self._local_env.blobs.flush()])
 
     @property
     def spawn_after_s(self) -> float:
@@ -827,8 +844,11 @@ class ProcessPool(Backend):
             torch.set_num_threads(before)
         env.tag = None
         per_task_blobs: list[list[str]] = [[] for _ in results]
-        for tag, digest in env.blobs.flush():
-            per_task_blobs[tag if isinstance(tag, int) and 0 <= tag < len(results) else 0].append(digest)
+        # All of it ran here: inside deferred_flush the writes stay pending for the one flush at the end
+        # (as InProcess); otherwise, or before workers join in, they are made durable now.
+        if not (self._defer and len(results) == n):
+            for tag, digest in env.blobs.flush():
+                per_task_blobs[tag if isinstance(tag, int) and 0 <= tag < len(results) else 0].append(digest)
         elapsed = time.perf_counter() - t_start
         self._local_chunks += 1
         self._local_done += len(results)
