@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
-from umig.demo import build_fl_digits
 from umig.api import Store
+from umig.cli.main import app
+from umig.demo import build_fl_digits
 from umig.train import Recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,3 +67,29 @@ def store_state(root: Path) -> dict:
     db.close()
     blobs = sorted(p.name for p in (root / "blobs").glob("??/*.safetensors"))
     return {"rows": rows, "blobs": blobs}
+
+
+def cli_run(*args: str, store: Path | None = None):
+    """The CLI in-process (typer's CliRunner); a crash (anything but a clean exit) fails the test with its traceback."""
+    argv = [*args, *(["--store", str(store)] if store is not None else [])]
+    res = CliRunner().invoke(app, argv)
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        raise AssertionError(f"umig {' '.join(argv)} crashed") from res.exception
+    return res
+
+
+def cli_ok(*args: str, store: Path) -> str:
+    """Run the CLI in-process and return its stdout; it must exit 0."""
+    res = cli_run(*args, store=store)
+    assert res.exit_code == 0, (args, res.stdout, res.stderr)
+    return res.stdout
+
+
+def cli_error_line(res, *needles: str) -> str:
+    """The one ``error:`` line of a failed CLI result (exit 1), containing every needle."""
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.exit_code == 1, (res.exit_code, res.stdout, res.stderr)
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]

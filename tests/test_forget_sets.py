@@ -8,10 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
+from conftest import cli_run, store_state
 
-from conftest import store_state
-from umig.cli.main import app
 from umig.data import DataRef, read_indices, save_subset, source_positions
 from umig.errors import NotFoundError, UmigError, UnlearningError
 from umig.forget import ForgetSet, samples
@@ -22,9 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def cli(*args: str, store) -> tuple[int, str, str]:
-    res = CliRunner().invoke(app, [*args, "--store", str(store.root)])
-    if res.exception is not None and not isinstance(res.exception, SystemExit):
-        raise AssertionError(f"umig {' '.join(args)} crashed") from res.exception
+    res = cli_run(*args, store=store.root)
     return res.exit_code, res.stdout, res.stderr
 
 

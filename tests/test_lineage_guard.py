@@ -13,12 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import FAST_RECIPE, store_state
+from conftest import FAST_RECIPE, cli_error_line, cli_ok, cli_run, store_state
 from safetensors.torch import save_file
-from typer.testing import CliRunner
 
 from umig.api import Store
-from umig.cli.main import app
 from umig.data import save_subset, source_positions
 from umig.demo import DEFAULT_ARCH
 from umig.errors import NotFoundError, SupersededError, UmigError
@@ -29,30 +27,6 @@ ARCH = "umig.models:digits_cnn"
 TRAIN = "sklearn:digits?split=train"
 TEST = "sklearn:digits?split=test"
 GLOBAL = "fl/r2/global"
-
-
-def run(*args: str, store: Path | None = None):
-    """The CLI in-process; a crash (anything but a clean exit) fails the test with its traceback."""
-    argv = [*args, *(["--store", str(store)] if store is not None else [])]
-    res = CliRunner().invoke(app, argv)
-    if res.exception is not None and not isinstance(res.exception, SystemExit):
-        raise AssertionError(f"umig {' '.join(argv)} crashed") from res.exception
-    return res
-
-
-def ok(*args: str, store: Path) -> str:
-    res = run(*args, store=store)
-    assert res.exit_code == 0, (args, res.stdout, res.stderr)
-    return res.stdout
-
-
-def assert_one_line_error(res, *needles: str) -> str:
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert res.exit_code == 1, (res.exit_code, res.stdout, res.stderr)
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
 
 
 def weights_file(store: Store, node: str, path: Path, version: int | None = None) -> Path:
@@ -78,18 +52,18 @@ def test_every_edge_records_the_parent_version(fl_store: Store, tmp_path: Path):
     w = weights_file(fl_store, GLOBAL, tmp_path / "g.safetensors")
     fl_store.unlearn([5], evaluate=False)  # the global is at v1 now; v0 is superseded
     # Without @V: the live version, recorded explicitly; NAME@V:WEIGHT works, NAME:WEIGHT still does.
-    node = json.loads(ok("add-node", "a", "--weights", str(w), "--arch", ARCH, "--parent", GLOBAL, "--json",
+    node = json.loads(cli_ok("add-node", "a", "--weights", str(w), "--arch", ARCH, "--parent", GLOBAL, "--json",
                          store=root))
     assert node["parents"] == [{"name": GLOBAL, "relation": "finetune", "weight": None, "version": 1}]
     assert node["version"] == 0 and "caught_up" not in node
-    node = json.loads(ok("add-node", "b", "--weights", str(w), "--arch", ARCH, "--parent", f"{GLOBAL}@1:0.5",
+    node = json.loads(cli_ok("add-node", "b", "--weights", str(w), "--arch", ARCH, "--parent", f"{GLOBAL}@1:0.5",
                          "--parent", "a:0.5", "--json", store=root))
     assert {(p["name"], p["weight"], p["version"]) for p in node["parents"]} == {(GLOBAL, 0.5, 1), ("a", 0.5, 0)}
     # Names may contain '@' and ':': an existing node's full name wins.
-    ok("add-node", "m@2", "--weights", str(w), "--arch", ARCH, "--parent", "b@0", store=root)
-    ok("add-node", "n", "--weights", str(w), "--arch", ARCH, "--parent", "m@2", "--parent", "b", store=root)
+    cli_ok("add-node", "m@2", "--weights", str(w), "--arch", ARCH, "--parent", "b@0", store=root)
+    cli_ok("add-node", "n", "--weights", str(w), "--arch", ARCH, "--parent", "m@2", "--parent", "b", store=root)
     assert fl_store.node("n").parent_versions == {"m@2": 0, "b": 0}
-    assert "@0" in ok("node", "show", "n", store=root)
+    assert "@0" in cli_ok("node", "show", "n", store=root)
     # The API: a 3-tuple, and the version this Store object last loaded when none is given.
     fl_store.add_node("c", fl_store.state_dict("a"), ARCH, parents=[("a", None, 0)])
     assert fl_store.node("c").parent_versions == {"a": 0}
@@ -104,19 +78,19 @@ def test_superseded_parent_is_refused_then_caught_up_and_reverted_bit_exact(fl_s
     root = fl_store.root
     pre = states(fl_store)
     child_w = weights_file(fl_store, GLOBAL, tmp_path / "job.safetensors")  # the job loads v0 ...
-    op = json.loads(ok("unlearn", "--labels", "1,2", "--ticket", "DSR-7", "--no-eval", "--json", store=root))
+    op = json.loads(cli_ok("unlearn", "--labels", "1,2", "--ticket", "DSR-7", "--no-eval", "--json", store=root))
     op_id = op["operation"]  # ... meanwhile the labels are forgotten ...
     kept = fl_store.operation_blobs(op_id)
     before = store_state(root)
     add = ["add-node", "fl/late", "--weights", str(child_w), "--arch", ARCH, "--parent", f"{GLOBAL}@0",
            "--framework", "fl"]
-    line = assert_one_line_error(run(*add, store=root), op_id, "DSR-7", "fl/r2/global v0", "--catch-up",
+    line = cli_error_line(cli_run(*add, store=root), op_id, "DSR-7", "fl/r2/global v0", "--catch-up",
                                  f"{GLOBAL}@1")
     assert "superseded" in line
     assert store_state(root) == before
 
     # --catch-up: recorded, then unlearned by the same operation in the same command.
-    out = ok(*add, "--catch-up", store=root)
+    out = cli_ok(*add, "--catch-up", store=root)
     assert "caught up with " + op_id in " ".join(out.split())
     child = fl_store.node("fl/late")
     assert child.version == 1 and child.parent_versions == {GLOBAL: 0}
@@ -127,27 +101,27 @@ def test_superseded_parent_is_refused_then_caught_up_and_reverted_bit_exact(fl_s
     assert fl_store.version("fl/late").operation == op_id
     assert fl_store.operation_blobs(op_id) == kept  # FIUn reused the operation's unlearning FIMs
 
-    [entry] = json.loads(ok("history", "--json", store=root))
+    [entry] = json.loads(cli_ok("history", "--json", store=root))
     [caught] = entry["caught_up"]
     assert (caught["name"], caught["version_before"], caught["version_after"]) == ("fl/late", 0, 1)
     assert "fl/r2/global v0" in caught["reason"]
-    rep = json.loads(ok("report", op_id, "--format", "json", store=root))
+    rep = json.loads(cli_ok("report", op_id, "--format", "json", store=root))
     [c] = rep["caught_up"]
     assert c["name"] == "fl/late" and c["after"]["head_blob"] == fl_store.version("fl/late").head_blob
     assert c["before"]["head_blob"] == fl_store.version("fl/late", 0).head_blob and c["current_version"] == 1
     assert "fl/late" not in {n["name"] for n in rep["nodes"]}  # affected by the operation itself: unchanged
-    md = ok("report", op_id, store=root)
+    md = cli_ok("report", op_id, store=root)
     assert "`fl/late`: v0 -> v1" in md.split("## Models caught up later")[1]
 
     # Revert: every node back, bit for bit, the caught-up child to what was added.
-    reverted = json.loads(ok("revert", op_id, "--json", store=root))["reverted"]
+    reverted = json.loads(cli_ok("revert", op_id, "--json", store=root))["reverted"]
     assert "fl/late" in reverted
     assert fl_store.node("fl/late").version == 0
     assert same_weights(fl_store.state_dict("fl/late"), pre[GLOBAL])  # the file it was added from
     for name, sd in pre.items():
         assert same_weights(fl_store.state_dict(name), sd), name
     # Reverted: nothing supersedes v0 any more, so a second child from it is accepted as it is.
-    ok("add-node", "fl/late2", "--weights", str(child_w), "--arch", ARCH, "--parent", f"{GLOBAL}@0", store=root)
+    cli_ok("add-node", "fl/late2", "--weights", str(child_w), "--arch", ARCH, "--parent", f"{GLOBAL}@0", store=root)
     assert fl_store.node("fl/late2").version == 0
 
 
@@ -158,12 +132,12 @@ def test_forgotten_labels_in_the_data_are_refused_or_caught_up(fl_store: Store, 
     w1 = weights_file(fl_store, GLOBAL, tmp_path / "g1.safetensors")
     before = store_state(root)
     add = ["add-node", "ft", "--weights", str(w1), "--arch", ARCH, "--parent", GLOBAL, "--data", TRAIN]
-    assert_one_line_error(run(*add, store=root), op_id, "DSR-8", "label(s) 1,2", "--catch-up")
+    cli_error_line(cli_run(*add, store=root), op_id, "DSR-8", "label(s) 1,2", "--catch-up")
     assert store_state(root) == before
-    ok(*add[:-2], "--data", TRAIN, "--only-labels", "0,3-9", store=root)  # without them: accepted as it is
+    cli_ok(*add[:-2], "--data", TRAIN, "--only-labels", "0,3-9", store=root)  # without them: accepted as it is
     assert fl_store.node("ft").version == 0
     # --catch-up on a root model trained on everything (unrelated to the lineage): unlearned on the spot.
-    ok("add-node", "solo", "--weights", str(w), "--arch", ARCH, "--data", TRAIN, "--catch-up", store=root)
+    cli_ok("add-node", "solo", "--weights", str(w), "--arch", ARCH, "--data", TRAIN, "--catch-up", store=root)
     assert fl_store.node("solo").version == 1
     assert evaluate_node(fl_store, "solo", [1, 2], data=TEST)["heldout"]["AD_f"] == 0.0
     assert [c["name"] for c in fl_store.operation(op_id)["caught_up"]] == ["solo"]
@@ -183,21 +157,21 @@ def test_forgotten_samples_stay_out(fl_store: Store, tmp_path: Path):
     forget = np.sort(c1_positions[:15])
     np.save(tmp_path / "forget.npy", forget)
     w = weights_file(fl_store, GLOBAL, tmp_path / "g.safetensors")
-    op = json.loads(ok("unlearn", "--samples", str(tmp_path / "forget.npy"), "--data", TRAIN, "--ticket", "DSR-9",
+    op = json.loads(cli_ok("unlearn", "--samples", str(tmp_path / "forget.npy"), "--data", TRAIN, "--ticket", "DSR-9",
                        "--no-eval", "--json", store=root))
     op_id = op["operation"]
     before = store_state(root)
     add = ["add-node", "late", "--weights", str(w), "--arch", ARCH, "--data", TRAIN]
-    assert_one_line_error(run(*add, store=root), op_id, "DSR-9", "15 forgotten sample(s)", "umig forgotten")
+    cli_error_line(cli_run(*add, store=root), op_id, "DSR-9", "15 forgotten sample(s)", "umig forgotten")
     # A subset that holds only some of them: the count is what it holds.
     save_subset(tmp_path / "some.npy", forget[:4])
-    assert_one_line_error(run(*add, "--subset", str(tmp_path / "some.npy"), store=root), op_id,
+    cli_error_line(cli_run(*add, "--subset", str(tmp_path / "some.npy"), store=root), op_id,
                           "4 forgotten sample(s)")
     assert store_state(root) == before
 
     # umig forgotten: which operation forgot which share, and the rest as an index file.
     keep = tmp_path / "keep.npy"
-    rep = json.loads(ok("forgotten", "--data", TRAIN, "-o", str(keep), "--json", store=root))
+    rep = json.loads(cli_ok("forgotten", "--data", TRAIN, "-o", str(keep), "--json", store=root))
     n = len(source_positions(TRAIN)[1])
     assert (rep["items"], rep["forgotten"], rep["kept"]) == (n, 15, n - 15)
     [entry] = rep["operations"]
@@ -205,14 +179,14 @@ def test_forgotten_samples_stay_out(fl_store: Store, tmp_path: Path):
     assert entry["share"] == pytest.approx(15 / n) and rep["output"] == str(keep) and rep["unchecked"] == []
     kept = np.load(keep)
     assert kept.size == n - 15 and not np.isin(kept, forget).any()
-    text = ok("forgotten", "--data", TRAIN, store=root)
+    text = cli_ok("forgotten", "--data", TRAIN, store=root)
     assert op_id in text and "15 item(s)" in text
     # The client's own shard: all 15 of its items are forgotten.
-    shard = json.loads(ok("forgotten", "--data", TRAIN + f"[subset={c1['subset']}]", "--json", store=root))
+    shard = json.loads(cli_ok("forgotten", "--data", TRAIN + f"[subset={c1['subset']}]", "--json", store=root))
     assert shard["forgotten"] == 15 and shard["operations"][0]["share"] == pytest.approx(15 / len(c1_positions))
     assert store_state(root) == before  # forgotten only reads
 
-    ok(*add, "--subset", str(keep), store=root)  # nothing forgotten: accepted
+    cli_ok(*add, "--subset", str(keep), store=root)  # nothing forgotten: accepted
     assert fl_store.node("late").data_size == n - 15 and fl_store.node("late").version == 0
 
     # --catch-up (API): recorded on everything, then the operation (retrain) runs on it.
@@ -226,8 +200,8 @@ def test_forgotten_samples_stay_out(fl_store: Store, tmp_path: Path):
     fl_store.revert(op_id)
     assert same_weights(fl_store.state_dict("late-all"), added)
     # Reverted: the guard lets the samples in again, and forgotten says nothing forgot them.
-    assert json.loads(ok("forgotten", "--data", TRAIN, "--json", store=root))["forgotten"] == 0
-    ok("add-node", "late2", "--weights", str(w), "--arch", ARCH, "--data", TRAIN, store=root)
+    assert json.loads(cli_ok("forgotten", "--data", TRAIN, "--json", store=root))["forgotten"] == 0
+    cli_ok("add-node", "late2", "--weights", str(w), "--arch", ARCH, "--data", TRAIN, store=root)
 
 
 def test_client_forget_set_is_guarded_by_the_clients_data(fl_store: Store, tmp_path: Path):
@@ -282,7 +256,7 @@ def test_bad_input_one_line_store_unchanged(fl_store: Store, tmp_path: Path):
         (["forgotten", "--data", TRAIN, "-o", "/proc/no/such/dir/keep.npy"], "keep.npy"),
     ]
     for argv, needle in cases:
-        assert_one_line_error(run(*argv, store=root), needle)
+        cli_error_line(cli_run(*argv, store=root), needle)
         assert store_state(root) == before, argv
     with pytest.raises(NotFoundError, match="no version 9"):
         fl_store.add_node("x", w, ARCH, parents=[(GLOBAL, None, 9)])
@@ -290,7 +264,7 @@ def test_bad_input_one_line_store_unchanged(fl_store: Store, tmp_path: Path):
         fl_store.add_node("x", w, ARCH, parents=[(GLOBAL,)])
     assert store_state(root) == before
     for argv, needle in ((["forgotten", "--help"], "--subset"), (["add-node", "--help"], "--catch-up")):
-        res = run(*argv)
+        res = cli_run(*argv)
         assert res.exit_code == 0 and needle in res.stdout, (argv, res.stdout)
 
 

@@ -13,14 +13,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import FAST_RECIPE, store_state, umig_cli
+from conftest import FAST_RECIPE, cli_error_line, cli_ok, cli_run, store_state, umig_cli
 from rich.console import Console
-from typer.testing import CliRunner
 
 from umig import store as store_mod
 from umig.api import Store
 from umig.cli import render as R
-from umig.cli.main import app
 from umig.demo import build_fl_digits
 from umig.errors import UmigError
 from umig.requests import deletion_report, to_markdown
@@ -33,68 +31,45 @@ REQUEST = ["--requester", "dpo@example.org", "--reason", "erasure request", "--t
 DIGITS_TEST = "sklearn:digits?split=test"
 
 
-def run(*args: str, store: Path | None = None):
-    """The CLI in-process; a crash (anything but a clean exit) fails the test with its traceback."""
-    argv = [*args, *(["--store", str(store)] if store is not None else [])]
-    res = CliRunner().invoke(app, argv)
-    if res.exception is not None and not isinstance(res.exception, SystemExit):
-        raise AssertionError(f"umig {' '.join(argv)} crashed") from res.exception
-    return res
-
-
-def ok(*args: str, store: Path) -> str:
-    res = run(*args, store=store)
-    assert res.exit_code == 0, (args, res.stdout, res.stderr)
-    return res.stdout
-
-
-def assert_one_line_error(res, *needles: str) -> None:
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert res.exit_code == 1, (res.exit_code, res.stdout, res.stderr)
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-
-
 # ------------------------------------------------------------------ acceptance
 def test_request_export_report_and_purge_on_an_fl_lineage(fl_store: Store, tmp_path: Path):
     root = fl_store.root
     nodes_before = {n.name: n.version for n in fl_store.nodes()}
     pre = tmp_path / "pre" / "global.safetensors"
-    ok("export", "fl/r2/global", "-o", str(pre), store=root)  # a copy made before the operation
+    cli_ok("export", "fl/r2/global", "-o", str(pre), store=root)  # a copy made before the operation
 
-    out = json.loads(ok("unlearn", "--labels", "1,2", *REQUEST, "--no-eval", "--json", store=root))
+    out = json.loads(cli_ok("unlearn", "--labels", "1,2", *REQUEST, "--no-eval", "--json", store=root))
     op = out["operation"]
     assert (out["requester"], out["reason"], out["ticket"]) == ("dpo@example.org", "erasure request", "DSR-7")
     post = tmp_path / "post.safetensors"
-    ok("export", "fl/r2/global", "-o", str(post), store=root)  # of the unlearned version: holds nothing
+    cli_ok("export", "fl/r2/global", "-o", str(post), store=root)  # of the unlearned version: holds nothing
 
     # History: the three fields, and filters on ticket and requester (in SQL, in the store).
-    [entry] = json.loads(ok("history", "--json", store=root))
+    [entry] = json.loads(cli_ok("history", "--json", store=root))
     assert entry["operation"] == op
     assert {k: entry[k] for k in ("requester", "reason", "ticket")} == {
         "requester": "dpo@example.org", "reason": "erasure request", "ticket": "DSR-7"}
     assert entry["forget"] == {"kinds": ["labels"], "labels": [1, 2], "samples": []}
     other = fl_store.unlearn([3], evaluate=False)  # no request at all
-    assert [e["operation"] for e in json.loads(ok("history", "--ticket", "DSR-7", "--json", store=root))] == [op]
-    assert [e["operation"] for e in json.loads(ok("history", "--requester", "DPO@Example.org", "--json",
+    assert [e["operation"] for e in json.loads(cli_ok("history", "--ticket", "DSR-7", "--json", store=root))] == [op]
+    assert [e["operation"] for e in json.loads(cli_ok("history", "--requester", "DPO@Example.org", "--json",
                                                   store=root))] == [op]
-    assert json.loads(ok("history", "--ticket", "DSR-8", "--json", store=root)) == []
-    assert json.loads(ok("history", "--ticket", "DSR-7", "--node", "fl/init", "--json", store=root)) == []
-    no_request = json.loads(ok("history", "--json", store=root))[1]
+    assert json.loads(cli_ok("history", "--ticket", "DSR-8", "--json", store=root)) == []
+    assert json.loads(cli_ok("history", "--ticket", "DSR-7", "--node", "fl/init", "--json", store=root)) == []
+    no_request = json.loads(cli_ok("history", "--json", store=root))[1]
     assert no_request["operation"] == other.operation and no_request["ticket"] is None
-    assert "DSR-7" in ok("history", store=root) and "dpo@example.org" in ok("history", store=root)
+    assert "DSR-7" in cli_ok("history", store=root) and "dpo@example.org" in cli_ok("history", store=root)
 
     # Exports are in the audit log: node, version, absolute destination, time.
-    exports = json.loads(ok("history", "--exports", "--json", store=root))
+    exports = json.loads(cli_ok("history", "--exports", "--json", store=root))
     assert [(e["node"], e["version"], e["path"]) for e in exports] == [
         ("fl/r2/global", 0, str(pre.resolve())), ("fl/r2/global", 1, str(post.resolve()))]
     assert exports[0]["created"] < entry["created"] < exports[1]["created"]
-    assert "fl/r2/global" in ok("history", "--exports", store=root)
+    assert "fl/r2/global" in cli_ok("history", "--exports", store=root)
 
     # The report: every affected node with versions and digests before and after, not purged, the
     # export of a pre-operation version (the post-operation one holds nothing), no verification.
-    rep = json.loads(ok("report", op, "--format", "json", store=root))
+    rep = json.loads(cli_ok("report", op, "--format", "json", store=root))
     assert rep["operation"] == op and rep["state"] == "applied" and rep["purged"] is False
     assert {k: rep["request"][k] for k in ("requester", "reason", "ticket")} == {
         "requester": "dpo@example.org", "reason": "erasure request", "ticket": "DSR-7"}
@@ -115,15 +90,15 @@ def test_request_export_report_and_purge_on_an_fl_lineage(fl_store: Store, tmp_p
     assert rep["verification"] is None and rep["caught_up"] == []
     assert rep["superseded_blobs"] > 0 and rep["superseded_blobs_gone"] is False
     assert rep["operation_blobs"] and all(b["present"] for b in rep["operation_blobs"])
-    md = ok("report", op, store=root)
+    md = cli_ok("report", op, store=root)
     for text in ("# Deletion report: operation " + op, "dpo@example.org", "erasure request", "DSR-7",
                  "Labels: 1, 2", "`fl/r2/c1`", "Not purged", "Not verified", str(pre.resolve()),
                  "before the operation", "## Models caught up later"):
         assert text in md, text
 
     # After purge the report says so, and the superseded blobs are gone from the store.
-    ok("purge", op, "--yes", store=root)
-    rep = json.loads(ok("report", op, "--json", store=root))
+    cli_ok("purge", op, "--yes", store=root)
+    rep = json.loads(cli_ok("report", op, "--json", store=root))
     assert rep["state"] == "purged" and rep["purged"] is True and rep["purged_at"] is not None
     assert rep["superseded_blobs_gone"] is True and rep["superseded_blobs_present"] == []
     assert rep["operation_blobs"] == []  # purge deleted the unlearning FIMs with their rows
@@ -132,12 +107,12 @@ def test_request_export_report_and_purge_on_an_fl_lineage(fl_store: Store, tmp_p
         assert not fl_store.blobs.exists(n["before"]["head_blob"]) and n["after"]["missing"] == []
     assert len(rep["exports"]) == 1  # the copy outside the store still holds the data: still listed
     md_file = tmp_path / "report.md"
-    res = run("report", op, "-o", str(md_file), store=root)
+    res = cli_run("report", op, "-o", str(md_file), store=root)
     assert res.exit_code == 0 and res.stdout.strip() == f"wrote {md_file}"
     md = md_file.read_text()
     assert "Purged on" in md and "gone from the store" in md and "Not purged" not in md
     json_file = tmp_path / "report.json"
-    ok("report", op, "--format", "json", "-o", str(json_file), store=root)
+    cli_ok("report", op, "--format", "json", "-o", str(json_file), store=root)
     assert json.loads(json_file.read_text())["purged"] is True
 
 
@@ -188,7 +163,7 @@ def test_bad_input_one_line_store_unchanged(fl_store: Store, tmp_path: Path):
         (["unlearn", "--labels", "2", "--ticket", "A\nB", "--no-eval"], "one line"),
     ]
     for argv, needle in cases:
-        assert_one_line_error(run(*argv, store=root), needle)
+        cli_error_line(cli_run(*argv, store=root), needle)
         assert store_state(root) == before, argv
 
 
@@ -207,9 +182,9 @@ def test_old_store_migrates_with_empty_request_and_exports(tmp_path: Path, monke
 def test_help_on_new_commands_and_options():
     for argv, needle in ((["report", "--help"], "--format"), (["history", "--help"], "--exports"),
                          (["unlearn", "--help"], "--requester")):
-        res = run(*argv)
+        res = cli_run(*argv)
         assert res.exit_code == 0 and needle in res.stdout, (argv, res.stdout)
-    assert "--ticket" in run("history", "--help").stdout and "--reason" in run("unlearn", "--help").stdout
+    assert "--ticket" in cli_run("history", "--help").stdout and "--reason" in cli_run("unlearn", "--help").stdout
 
 
 # ------------------------------------------------------------------ 80 columns
