@@ -46,8 +46,9 @@ mlflow_app = typer.Typer(help="MLflow's model registry (needs umig[mlflow]).", n
 app.add_typer(mlflow_app, name="mlflow")
 
 StoreOpt = Annotated[
-    Optional[Path],
-    typer.Option("--store", envvar="UMIG_STORE", help="Store directory [default: ./.umig, or $UMIG_STORE]."),
+    Optional[str],
+    typer.Option("--store", envvar="UMIG_STORE", metavar="DIR|URL",
+                 help="Store: a directory, or postgresql://user@host/db [default: ./.umig, or $UMIG_STORE]."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 
@@ -76,8 +77,8 @@ def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def open_store(path: Optional[Path]):
-    return Store.open(path)
+def open_store(location: Optional[str]):
+    return Store.open(location)
 
 
 def parse_kv(items: list[str], what: str) -> dict[str, str]:
@@ -99,11 +100,18 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 @app.command()
 @handles_errors
-def init(store: StoreOpt = None, json_out: JsonOpt = False) -> None:
-    """Create an empty lineage store."""
-    s = Store.init(store)
-    R.emit({"store": str(s.root.resolve())}, as_json=json_out,
-           human=lambda _: f"initialised umig store at [bold]{s.root}[/]")
+def init(
+    store: StoreOpt = None,
+    blobs: Annotated[Optional[str], typer.Option(
+        "--blobs", metavar="DIR|URL",
+        help="Where blobs go: a directory or s3://bucket/prefix (AWS_* variables give credentials and "
+             "endpoint) [default: the store directory's blobs/; a postgresql:// store needs one].")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Create an empty lineage store: embedded (a directory) or shared (PostgreSQL + S3)."""
+    s = Store.init(store, blobs=blobs)
+    R.emit({"store": s.url, "blobs": s.blobs.url}, as_json=json_out,
+           human=lambda d: f"initialised umig store at [bold]{d['store']}[/] (blobs: {d['blobs']})")
 
 
 @app.command("add-node")
@@ -591,10 +599,37 @@ def ui(
     mode = "read-write" if allow_write else "read-only"
 
     def announce(url: str) -> None:
-        R.emit(None, as_json=False, human=lambda _: R.raw(f"umig ui ({mode}) on {url} for {s.root}; Ctrl-C stops it\n"))
+        R.emit(None, as_json=False, human=lambda _: R.raw(f"umig ui ({mode}) on {url} for {s.url}; Ctrl-C stops it\n"))
         sys.stdout.flush()  # a pipe reading the address sees it now
 
     serve_ui(s, host=host, port=port, allow_write=allow_write, announce=announce)
+
+
+store_app = typer.Typer(help="Whole stores: copy between backends.", no_args_is_help=True)
+app.add_typer(store_app, name="store")
+
+
+@store_app.command("copy")
+@handles_errors
+def store_copy(
+    src: Annotated[str, typer.Argument(metavar="SRC", help="The store to copy: a directory or postgresql:// URL.")],
+    dst: Annotated[str, typer.Argument(metavar="DST", help="Where to: a new directory or an empty database.")],
+    blobs: Annotated[Optional[str], typer.Option(
+        "--blobs", metavar="DIR|URL", help="The destination's blob location (as for 'umig init').")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Copy a whole store to another backend (local <-> PostgreSQL/S3), every blob verified by digest."""
+    with open_store(src) as s:
+        d = Store.init(dst, blobs=blobs, exist_ok=True)
+        try:
+            with R.phase_progress(enabled=not json_out) as progress:
+                out = s.copy_to(d, progress=(lambda done, total: progress("blobs", done, total)) if progress else None)
+            out = {"source": s.url, "destination": d.url, "blobs_at": d.blobs.url, **out}
+        finally:
+            d.close()
+    R.emit(out, as_json=json_out,
+           human=lambda o: f"copied {o['rows']} rows and {o['blobs']} blobs ({o['bytes'] / 1e6:.1f} MB) "
+                           f"from {o['source']} to [bold]{o['destination']}[/]")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -17,6 +17,9 @@ from umig.cli.main import app
 from umig.demo import build_fl_digits
 from umig.train import Recipe
 
+from postgres import pg_url, postgres_server  # noqa: F401  (fixtures: a real PostgreSQL server)
+from servers import s3_server, s3_url  # noqa: F401  (fixtures: an S3 server, moto in server mode)
+
 REPO = Path(__file__).resolve().parents[1]
 FAST_RECIPE = Recipe(optimizer="adam", lr=0.01, epochs=3, batch_size=64, seed=0)
 

@@ -45,7 +45,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundations", ("umig.graph", "umig.fisher", "umig.blobs", "umig.delta", "umig.heads",
                      "umig.arch", "umig.models", "umig.data", "umig.train", "umig.evaluate",
                      "umig.forget")),
-    ("store", ("umig.store",)),
+    ("store", ("umig.db", "umig.store")),  # db: connections and dialects, used by the store only
     ("ingest", ("umig.ingest",)),
     ("execution", ("umig.execution", "umig.unlearner")),
     ("unlearning", ("umig.unlearning", "umig.unlearners.*")),

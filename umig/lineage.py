@@ -33,13 +33,14 @@ FederatedRecorder also records server-side fine-tuning of the global model
 (``server``); every recorder accepts ``name=``/``parent=``/``meta=`` overrides and
 ``rec.record(...)`` writes any other node with the recorder's defaults.
 
-Model FIMs stay on the training device. By default :func:`umig.ingest.add_node` computes
-each node's model FIM with one forward pass over its data on the device the model
-already lives on (never moving it to the CPU); that pass costs about a third of one
-training epoch. :class:`FisherCapture` instead accumulates it from the last training
-epoch's own forward passes (``fim=cap.fim()``), so recording adds no pass over the
-data, at the price of an approximation (weights still moving, BatchNorm in training
-mode). ``benchmarks/bench_recording.py`` measures both.
+Model FIMs stay on the training device. A model trained by :func:`fit` carries the FIM its
+last epoch's forward passes accumulated (:class:`FisherCapture`), and recording it on the same
+data stores that FIM: recording adds no pass over the data. It is the FIM of the last epoch's
+parameters as they evolved (weights still moving, BatchNorm in training mode), not of the final
+weights; ``exact_fim=True`` (recorder or call) computes the exact one with one forward pass over
+the node's data on the device the model lives on, which costs about a third of one training
+epoch, and so does a model trained any other way (or given as a state dict) unless the loop
+passes ``fim=cap.fim()`` of its own capture. ``benchmarks/bench_recording.py`` measures both.
 
 The module also holds the *retraining reference* the examples and benchmarks
 compare unlearning against (:func:`retrain_reference`): every affected node is
@@ -57,7 +58,6 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -70,7 +70,7 @@ from umig.arch import ArchSpec, build_model
 from umig.data import Data, parse_ref, resolve, save_subset
 from umig.errors import UmigError
 from umig.evaluate import unlearning_accuracy
-from umig.fisher import FisherCapture
+from umig.fisher import FisherCapture, kept_fim
 from umig.store import NodeInfo, SqlStore
 from umig.train import Recipe, fit, fresh_model, inherit_weights, retrain_node
 from umig.unlearner import retained_share
@@ -100,7 +100,7 @@ def subset_ref(store: SqlStore, source: str, indices: Sequence[int] | np.ndarray
     """Data for ``indices`` of a reference, with its index file kept in the store (content-addressed)."""
     idx = np.asarray(torch.as_tensor(indices).cpu().numpy(), dtype=np.int64)
     digest = hashlib.sha256(idx.tobytes()).hexdigest()[:32]
-    path = Path(store.root) / "subsets" / f"{digest}.npy"
+    path = store.local_dir / "subsets" / f"{digest}.npy"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         save_subset(path, idx)
@@ -125,7 +125,10 @@ class LineageRecorder:
     ``arch`` is an :class:`umig.arch.ArchSpec` (or ``"module:callable"`` string) shared by
     the nodes unless a call passes its own; ``classes``/``head``/``recipe`` are defaults
     for every node. ``device`` forces the Fisher pass onto a device; by default it runs
-    where each model lives. ``seconds`` accumulates the time spent recording.
+    where each model lives. ``exact_fim`` runs that pass even for models :func:`fit` captured a
+    FIM for (see the module docstring). ``seconds`` accumulates the time spent recording;
+    ``capture_seconds`` the time the recorded models' training loops spent capturing their FIMs
+    (a recording cost paid inside training).
 
     Each edge records the parent's live version at record time (a recorder records children of
     what it just recorded), or the version this store object last loaded of it (``SqlStore.loaded``).
@@ -138,14 +141,15 @@ class LineageRecorder:
     def __init__(self, store: SqlStore, arch: Any = None, *, prefix: str = "node",
                  classes: Sequence[int] | None = None, head: str | None = None, recipe: Any = None,
                  device: str | torch.device | None = None, compute_fim: bool = True, fisher_batch: int = 512,
-                 num_classes_arg: str = "num_classes", catch_up: bool = False) -> None:
+                 num_classes_arg: str = "num_classes", catch_up: bool = False, exact_fim: bool = False) -> None:
         self.store, self.arch, self.prefix = store, arch, prefix
         self.classes = tuple(int(c) for c in classes) if classes is not None else None
         self.head_module, self.recipe, self.device = head, recipe, device
         self.compute_fim, self.fisher_batch, self.num_classes_arg = compute_fim, fisher_batch, num_classes_arg
-        self.catch_up = catch_up
+        self.catch_up, self.exact_fim = catch_up, exact_fim
         self.nodes: list[str] = []
         self.seconds = 0.0
+        self.capture_seconds = 0.0
         self._mass: dict[str, int] = {}
 
     def record(self, name: str, model: Model, *, arch: Any = None, parents: Sequence[str | tuple[str, float | None]] = (),
@@ -154,10 +158,14 @@ class LineageRecorder:
                catch_up: bool | None = None) -> NodeInfo:
         """Write one node (and its in-edges) through :func:`umig.unlearning.add_node`.
 
-        ``fim`` is a model FIM the training loop already has (:class:`FisherCapture`);
-        by default the store computes it with one forward pass over the node's data.
+        ``fim`` is a model FIM the training loop already has (:class:`FisherCapture`); without one,
+        the FIM :func:`fit` captured for ``model`` on ``data`` if any (unless ``exact_fim``), else
+        the store computes it with one forward pass over the node's data.
         """
         t0 = time.perf_counter()
+        kept = kept_fim(model) if isinstance(model, nn.Module) else None
+        if kept is not None:  # spent in the training loop whether or not this node can use it
+            self.capture_seconds += kept.seconds
         spec = arch if arch is not None else self.arch
         if spec is None:
             raise ValueError(f"node '{name}': no architecture given (pass arch= to the recorder or the call)")
@@ -166,7 +174,7 @@ class LineageRecorder:
             self.store, name, model, spec, parents=list(parents), relation=relation, framework=self.framework, data=data,
             classes=classes if classes is not None else self.classes, head=self.head_module,
             recipe=recipe if recipe is not None else self.recipe, meta=dict(meta or {}),
-            fim=fim, compute_fim=self.compute_fim,
+            fim=fim, compute_fim=self.compute_fim, exact_fim=self.exact_fim,
             fisher_batch=self.fisher_batch, device=device,
             catch_up=self.catch_up if catch_up is None else catch_up)
         self.nodes.append(info.name)
@@ -292,9 +300,10 @@ class FederatedRecorder(_RoundRecorder):
 
     def __init__(self, store: SqlStore, arch: Any, *, prefix: str = "fl", classes: Sequence[int] | None = None,
                  head: str | None = None, recipe: Any = None, device: str | torch.device | None = None,
-                 compute_fim: bool = True, fisher_batch: int = 512, catch_up: bool = False) -> None:
+                 compute_fim: bool = True, fisher_batch: int = 512, catch_up: bool = False,
+                 exact_fim: bool = False) -> None:
         super().__init__(store, arch, prefix=prefix, classes=classes, head=head, recipe=recipe, device=device,
-                         compute_fim=compute_fim, fisher_batch=fisher_batch, catch_up=catch_up)
+                         compute_fim=compute_fim, fisher_batch=fisher_batch, catch_up=catch_up, exact_fim=exact_fim)
 
     def client(self, round: int, client: int | str, model: Model, data: Data | str, *, recipe: Any = None,
                name: str | None = None, parent: str | None = None, meta: Mapping[str, Any] | None = None,
@@ -345,9 +354,10 @@ class DataParallelRecorder(_RoundRecorder):
 
     def __init__(self, store: SqlStore, arch: Any, *, prefix: str = "ddp", classes: Sequence[int] | None = None,
                  head: str | None = None, recipe: Any = None, device: str | torch.device | None = None,
-                 compute_fim: bool = True, fisher_batch: int = 512, catch_up: bool = False) -> None:
+                 compute_fim: bool = True, fisher_batch: int = 512, catch_up: bool = False,
+                 exact_fim: bool = False) -> None:
         super().__init__(store, arch, prefix=prefix, classes=classes, head=head, recipe=recipe, device=device,
-                         compute_fim=compute_fim, fisher_batch=fisher_batch, catch_up=catch_up)
+                         compute_fim=compute_fim, fisher_batch=fisher_batch, catch_up=catch_up, exact_fim=exact_fim)
 
     def shard(self, step: int, rank: int, model: Model, data: Data | str, *, recipe: Any = None,
               name: str | None = None, parent: str | None = None, meta: Mapping[str, Any] | None = None,
@@ -376,9 +386,10 @@ class IncrementalRecorder(LineageRecorder):
 
     def __init__(self, store: SqlStore, arch: Any, *, prefix: str = "il", head: str | None = None, recipe: Any = None,
                  device: str | torch.device | None = None, compute_fim: bool = True, fisher_batch: int = 512,
-                 num_classes_arg: str = "num_classes", catch_up: bool = False) -> None:
+                 num_classes_arg: str = "num_classes", catch_up: bool = False, exact_fim: bool = False) -> None:
         super().__init__(store, arch, prefix=prefix, head=head, recipe=recipe, device=device, compute_fim=compute_fim,
-                         fisher_batch=fisher_batch, num_classes_arg=num_classes_arg, catch_up=catch_up)
+                         fisher_batch=fisher_batch, num_classes_arg=num_classes_arg, catch_up=catch_up,
+                         exact_fim=exact_fim)
         self.last: str | None = None
         self.steps = 0
 
@@ -415,9 +426,10 @@ class TransferRecorder(LineageRecorder):
 
     def __init__(self, store: SqlStore, arch: Any, *, prefix: str = "tl", head: str | None = None, recipe: Any = None,
                  device: str | torch.device | None = None, compute_fim: bool = True, fisher_batch: int = 512,
-                 num_classes_arg: str = "num_classes", catch_up: bool = False) -> None:
+                 num_classes_arg: str = "num_classes", catch_up: bool = False, exact_fim: bool = False) -> None:
         super().__init__(store, arch, prefix=prefix, head=head, recipe=recipe, device=device, compute_fim=compute_fim,
-                         fisher_batch=fisher_batch, num_classes_arg=num_classes_arg, catch_up=catch_up)
+                         fisher_batch=fisher_batch, num_classes_arg=num_classes_arg, catch_up=catch_up,
+                         exact_fim=exact_fim)
         self.base_node: str | None = None
         self._heads = 0
 

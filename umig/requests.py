@@ -68,7 +68,7 @@ def deletion_report(store: SqlStore, operation: str) -> dict[str, Any]:
     return {
         "format": REPORT_FORMAT,
         "generated": time.time(),
-        "store": str(Path(store.root).resolve()),
+        "store": store.url,
         "operation": operation,
         "state": entry["state"],
         "request": {**{k: entry.get(k) for k in REQUEST_FIELDS}, "time": entry["created"]},

@@ -1,10 +1,14 @@
-"""The lineage store: SQLite metadata + content-addressed safetensors blobs.
+"""The lineage store: metadata in SQL + content-addressed safetensors blobs.
 
-Layout of a store directory::
+Embedded (the default), a store is a directory::
 
     umig.db        SQLite: nodes, edges, versions, operations (schema-versioned)
     blobs/         content-addressed safetensors files (sha256)
     lock           advisory write lock shared by every umig process
+
+Shared by a team, the metadata lives in a PostgreSQL database (``postgresql://...``) and the blobs in
+S3 (``s3://bucket/prefix``) or a shared directory; the blob location is recorded in the database at
+``init``, so the database URL alone opens the store (``umig.db`` holds what differs between servers).
 
 A node version is a row pointing at blobs: ``body`` (every tensor but the head),
 ``head`` (the classifier's weight and bias), an optional sparse ``delta`` (what
@@ -18,10 +22,9 @@ rolls the transaction back and removes the blobs it created.
 
 from __future__ import annotations
 
-import fcntl
+import hashlib
 import json
 import os
-import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -35,12 +38,13 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from umig import db as D
 from umig import graph as G
 from umig.arch import build_model
-from umig.blobs import BlobStore, BufferedBlobStore
+from umig.blobs import BlobStore, open_blobs
 from umig.data import Data, DataRef, verify
 from umig.delta import apply as apply_delta
-from umig.errors import GraphError, LockTimeout, NotFoundError, UmigError
+from umig.errors import GraphError, NotFoundError, UmigError
 from umig.fisher import FIM
 from umig.forget import SampleSet
 
@@ -173,6 +177,7 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY(operation, label)
     );
     CREATE INDEX operation_labels_label ON operation_labels(label);
+    -- sqlite only: stores from before schema 5 (a PostgreSQL store never was one)
     INSERT OR IGNORE INTO operation_labels(operation, label)
         SELECT o.id, CAST(j.value AS INTEGER) FROM operations o, json_each(o.labels) j;
     CREATE TABLE operation_samples(
@@ -399,18 +404,21 @@ class _Txn:
 
 
 class SqlStore:
-    """The lineage store's metadata (SQLite) and blobs. Open with :meth:`init` or :meth:`open`.
+    """The lineage store's metadata (SQLite or PostgreSQL) and blobs. Open with :meth:`init` or :meth:`open`.
 
-    The only class that executes SQL: every query, and every row -> entity mapping, is here.
+    The only class that executes SQL: every query, and every row -> entity mapping, is here
+    (``umig.db`` connects, and translates what differs between the two servers).
     Users open the facade ``umig.Store``, which adds ``add_node`` and ``unlearn``.
     """
 
-    def __init__(self, root: Path, db: sqlite3.Connection) -> None:
-        self.root = root
+    def __init__(self, db: D.Database, blobs: BlobStore, root: Path | None) -> None:
         self.db = db
-        self.blobs = BufferedBlobStore(root / "blobs")  # blob writes of a transaction overlap their fsyncs
+        self.blobs = blobs  # buffered: the blob writes of a transaction overlap their fsyncs
+        # The store's directory (an embedded store), or None for a database server's.
+        self.root = root
+        self.url = str(root.resolve()) if root is not None else db.url  # the store's name in records
         self._txn = _Txn()
-        self._lock_fh: Any = None
+        self._locked = False
         self.lock_timeout = float(os.environ.get("UMIG_LOCK_TIMEOUT", "60"))
         # The version of each node this object last handed out (state_dict, load_model, export):
         # ``add_node`` takes a parent named without a version to be derived from it (see ``ingest``).
@@ -418,58 +426,101 @@ class SqlStore:
 
     # ------------------------------------------------------------------ opening
     @staticmethod
-    def default_path() -> Path:
-        return Path(os.environ.get("UMIG_STORE", DEFAULT_STORE))
+    def default_path() -> str:
+        """``$UMIG_STORE`` (a directory or a ``postgresql://`` URL), else ``.umig``."""
+        return os.environ.get("UMIG_STORE", DEFAULT_STORE)
 
     @classmethod
-    def init(cls, path: str | Path | None = None, *, exist_ok: bool = False) -> "SqlStore":
-        """Create a store directory (or open it when ``exist_ok`` and it already is one)."""
-        root = Path(path) if path is not None else cls.default_path()
-        if (root / DB_NAME).exists():
-            if exist_ok:
-                return cls.open(root)
-            raise UmigError(f"a umig store already exists at {root}")
+    def init(cls, location: str | Path | None = None, *, blobs: str | Path | None = None,
+             exist_ok: bool = False) -> "SqlStore":
+        """Create a store (or open it when ``exist_ok`` and it already is one).
+
+        ``location`` is a directory (the embedded default) or a ``postgresql://`` URL (the database is
+        created when the server allows). ``blobs`` is where blobs go: a directory (default: the store
+        directory's ``blobs/``) or ``s3://bucket/prefix``; a PostgreSQL store needs one. The location
+        is recorded in the store, so later opens need only ``location``.
+        """
+        location = location if location is not None else cls.default_path()
+        if D.is_database_url(location):
+            if blobs is None:
+                raise UmigError(f"a store in {D.redact(str(location))} needs a blob location: pass --blobs "
+                                "s3://bucket/prefix (or a directory every machine shares)")
+            db = D.connect(location, create=True)
+            root = None
+        else:
+            root = Path(location)
+            if (root / DB_NAME).exists():
+                if exist_ok:
+                    return cls.open(root)
+                raise UmigError(f"a umig store already exists at {root}")
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+                (root / "lock").touch()
+            except OSError as e:
+                raise UmigError(f"cannot create a umig store at {root}: {e.strerror or e}") from None
+            db = D.connect(root)
         try:
-            root.mkdir(parents=True, exist_ok=True)
-            BlobStore(root / "blobs").ensure()
-            (root / "lock").touch()
-        except OSError as e:
-            raise UmigError(f"cannot create a umig store at {root}: {e.strerror or e}") from None
-        return cls._connect(root)
+            if db.has_table("meta"):
+                if exist_ok:
+                    return cls._open(db, root)
+                raise UmigError(f"a umig store already exists at {db.url}")
+            url = _blob_url(blobs, root)
+            store = cls(db, open_blobs(url), root)
+            store.blobs.ensure()  # a bucket that cannot be written fails here, before any row exists
+            store._migrate(blobs=None if blobs is None else url)
+            return store
+        except BaseException:
+            db.close()
+            raise
 
     @classmethod
-    def open(cls, path: str | Path | None = None) -> "SqlStore":
+    def open(cls, location: str | Path | None = None) -> "SqlStore":
         """Open an existing store; migrates its schema when it is older than this umig."""
-        root = Path(path) if path is not None else cls.default_path()
+        location = location if location is not None else cls.default_path()
+        if D.is_database_url(location):
+            db = D.connect(location)
+            if not db.has_table("meta"):
+                db.close()
+                raise NotFoundError(f"no umig store in {D.redact(str(location))} (run 'umig init --store URL "
+                                    "--blobs URL' first)")
+            return cls._open(db, None)
+        root = Path(location)
         if not (root / DB_NAME).exists():
             raise NotFoundError(f"no umig store at {root} (run 'umig init' or pass --store)")
-        return cls._connect(root)
+        return cls._open(D.connect(root), root)
 
     @classmethod
-    def _connect(cls, root: Path) -> "SqlStore":
-        db = sqlite3.connect(root / DB_NAME, isolation_level=None, timeout=60, check_same_thread=False)
-        db.row_factory = sqlite3.Row
+    def _open(cls, db: D.Database, root: Path | None) -> "SqlStore":
         try:
-            db.execute("PRAGMA foreign_keys=ON")
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-        except sqlite3.DatabaseError as e:  # e.g. "file is not a database"
+            row = db.execute("SELECT value FROM meta WHERE key='store.blobs'").fetchone() \
+                if db.has_table("meta") else None
+            store = cls(db, open_blobs(row[0] if row else _blob_url(None, root)), root)
+            store._migrate()
+            return store
+        except BaseException:
             db.close()
-            raise UmigError(f"{root / DB_NAME} is not a readable umig database ({e})") from None
-        store = cls(root, db)
-        store._migrate()
-        return store
+            raise
+
+    @property
+    def local_dir(self) -> Path:
+        """A directory on this machine for the store's local side files (index files of data subsets):
+        the store directory, or for a server's store a cache directory of its own."""
+        if self.root is not None:
+            return self.root
+        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "umig"
+        return cache / hashlib.sha256(self.url.encode()).hexdigest()[:16]
+
+    def change_token(self) -> Any:
+        """A value that changes whenever any process commits to this store (cheap: no query of the data)."""
+        return self.db.change_token()
 
     def _schema_version(self) -> int:
-        row = self.db.execute(
-            "SELECT name FROM sqlite_master WHERE type='table' AND name='meta'"
-        ).fetchone()
-        if row is None:
+        if not self.db.has_table("meta"):
             return 0
         v = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
         return int(v[0]) if v else 0
 
-    def _migrate(self) -> None:
+    def _migrate(self, *, blobs: str | None = None) -> None:
         current = self._schema_version()
         if current > SCHEMA_VERSION:
             raise UmigError(
@@ -481,10 +532,16 @@ class SqlStore:
             current = self._schema_version()  # another process may have migrated meanwhile
             for i in range(current, SCHEMA_VERSION):
                 for stmt in _split_sql(MIGRATIONS[i]):
-                    self.db.execute(stmt)
-                self.db.execute(
-                    "INSERT OR REPLACE INTO meta(key, value) VALUES('schema_version', ?)", (str(i + 1),)
-                )
+                    stmt = self.db.schema(stmt)
+                    if stmt is not None:
+                        self.db.execute(stmt)
+                self._set_meta("schema_version", str(i + 1))
+            if blobs is not None:
+                self._set_meta("store.blobs", blobs)
+
+    def _set_meta(self, key: str, value: str) -> None:
+        self.db.execute("INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                        (key, value))
 
     def close(self) -> None:
         self.blobs.close()
@@ -499,35 +556,20 @@ class SqlStore:
     # ---------------------------------------------------------- lock and txn
     @contextmanager
     def lock(self) -> Iterator[None]:
-        """The store's write lock (advisory, across processes), waited for up to ``lock_timeout`` s."""
-        if self._lock_fh is not None:
+        """The store's write lock (across processes and machines), waited for up to ``lock_timeout`` s."""
+        if self._locked:
             yield
             return
-        fh = open(self.root / "lock", "a+")
-        deadline = time.monotonic() + self.lock_timeout
-        while True:
+        with self.db.write_lock(self.lock_timeout):
+            self._locked = True
             try:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    fh.close()
-                    raise LockTimeout(
-                        f"store {self.root} is locked by another umig process; gave up after "
-                        f"{self.lock_timeout:g} s (set UMIG_LOCK_TIMEOUT to wait longer)"
-                    ) from None
-                time.sleep(0.05)
-        self._lock_fh = fh
-        try:
-            yield
-        finally:
-            self._lock_fh = None
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-            fh.close()
+                yield
+            finally:
+                self._locked = False
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
-        """One atomic change: lock, BEGIN IMMEDIATE, commit; on error roll back and drop new blobs.
+        """One atomic change: lock, begin, commit; on error roll back and drop new blobs.
 
         Re-entrant: nested calls join the outer transaction (``store.batch()``).
         """
@@ -540,7 +582,7 @@ class SqlStore:
             return
         with self.lock():
             self._txn = _Txn(depth=1)
-            self.db.execute("BEGIN IMMEDIATE")
+            self.db.begin()
             try:
                 yield
                 # Every deferred blob write durable before the metadata naming it commits.
@@ -548,11 +590,11 @@ class SqlStore:
             except BaseException as e:
                 self._txn.created_blobs.extend(d for _, d in self.blobs.flush(check=False))
                 self._txn.created_blobs.extend(getattr(e, "created_blobs", None) or ())
-                self.db.execute("ROLLBACK")
+                self.db.rollback()
                 self._discard_unreferenced(self._txn.created_blobs)
                 raise
             else:
-                self.db.execute("COMMIT")
+                self.db.commit()
                 # Only now: inside a store.batch() a remove/purge may still be rolled back.
                 self._discard_unreferenced(self._txn.released)
             finally:
@@ -753,7 +795,8 @@ class SqlStore:
             now = time.time()
             cur = self.db.execute(
                 "INSERT INTO nodes(name, arch, head, classes, input_shape, data_ref, data_fingerprint, data_size, "
-                "label_counts, framework, meta, recipe, created, version) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,0)",
+                "label_counts, framework, meta, recipe, created, version) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,0) "
+                "RETURNING id",
                 (
                     name,
                     json.dumps(arch),
@@ -770,7 +813,7 @@ class SqlStore:
                     now,
                 ),
             )
-            nid = cur.lastrowid
+            nid = int(cur.fetchone()[0])
             for p, w, *version in parents:
                 v = version[0] if version and version[0] is not None else self.live_version(p)
                 self.db.execute(
@@ -797,7 +840,7 @@ class SqlStore:
 
     def set_config(self, key: str, value: Any) -> None:
         with self.transaction():
-            self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES(?, ?)", (f"config.{key}", str(value)))
+            self._set_meta(f"config.{key}", str(value))
 
     def link(self, parent: str, child: str, *, relation: str = "finetune", weight: float | None = None) -> None:
         """Add an edge between existing nodes; refused when it would close a cycle. The edge records the
@@ -912,14 +955,12 @@ class SqlStore:
                 cache[text] = v
             return v
 
-        # Plain tuples (not sqlite3.Row), one query per 500 names, and NodeSnapshot's fields given in
+        # Plain tuples (not rows by name), one query per 500 names, and NodeSnapshot's fields given in
         # their declared order (positional: a third of the cost of keywords on 50,000 nodes).
-        cur = self.db.cursor()
-        cur.row_factory = None
         for i in range(0, len(names), 500):
             part = names[i : i + 500]
             marks = ",".join("?" * len(part))
-            for child, parent, relation, weight in cur.execute(
+            for child, parent, relation, weight in self.db.tuples(
                 f"SELECT c.name, p.name, e.relation, e.weight FROM edges e "
                 f"JOIN nodes c ON c.id=e.child JOIN nodes p ON p.id=e.parent WHERE c.name IN ({marks}) "
                 f"ORDER BY p.name",
@@ -927,12 +968,12 @@ class SqlStore:
             ):
                 parents[child].append((parent, relation, weight))
             for (name, version, arch, head, classes, body, head_blob, delta, fim, data_ref, fingerprint, size,
-                 counts, recipe, framework) in cur.execute(
+                 counts, recipe, framework) in self.db.tuples(
                 f"SELECT n.name, n.version, n.arch, n.head, n.classes, v.body, v.head, v.delta, v.fim, n.data_ref, "
                 f"n.data_fingerprint, n.data_size, n.label_counts, n.recipe, n.framework FROM nodes n "
                 f"JOIN versions v ON v.node=n.id AND v.version=n.version WHERE n.name IN ({marks})",
                 part,
-            ).fetchall():
+            ):
                 out[name] = NodeSnapshot(  # name, version, arch, head, classes, body/head/delta/fim blobs,
                     name, version, load("arch", arch), head, load("classes", classes), body, head_blob, delta, fim,
                     load("json", data_ref), fingerprint, size, load("labels", counts), load("json", recipe),
@@ -995,7 +1036,7 @@ class SqlStore:
                  for v in versions])
             self.db.executemany("INSERT INTO operation_blobs(operation, digest, kind) VALUES(?,?,?)",
                                 [(op_id, d, k) for d, k in blobs])
-            self.db.executemany("INSERT OR IGNORE INTO operation_labels(operation, label) VALUES(?,?)",
+            self.db.executemany("INSERT INTO operation_labels(operation, label) VALUES(?,?) ON CONFLICT DO NOTHING",
                                 [(op_id, int(x)) for x in labels])
             self.db.executemany(
                 "INSERT INTO operation_samples(operation, dataset, source, client, size, count, indices) "
@@ -1003,20 +1044,20 @@ class SqlStore:
                 [(op_id, ss.dataset, ss.source, ss.client, int(ss.size), int(ss.indices.size), d) for ss, d in kept])
         return after
 
-    def _operation(self, op_id: str) -> sqlite3.Row:
+    def _operation(self, op_id: str) -> Any:
         row = self.db.execute("SELECT * FROM operations WHERE id=?", (op_id,)).fetchone()
         if row is None:
             raise NotFoundError(f"unknown operation '{op_id}'")
         return row
 
-    def _operation_nodes(self, op_id: str) -> list[sqlite3.Row]:
+    def _operation_nodes(self, op_id: str) -> list[Any]:
         return self.db.execute(
             "SELECT o.*, n.name, n.version AS current FROM operation_nodes o JOIN nodes n ON n.id=o.node "
             "WHERE o.operation=? ORDER BY n.id",
             (op_id,),
         ).fetchall()
 
-    def _caught_up_rows(self, op_id: str) -> list[sqlite3.Row]:
+    def _caught_up_rows(self, op_id: str) -> list[Any]:
         return self.db.execute(
             "SELECT c.*, n.name, n.version AS current FROM caught_up c JOIN nodes n ON n.id=c.node "
             "WHERE c.operation=? ORDER BY c.created, n.id",
@@ -1094,7 +1135,7 @@ class SqlStore:
             where.append("o.ticket=?")
             args.append(ticket.strip())
         if requester is not None:
-            where.append("o.requester=? COLLATE NOCASE")
+            where.append("LOWER(o.requester)=LOWER(?)")
             args.append(requester.strip())
         ops = self.db.execute(
             "SELECT o.* FROM operations o" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY o.created",
@@ -1119,7 +1160,7 @@ class SqlStore:
             "SELECT version_after, version_before FROM operation_nodes WHERE node=? "
             "UNION ALL SELECT version_after, version_before FROM caught_up WHERE node=?", (nid, nid))}
 
-    def _history_entry(self, op: sqlite3.Row) -> dict[str, Any]:
+    def _history_entry(self, op: Any) -> dict[str, Any]:
         plan = json.loads(op["plan"])
         rows = self._operation_nodes(op["id"])
         return {
@@ -1271,8 +1312,10 @@ class SqlStore:
             ids = dict(self.db.execute("SELECT name, id FROM nodes").fetchall())
             now = time.time()
             self.db.executemany(
-                "INSERT OR REPLACE INTO operation_references(operation, node, method, body, head, delta, fim, "
-                "seconds, created) VALUES(?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO operation_references(operation, node, method, body, head, delta, fim, seconds, created) "
+                "VALUES(?,?,?,?,?,?,?,?,?) ON CONFLICT(operation, node) DO UPDATE SET method=excluded.method, "
+                "body=excluded.body, head=excluded.head, delta=excluded.delta, fim=excluded.fim, "
+                "seconds=excluded.seconds, created=excluded.created",
                 [(op_id, ids[n], method, p["body"], p["head"], p.get("delta"), p.get("fim"),
                   float(seconds.get(n, 0.0)), now) for n, p in parts.items()])
 
@@ -1293,15 +1336,54 @@ class SqlStore:
             self.db.execute("UPDATE operations SET verification=? WHERE id=?",
                             (json.dumps(dict(verification), default=float), op_id))
 
+    def copy_to(self, dst: "SqlStore", *, progress: Any = None) -> dict[str, int]:
+        """Copy this whole store into ``dst``, an empty store (another backend, say): every blob any row
+        names, read and verified by digest, written to ``dst``'s blobs, then every row in one transaction
+        of ``dst``. A failure leaves ``dst`` as empty as it was. ``progress(done, total)`` is called as
+        blobs are copied. Returns counts of blobs, bytes and rows."""
+        if len(dst) or dst.db.execute("SELECT COUNT(*) FROM operations").fetchone()[0]:
+            raise UmigError(f"cannot copy into {dst.url}: it is not empty")
+        tables = _COPY_TABLES
+        with self.lock(), dst.transaction():
+            digests = sorted(self._referenced())
+            copied = nbytes = 0
+            for i, digest in enumerate(digests):
+                data = self.blobs.read_bytes(digest)  # verified against its digest
+                got, created = dst.blobs.put_bytes(data)
+                if got != digest:
+                    raise UmigError(f"blob {digest[:12]} read back as {got[:12]} while copying")
+                if created:
+                    dst.adopt_blobs([digest])
+                copied += 1
+                nbytes += len(data)
+                if progress is not None:
+                    progress(i + 1, len(digests))
+            rows = 0
+            for table in tables:
+                cols = [c for c in self._columns(table) if c != "rowid"]
+                # rowid: SQLite's implicit one, the PostgreSQL schema's explicit one; the insertion order
+                # the store reads some tables in, kept by inserting in it.
+                data_rows = self.db.tuples(f"SELECT {', '.join(cols)} FROM {table} ORDER BY rowid")
+                if table == "meta":  # the destination keeps its own schema version and blob location
+                    data_rows = [r for r in data_rows if r[0].startswith("config.")]
+                    dst.db.executemany("INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE "
+                                       "SET value=excluded.value", data_rows)
+                else:
+                    dst.db.executemany(f"INSERT INTO {table}({', '.join(cols)}) VALUES({', '.join('?' * len(cols))})",
+                                       data_rows)
+                rows += len(data_rows)
+            dst.db.reset_sequences(tables)
+        return {"blobs": copied, "bytes": nbytes, "rows": rows}
+
+    def _columns(self, table: str) -> list[str]:
+        return [d[0] for d in self.db.execute(f"SELECT * FROM {table} LIMIT 0").description]
+
     def gc(self) -> int:
         """Delete blobs no version or operation refers to, and half-written temp files (left by killed
         runs); returns bytes freed. Writers hold the lock, so nothing in flight is touched."""
         with self.lock():
             freed = self.blobs.delete(self.blobs.all_digests() - self._referenced())
-            for part in self.blobs.tmp.glob("*.part"):
-                freed += part.stat().st_size
-                part.unlink(missing_ok=True)
-            return freed
+            return freed + self.blobs.remove_partial()
 
 
 # ----------------------------------------------------------------- helpers
@@ -1322,11 +1404,27 @@ def split_head(state: Mapping[str, torch.Tensor], head: str) -> tuple[dict[str, 
     return body, head_t
 
 
+# Every table, parents before children (foreign keys), for ``copy_to``.
+_COPY_TABLES = ("meta", "nodes", "edges", "versions", "operations", "operation_nodes", "operation_blobs",
+                "operation_references", "operation_labels", "operation_samples", "caught_up", "exports")
+
+
+def _blob_url(blobs: str | Path | None, root: Path | None) -> str:
+    """Where a store's blobs are: an ``s3://`` URL as given, a directory made absolute (default: the
+    store directory's ``blobs/``)."""
+    if blobs is None:
+        if root is None:
+            raise UmigError("this store records no blob location; it was not created by 'umig init'")
+        return str((root / "blobs").resolve())
+    text = str(blobs)
+    return text if "://" in text and not text.startswith("file://") else str(Path(text.removeprefix("file://")).resolve())
+
+
 def _split_sql(script: str) -> list[str]:
     return [s.strip() for s in script.split(";") if s.strip()]
 
 
-def _node_from_row(row: sqlite3.Row, parents=(), children=(), parent_versions=None) -> NodeInfo:
+def _node_from_row(row: Any, parents=(), children=(), parent_versions=None) -> NodeInfo:
     return NodeInfo(
         name=row["name"],
         arch=json.loads(row["arch"]),
@@ -1348,16 +1446,16 @@ def _node_from_row(row: sqlite3.Row, parents=(), children=(), parent_versions=No
     )
 
 
-def _caught_up_json(row: sqlite3.Row) -> dict[str, Any]:
+def _caught_up_json(row: Any) -> dict[str, Any]:
     return {"name": row["name"], "version_before": row["version_before"], "version_after": row["version_after"],
             "reason": row["reason"], "created": row["created"], **json.loads(row["metrics"])}
 
 
-def _request_from_row(row: sqlite3.Row) -> Request:
+def _request_from_row(row: Any) -> Request:
     return Request(requester=row["requester"], reason=row["reason"], ticket=row["ticket"])
 
 
-def _version_from_row(name: str, row: sqlite3.Row) -> Version:
+def _version_from_row(name: str, row: Any) -> Version:
     return Version(
         node=name,
         version=row["version"],

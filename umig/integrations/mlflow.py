@@ -220,7 +220,7 @@ def import_version(store: SqlStore, name: str, version: int | str, *, client: Ml
 def _tag_version(client: MlflowClient, mv: ModelVersion, info: NodeInfo, store: SqlStore) -> None:
     client.set_model_version_tag(mv.name, mv.version, TAG_NODE, info.name)
     client.set_model_version_tag(mv.name, mv.version, TAG_NODE_VERSION, str(info.version))
-    client.set_model_version_tag(mv.name, mv.version, TAG_STORE, str(Path(store.root).resolve()))
+    client.set_model_version_tag(mv.name, mv.version, TAG_STORE, store.url)
     if mv.run_id:
         client.set_tag(mv.run_id, TAG_NODE, info.name)
 
@@ -339,7 +339,7 @@ def lineage_tags(store: SqlStore, node: str, version: int) -> dict[str, str]:
     """
     info = store.node(node)
     arch = info.arch if isinstance(info.arch, dict) else {"spec": str(info.arch)}
-    tags = {TAG_NODE: node, TAG_NODE_VERSION: str(version), TAG_STORE: str(Path(store.root).resolve()),
+    tags = {TAG_NODE: node, TAG_NODE_VERSION: str(version), TAG_STORE: store.url,
             "umig.parents": ",".join(p for p, *_ in info.parents),
             "umig.relation": ",".join(r for _, r, _ in info.parents),
             "umig.framework": info.framework, "umig.arch": str(arch.get("spec", "")),
@@ -438,7 +438,7 @@ def sync(store: SqlStore, tracking_uri: str | None = None, *, client: MlflowClie
 
 def _sync(store: SqlStore, client: MlflowClient, registered_model: str | None, experiment: str,
           artifact_location: str | None) -> dict[str, list[str]]:
-    root = str(Path(store.root).resolve())
+    root = store.url
     existing: dict[tuple[str, int], list[ModelVersion]] = {}
     for mv in _all_versions(client):
         tags = mv.tags or {}

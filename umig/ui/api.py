@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from umig.api import Store
@@ -39,7 +38,7 @@ UNLEARN_FIELDS = frozenset({"labels", "clients", "method", "params", "discovery"
 
 def info(store: Store, *, allow_write: bool) -> dict[str, Any]:
     """What the page shows in its header: the store, its size, and whether writes are allowed."""
-    return {"store": str(Path(store.root).resolve()), "nodes": len(store), "allow_write": allow_write}
+    return {"store": store.url, "nodes": len(store), "allow_write": allow_write}
 
 
 def graph(store: Store) -> dict[str, Any]:

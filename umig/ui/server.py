@@ -16,7 +16,6 @@ changed, so opening the page of a large lineage waits for no rebuild.
 
 from __future__ import annotations
 
-import os
 import socket
 import threading
 import time
@@ -27,7 +26,6 @@ from typing import Any
 
 from umig.api import Store
 from umig.errors import LockTimeout, NotFoundError, UmigError
-from umig.store import DB_NAME
 from umig.ui import api
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -38,21 +36,8 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline';
        "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 
 
-def db_state(root: Path) -> tuple[tuple[int, int] | None, ...]:
-    """A cheap fingerprint of the store's database: size and modification time of ``umig.db`` and its
-    write-ahead log. Any commit, by this server or another process, changes it."""
-    out = []
-    for name in (DB_NAME, DB_NAME + "-wal"):
-        try:
-            st = os.stat(root / name)
-            out.append((st.st_mtime_ns, st.st_size))
-        except FileNotFoundError:
-            out.append(None)
-    return tuple(out)
-
-
 class GraphCache:
-    """The ``/api/graph`` body, rebuilt only when the database changed (``db_state``).
+    """The ``/api/graph`` body, rebuilt only when the database changed (``Store.change_token``).
 
     The graph of a 10,000-node store takes about half a second to build and serialise; the page asks
     for it on every open. The state is read before building, so a commit that lands while it builds
@@ -61,12 +46,12 @@ class GraphCache:
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self.state: tuple | None = None
+        self.state: Any = None
         self.body: bytes = b""
 
     def get(self) -> bytes:
         """The current graph as JSON bytes (call under the server's store lock)."""
-        state = db_state(Path(self.store.root))
+        state = self.store.change_token()
         if state != self.state or not self.body:
             self.body = api.dumps(api.graph(self.store))
             self.state = state
