@@ -1,14 +1,25 @@
-"""umig.blobs: the direct safetensors writer gives safetensors' own bytes; partial loads; shared writers."""
+"""umig.blobs: the direct safetensors writer gives safetensors' own bytes; every store operation against a
+local directory and an S3 bucket (a moto server); partial loads; shared writers."""
 
 from __future__ import annotations
 
+import hashlib
 import random
 
 import pytest
 import torch
 from safetensors.torch import load as st_load
 
-from umig.blobs import BlobStore, BufferedBlobStore, _serialise_direct, _serialise_safetensors, serialise
+from umig.blobs import (
+    BlobStore,
+    BufferedBlobStore,
+    _serialise_direct,
+    _serialise_safetensors,
+    blobs_url,
+    open_blobs,
+    serialise,
+)
+from umig.errors import IntegrityError, NotFoundError
 
 DTYPES = [torch.int64, torch.float64, torch.float32, torch.int32, torch.float16, torch.int16, torch.int8,
           torch.uint8, torch.bool]
@@ -43,9 +54,104 @@ def test_direct_writer_leaves_other_inputs_to_safetensors():
     assert torch.equal(st_load(bf)["w"], torch.ones(3, dtype=torch.bfloat16))
 
 
-def test_load_parts_reads_only_the_named_tensors_and_checks_the_hash(tmp_path):
-    blobs = BlobStore(tmp_path / "blobs")
-    blobs.ensure()
+# ------------------------------------------------ every test below: local and S3
+@pytest.fixture(params=["local", "s3"])
+def blob_store(request, tmp_path):
+    """A blob store opened from its location, as workers open it: a directory, or a bucket of the test
+    S3 server (skipped without moto/s3fs)."""
+    where = tmp_path / "blobs" if request.param == "local" else request.getfixturevalue("s3_url")
+    store = open_blobs(where)
+    store.ensure()
+    yield store
+    store.close()
+
+
+def overwrite(store, digest: str, data: bytes) -> None:
+    """Replace a stored blob's bytes behind the store's back (disk corruption, a bad upload)."""
+    if isinstance(store, BlobStore):
+        store.path(digest).write_bytes(data)
+    else:
+        import boto3
+
+        boto3.client("s3").put_object(Bucket=store.bucket, Key=store._key(digest), Body=data)
+
+
+def leave_partial(store) -> int:
+    """What an interrupted write leaves behind; returns its bytes."""
+    if isinstance(store, BlobStore):
+        (store.tmp / "0123.abcd.part").write_bytes(b"x" * 100)
+        return 100
+    import boto3
+
+    s3 = boto3.client("s3")
+    key = store._key("ab" * 32)
+    up = s3.create_multipart_upload(Bucket=store.bucket, Key=key)
+    s3.upload_part(Bucket=store.bucket, Key=key, UploadId=up["UploadId"], PartNumber=1, Body=b"y" * 300)
+    return 300
+
+
+def test_blobs_round_trip_dedup_and_reopen_from_the_url(blob_store):
+    tensors = {"w": torch.randn(3, 4), "b": torch.arange(3)}
+    digest, created = blob_store.put_tensors(tensors, {"node": "a"})
+    assert created and blob_store.exists(digest)
+    assert blob_store.put_tensors(tensors, {"node": "a"}) == (digest, False)  # same bytes, same blob
+    assert blob_store.put_bytes(serialise(tensors, {"node": "a"})) == (digest, False)
+    loaded, meta = blob_store.load_with_metadata(digest)
+    assert meta == {"node": "a"} and all(torch.equal(loaded[k], v) for k, v in tensors.items())
+    assert blob_store.metadata(digest) == {"node": "a"}
+    assert blob_store.size(digest) == len(serialise(tensors, {"node": "a"}))
+    assert blob_store.url == blobs_url(blob_store.url)  # canonical: absolute directory or s3://bucket/prefix
+    again = open_blobs(blob_store.url)  # what a worker does, from the URL alone
+    assert torch.equal(again.load(digest)["w"], tensors["w"]) and again.all_digests() == {digest}
+
+
+def test_blobs_corruption_and_missing_blobs_are_clear_errors(blob_store):
+    digest, _ = blob_store.put_tensors({"x": torch.ones(5)})
+    other = serialise({"x": torch.zeros(5)})
+    overwrite(blob_store, digest, other)
+    with pytest.raises(IntegrityError, match=f"blob {digest[:12]} of node 'n1' is corrupted"):
+        blob_store.load(digest, owner="n1")
+    with pytest.raises(IntegrityError, match=digest[:12]):
+        blob_store.load_parts(digest, ("x",))
+    absent = hashlib.sha256(b"never written").hexdigest()
+    assert not blob_store.exists(absent)
+    with pytest.raises(NotFoundError, match=f"blob {absent[:12]} of node 'n2' is missing"):
+        blob_store.read_bytes(absent, owner="n2")
+
+
+def test_blobs_delete_and_list(blob_store):
+    digests = [blob_store.put_tensors({"i": torch.tensor([i])})[0] for i in range(3)]
+    sizes = [blob_store.size(d) for d in digests]
+    assert blob_store.all_digests() == set(digests)
+    absent = hashlib.sha256(b"absent").hexdigest()
+    assert blob_store.delete([digests[0], digests[1], absent]) == sizes[0] + sizes[1]
+    assert blob_store.all_digests() == {digests[2]} and not blob_store.exists(digests[0])
+    assert blob_store.delete([]) == 0
+    many = [blob_store.put_deferred({"j": torch.tensor([j])}) for j in range(70)]  # S3: one listing, not 70 HEADs
+    blob_store.flush()
+    assert blob_store.delete(many) > 0 and blob_store.all_digests() == {digests[2]}
+
+
+def test_blobs_deferred_writes_are_readable_at_once_and_stored_by_flush(blob_store):
+    digests = [blob_store.put_deferred({"x": torch.arange(i + 1.0)}, {"i": str(i)}, tag=i) for i in range(20)]
+    assert all(blob_store.exists(d) for d in digests)
+    assert torch.equal(blob_store.load(digests[5])["x"], torch.arange(6.0))  # served while its write may be pending
+    assert sorted(blob_store.flush()) == sorted(enumerate(digests))
+    other = open_blobs(blob_store.url)
+    assert other.all_digests() == set(digests) and other.load_with_metadata(digests[7])[1] == {"i": "7"}
+    assert blob_store.flush() == []
+    assert blob_store.put_deferred({"x": torch.arange(1.0)}, {"i": "0"}) == digests[0] and blob_store.flush() == []
+
+
+def test_blobs_remove_what_interrupted_writes_left(blob_store):
+    blob_store.put_tensors({"kept": torch.ones(2)})
+    left = leave_partial(blob_store)
+    assert blob_store.remove_partial() == left
+    assert blob_store.remove_partial() == 0 and len(blob_store.all_digests()) == 1
+
+
+def test_load_parts_reads_only_the_named_tensors_and_checks_the_hash(blob_store):
+    blobs = blob_store
     tensors = {"weight": torch.randn(3, 4), "bias": torch.randn(3), "classes": torch.arange(3),
                "label_weight": torch.randn(3, 3, 4), "half": torch.ones(2, dtype=torch.bfloat16)}
     digest, _ = blobs.put_tensors(tensors, {"kind": "empirical"})
@@ -55,10 +161,9 @@ def test_load_parts_reads_only_the_named_tensors_and_checks_the_hash(tmp_path):
     got["weight"][0, 0] = 1e6  # a copy: writable, and the blob is unchanged
     half, _ = blobs.load_parts(digest, ("half",))
     assert torch.equal(half["half"], tensors["half"])
-    path = blobs.path(digest)
-    raw = bytearray(path.read_bytes())
+    raw = bytearray(blobs.read_bytes(digest))
     raw[-1] ^= 0xFF
-    path.write_bytes(bytes(raw))
+    overwrite(blobs, digest, bytes(raw))
     with pytest.raises(Exception, match="corrupted"):
         blobs.load_parts(digest, ("weight",))
 

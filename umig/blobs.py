@@ -1,23 +1,34 @@
-"""Content-addressed safetensors blobs.
+"""Content-addressed safetensors blobs, in a local directory or in S3.
 
-A blob is a safetensors file named by the sha256 of its bytes. Writes go to a
-temporary file that is fsynced and then renamed into place, so a reader never
-sees a half-written blob; reads verify the hash, so corruption on disk is a
-clear error instead of silently wrong weights.
+A blob is a safetensors file named by the sha256 of its bytes. Locally, writes go to a
+temporary file that is fsynced and then renamed into place, so a reader never sees a
+half-written blob; in S3 a PUT is atomic, and the object is checked (HEAD) before the blob
+counts as written. Reads verify the hash, so corruption is a clear error instead of silently
+wrong weights.
+
+:func:`open_blobs` opens a store from where its blobs are: a directory (or ``file://`` URL)
+or ``s3://bucket/prefix``; every store names that place as ``.url``, which is all a worker
+needs to open the same store. Where bytes live (:class:`BlobStore`, :class:`S3BlobStore`) is
+kept apart from deferred writing (:class:`_Buffering`, one implementation for both:
+:class:`BufferedBlobStore`, :class:`BufferedS3BlobStore`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
 import os
+import re
 import struct
 import sys
 import threading
+import time
 import uuid
+from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -28,12 +39,12 @@ from safetensors import safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from umig.errors import IntegrityError, NotFoundError
+from umig.errors import IntegrityError, NotFoundError, UmigError
 
 _CHUNK = 1 << 20
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_dir(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -41,88 +52,84 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class BlobStore:
-    """A directory of immutable safetensors blobs keyed by sha256."""
+def _where(owner: str | None) -> str:
+    return f" of node '{owner}'" if owner else ""
 
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
-        self.tmp = self.root / "tmp"
-        # Plain strings on the hot path (pathlib costs more than the read of a small head).
-        self._root_s = os.fspath(self.root)
-        self._tmp_s = os.fspath(self.tmp)
 
+def _corrupted(digest: str, actual: str, owner: str | None, location: str) -> IntegrityError:
+    return IntegrityError(f"blob {digest[:12]}{_where(owner)} is corrupted: its content hash is {actual[:12]} "
+                          f"({location})")
+
+
+def _missing(digest: str, owner: str | None, location: str) -> NotFoundError:
+    return NotFoundError(f"blob {digest[:12]}{_where(owner)} is missing from the store ({location})")
+
+
+class BaseBlobStore(ABC):
+    """What every blob store offers, wherever its bytes live; subclasses say where.
+
+    ``url`` names the place (an absolute directory or ``s3://bucket/prefix``): :func:`open_blobs`
+    opens the same store from it in another process or on another machine.
+    """
+
+    url: str
+
+    @abstractmethod
     def ensure(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.tmp.mkdir(exist_ok=True)
+        """Make the place ready for writes (or fail with one clear error when it cannot be)."""
 
-    def path(self, digest: str) -> Path:
-        return Path(self._file(digest))
+    @abstractmethod
+    def exists(self, digest: str) -> bool: ...
 
-    def _file(self, digest: str) -> str:
-        return f"{self._root_s}/{digest[:2]}/{digest}.safetensors"
+    @abstractmethod
+    def _write(self, digest: str, data: bytes) -> bool:
+        """Store ``data`` under ``digest`` atomically; False when it was there already. Once this returns,
+        the bytes are durable except for :meth:`_sync` of :meth:`_sync_key` (done once per key by a flush)."""
 
-    def exists(self, digest: str) -> bool:
-        return os.path.exists(self._file(digest))
+    def _sync_key(self, digest: str) -> str | None:
+        """What still needs syncing once ``digest`` was written (a directory), or None."""
+        return None
 
-    @staticmethod
-    def _makedirs(path: str) -> None:
-        try:
-            os.mkdir(path)  # one system call when it exists (os.makedirs costs several)
-        except FileExistsError:
-            pass
-        except FileNotFoundError:
-            os.makedirs(path, exist_ok=True)
+    def _sync(self, key: str) -> None:
+        """Make the names written under ``key`` durable."""
+
+    @abstractmethod
+    def read_bytes(self, digest: str, *, owner: str | None = None) -> bytes:
+        """Read a blob and verify its hash. ``owner`` names the node in error messages."""
+
+    @abstractmethod
+    def metadata(self, digest: str) -> dict[str, str]:
+        """A blob's safetensors metadata (from its header; not hash-verified)."""
+
+    @abstractmethod
+    def size(self, digest: str) -> int: ...
+
+    @abstractmethod
+    def delete(self, digests: Iterable[str]) -> int:
+        """Remove blobs (used by purge, gc and failed-operation cleanup); returns bytes freed."""
+
+    @abstractmethod
+    def all_digests(self) -> set[str]: ...
+
+    @abstractmethod
+    def remove_partial(self) -> int:
+        """Remove what interrupted writes left behind (for gc); returns bytes freed."""
 
     def put_bytes(self, data: bytes) -> tuple[str, bool]:
         """Store ``data``; return ``(digest, created)`` (``created`` is False when it was already there)."""
         digest = hashlib.sha256(data).hexdigest()
         created = self._write(digest, data)
         if created:
-            _fsync_dir(os.path.dirname(self._file(digest)))
+            key = self._sync_key(digest)
+            if key is not None:
+                self._sync(key)
         return digest, created
-
-    def _write(self, digest: str, data: bytes) -> bool:
-        """Temp file, write, fsync, rename into place; the caller fsyncs the directory. False if present."""
-        final = self._file(digest)
-        if os.path.exists(final):
-            return False
-        self._makedirs(os.path.dirname(final))
-        self._makedirs(self._tmp_s)
-        tmp = f"{self._tmp_s}/{digest}.{uuid.uuid4().hex}.part"
-        try:
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())  # the content is durable before the blob gets its name
-            # os.replace is atomic; two workers writing the same content race harmlessly.
-            os.replace(tmp, final)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        return True
 
     def put_tensors(
         self, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
     ) -> tuple[str, bool]:
         """Serialise tensors as safetensors and store them."""
         return self.put_bytes(serialise(tensors, metadata))
-
-    def read_bytes(self, digest: str, *, owner: str | None = None) -> bytes:
-        """Read a blob and verify its hash. ``owner`` names the node in error messages."""
-        path = self._file(digest)
-        who = f" of node '{owner}'" if owner else ""
-        try:
-            with open(path, "rb") as fh:
-                data = fh.read()
-        except FileNotFoundError:
-            raise NotFoundError(f"blob {digest[:12]}{who} is missing from the store ({path})") from None
-        actual = hashlib.sha256(data).hexdigest()
-        if actual != digest:
-            raise IntegrityError(
-                f"blob {digest[:12]}{who} is corrupted: its content hash is {actual[:12]} ({path})"
-            )
-        return data
 
     def load(self, digest: str, *, owner: str | None = None) -> dict[str, torch.Tensor]:
         """Load every tensor of a blob (hash-verified)."""
@@ -157,6 +164,83 @@ class BlobStore:
             out[key] = torch.from_numpy(arr.copy()).reshape(spec["shape"])
         return out, dict(header.get("__metadata__") or {})
 
+
+class BlobStore(BaseBlobStore):
+    """A directory of immutable safetensors blobs keyed by sha256."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.tmp = self.root / "tmp"
+        # Plain strings on the hot path (pathlib costs more than the read of a small head).
+        self._root_s = os.fspath(self.root)
+        self._tmp_s = os.fspath(self.tmp)
+
+    @property
+    def url(self) -> str:  # type: ignore[override]
+        """The absolute directory: a worker on this machine (or one that mounts it there) opens it from this."""
+        return str(self.root.resolve())
+
+    def ensure(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir(exist_ok=True)
+
+    def path(self, digest: str) -> Path:
+        return Path(self._file(digest))
+
+    def _file(self, digest: str) -> str:
+        return f"{self._root_s}/{digest[:2]}/{digest}.safetensors"
+
+    def exists(self, digest: str) -> bool:
+        return os.path.exists(self._file(digest))
+
+    @staticmethod
+    def _makedirs(path: str) -> None:
+        try:
+            os.mkdir(path)  # one system call when it exists (os.makedirs costs several)
+        except FileExistsError:
+            pass
+        except FileNotFoundError:
+            os.makedirs(path, exist_ok=True)
+
+    def _write(self, digest: str, data: bytes) -> bool:
+        """Temp file, write, fsync, rename into place; the directory's fsync is :meth:`_sync`'s. False if present."""
+        final = self._file(digest)
+        if os.path.exists(final):
+            return False
+        self._makedirs(os.path.dirname(final))
+        self._makedirs(self._tmp_s)
+        tmp = f"{self._tmp_s}/{digest}.{uuid.uuid4().hex}.part"
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())  # the content is durable before the blob gets its name
+            # os.replace is atomic; two workers writing the same content race harmlessly.
+            os.replace(tmp, final)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        return True
+
+    def _sync_key(self, digest: str) -> str | None:
+        return os.path.dirname(self._file(digest))  # the new name is durable once its directory is fsynced
+
+    def _sync(self, key: str) -> None:
+        _fsync_dir(key)
+
+    def read_bytes(self, digest: str, *, owner: str | None = None) -> bytes:
+        path = self._file(digest)
+        try:
+            with open(path, "rb") as fh:
+                data = fh.read()
+        except FileNotFoundError:
+            raise _missing(digest, owner, path) from None
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != digest:
+            raise _corrupted(digest, actual, owner, path)
+        return data
+
     def metadata(self, digest: str) -> dict[str, str]:
         with safe_open(self._file(digest), framework="pt") as fh:
             return dict(fh.metadata() or {})
@@ -165,7 +249,6 @@ class BlobStore:
         return os.stat(self._file(digest)).st_size
 
     def delete(self, digests: Iterable[str]) -> int:
-        """Remove blobs (used by purge, gc and failed-operation cleanup); returns bytes freed."""
         freed = 0
         for digest in digests:
             path = self._file(digest)
@@ -180,6 +263,16 @@ class BlobStore:
         if not self.root.exists():
             return set()
         return {p.stem for p in self.root.glob("??/*.safetensors")}
+
+    def remove_partial(self) -> int:
+        """Delete the temp files of interrupted writes (``tmp/*.part``); returns their bytes. Run it only
+        while no write is in flight (gc holds the store's lock)."""
+        freed = 0
+        for part in self.tmp.glob("*.part"):
+            with contextlib.suppress(FileNotFoundError):
+                freed += part.stat().st_size
+                part.unlink()
+        return freed
 
 
 # safetensors' data order: dtype (its enum, highest first), then name. The direct writer below covers
@@ -283,23 +376,262 @@ def _writer_pool(threads: int) -> ThreadPoolExecutor:
         return entry[1]
 
 
-class BufferedBlobStore(BlobStore):
-    """A :class:`BlobStore` that can write blobs on a few threads, so their fsyncs overlap.
 
-    :meth:`put_deferred` serialises and hashes the tensors at once and returns the digest;
-    the write itself (temp file, write, fsync, rename into place) runs on a thread.
-    :meth:`flush` waits until every pending write is done, fsyncs each directory that got new
-    blobs once (instead of once per blob), and returns the blobs that were created. Reads see
-    pending blobs. Whoever commits metadata naming a deferred blob must :meth:`flush` first:
-    that keeps "metadata only after durable blobs" true while thousands of tiny head blobs
-    share each journal commit.
+# ------------------------------------------------------------------------- S3
+_BLOB_NAME = re.compile(r"([0-9a-f]{2})/([0-9a-f]{64})\.safetensors")
+_S3_EXTRA = "pip install 'umig[server]'"
+S3_WRITE_THREADS = 16  # a write to S3 waits on round trips, not on a disk: more of them overlap
+
+
+def _parse_s3(url: str) -> tuple[str, str]:
+    """``s3://bucket/some/prefix/`` -> ``("bucket", "some/prefix")``."""
+    rest = url[len("s3://"):]
+    bucket, _, prefix = rest.partition("/")
+    if not bucket:
+        raise UmigError(f"blob location {url!r} names no bucket (expected s3://bucket/prefix)")
+    return bucket, prefix.strip("/")
+
+
+def _s3_filesystem() -> Any:
+    """An s3fs file system configured from the standard AWS variables.
+
+    botocore reads the credentials (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``,
+    ``AWS_PROFILE``), the region (``AWS_DEFAULT_REGION``) and retries (``AWS_MAX_ATTEMPTS``,
+    ``AWS_RETRY_MODE``) itself; the endpoint (``AWS_ENDPOINT_URL_S3``, else ``AWS_ENDPOINT_URL``: MinIO,
+    a test server) is passed explicitly, so it works whatever botocore version s3fs brings.
+    """
+    try:
+        import s3fs
+    except ImportError:
+        raise UmigError(f"s3:// blobs need s3fs: {_S3_EXTRA}") from None
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    extra: dict[str, Any] = {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
+    # No listing cache (other machines add and delete blobs) and no shared instance (one cached by
+    # fsspec would keep the credentials of whoever opened it first).
+    return s3fs.S3FileSystem(use_listings_cache=False, skip_instance_cache=True, **extra)
+
+
+def _s3_errors() -> tuple[type[BaseException], ...]:
+    """What talking to S3 raises: s3fs turns service errors into OSError, botocore raises its own."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    return (OSError, BotoCoreError, ClientError, asyncio.TimeoutError)
+
+
+def _s3_cause(e: BaseException, bucket: str) -> str:
+    """One line saying why a call to S3 failed."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    name = type(e).__name__
+    if name == "NoCredentialsError":
+        return "no AWS credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)"
+    if isinstance(e, FileNotFoundError) and "bucket" in text.lower():
+        return f"bucket '{bucket}' does not exist"
+    if isinstance(e, PermissionError):
+        return f"access denied ({text}): check the AWS credentials and the bucket's policy"
+    return text
+
+
+class S3BlobStore(BaseBlobStore):
+    """Blobs as objects ``<prefix>/<digest[:2]>/<digest>.safetensors`` in an S3 bucket (the local layout).
+
+    A PUT is atomic (a reader gets the whole object or a 404) and botocore checksums the upload; a
+    write counts as done only once a HEAD shows the object at its full size. Reads verify the sha256.
+    Any failure to talk to S3 (credentials, endpoint, bucket) is one :class:`UmigError` naming the
+    URL and the cause. Needs s3fs (``pip install 'umig[server]'``); nothing is sent before first use.
     """
 
-    def __init__(self, root: str | Path, *, threads: int = 4, max_pending_bytes: int = 256 << 20,
-                 max_pending: int = 1024) -> None:
-        super().__init__(root)
+    def __init__(self, url: str) -> None:
+        self.bucket, self.prefix = _parse_s3(url)
+        self.url = f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+        self._key_root = f"{self.prefix}/" if self.prefix else ""
+        self.fs = _s3_filesystem()
+        self._errors = _s3_errors()
+        self._bucket_ok = False  # a 404 means "no such blob" only once the bucket is known to exist
+
+    # -------------------------------------------------------------- plumbing
+    def _key(self, digest: str) -> str:
+        """The object key within the bucket."""
+        return f"{self._key_root}{digest[:2]}/{digest}.safetensors"
+
+    def _location(self, digest: str) -> str:
+        return f"s3://{self.bucket}/{self._key(digest)}"
+
+    @contextlib.contextmanager
+    def _talk(self, doing: str) -> Iterator[None]:
+        """Turn whatever S3, botocore or s3fs raise into one line naming the store and the cause."""
+        try:
+            yield
+        except UmigError:
+            raise
+        except self._errors as e:
+            raise UmigError(f"S3 blob store {self.url}: cannot {doing}: {_s3_cause(e, self.bucket)}") from None
+
+    def _check_bucket(self) -> None:
+        """Fail with one clear line unless the bucket exists and this prefix can be listed."""
+        with self._talk("list the bucket"):
+            self.fs.call_s3("list_objects_v2", Bucket=self.bucket, Prefix=self._key_root, MaxKeys=1)
+        self._bucket_ok = True
+
+    def _head(self, digest: str) -> dict[str, Any] | None:
+        """The object's HEAD response, or None when there is no such blob (call inside :meth:`_talk`)."""
+        try:
+            return self.fs.call_s3("head_object", Bucket=self.bucket, Key=self._key(digest))
+        except FileNotFoundError:
+            # S3 answers a HEAD in a missing bucket with the same bare 404 as for a missing key.
+            if not self._bucket_ok:
+                self._check_bucket()
+            return None
+
+    # ------------------------------------------------------------ the store
+    def ensure(self) -> None:
+        """Check that the bucket exists and takes writes (a probe object, deleted again)."""
+        self._check_bucket()
+        probe = f"{self._key_root}.umig-probe-{uuid.uuid4().hex}"  # outside ??/: never taken for a blob
+        with self._talk("write to the bucket"):
+            self.fs.call_s3("put_object", Bucket=self.bucket, Key=probe, Body=b"")
+            self.fs.call_s3("delete_object", Bucket=self.bucket, Key=probe)
+
+    def exists(self, digest: str) -> bool:
+        with self._talk(f"look up blob {digest[:12]}"):
+            return self._head(digest) is not None
+
+    def _write(self, digest: str, data: bytes) -> bool:
+        """PUT the object unless it is there; True only once a HEAD shows all of it stored."""
+        with self._talk(f"write blob {digest[:12]}"):
+            if self._head(digest) is not None:
+                return False
+            # Same-content writers race harmlessly: a PUT replaces the object whole, with the same bytes.
+            self.fs.pipe_file(f"{self.bucket}/{self._key(digest)}", data)
+            stored = self._head(digest)
+        got = None if stored is None else stored.get("ContentLength")
+        if got != len(data):
+            raise IntegrityError(f"blob {digest[:12]} was not stored intact at {self._location(digest)} "
+                                 f"({'nothing' if got is None else f'{got} bytes'} of {len(data)} bytes)")
+        return True
+
+    def _get(self, digest: str, start: int | None = None, end: int | None = None) -> bytes | None:
+        """The object's bytes (a range of them), or None when there is no such blob (call inside :meth:`_talk`)."""
+        try:
+            return self.fs.cat_file(f"{self.bucket}/{self._key(digest)}", start=start, end=end)
+        except FileNotFoundError:
+            if not self._bucket_ok:
+                self._check_bucket()
+            return None
+
+    def read_bytes(self, digest: str, *, owner: str | None = None) -> bytes:
+        with self._talk(f"read blob {digest[:12]}"):
+            data = self._get(digest)
+        if data is None:
+            raise _missing(digest, owner, self._location(digest))
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != digest:
+            raise _corrupted(digest, actual, owner, self._location(digest))
+        return data
+
+    def metadata(self, digest: str) -> dict[str, str]:
+        """From the header alone (two ranged reads), not the whole blob."""
+        with self._talk(f"read blob {digest[:12]}"):
+            head = self._get(digest, 0, 8)
+            if head is None:
+                raise _missing(digest, None, self._location(digest))
+            try:
+                (n,) = struct.unpack("<Q", head)
+                header = json.loads(self._get(digest, 8, 8 + n) or b"")
+            except (struct.error, ValueError):
+                raise IntegrityError(f"blob {digest[:12]} has no readable safetensors header "
+                                     f"({self._location(digest)})") from None
+        return dict(header.get("__metadata__") or {})
+
+    def size(self, digest: str) -> int:
+        with self._talk(f"look up blob {digest[:12]}"):
+            head = self._head(digest)
+        if head is None:
+            raise _missing(digest, None, self._location(digest))
+        return int(head["ContentLength"])
+
+    def _listing(self) -> dict[str, int]:
+        """Every blob under the prefix -> its size (one paginated listing)."""
+        out: dict[str, int] = {}
+        with self._talk("list blobs"):
+            found = self.fs.find(f"{self.bucket}/{self.prefix}" if self.prefix else self.bucket, detail=True)
+        skip = len(self.bucket) + 1 + len(self._key_root)
+        for path, info in found.items():
+            m = _BLOB_NAME.fullmatch(path[skip:])
+            if m and m.group(2).startswith(m.group(1)):
+                out[m.group(2)] = int(info.get("size") or 0)
+        return out
+
+    def all_digests(self) -> set[str]:
+        return set(self._listing())
+
+    def delete(self, digests: Iterable[str]) -> int:
+        wanted = list(dict.fromkeys(digests))
+        if not wanted:
+            return 0
+        if len(wanted) > 64:  # one listing beats a HEAD per blob
+            listed = self._listing()
+            present = {d: listed[d] for d in wanted if d in listed}
+        else:
+            present = {}
+            with self._talk("look up blobs to delete"):
+                for d in wanted:
+                    head = self._head(d)
+                    if head is not None:
+                        present[d] = int(head["ContentLength"])
+        names = list(present)
+        for i in range(0, len(names), 1000):  # DeleteObjects takes at most 1000 keys
+            batch = [{"Key": self._key(d)} for d in names[i : i + 1000]]
+            with self._talk("delete blobs"):
+                out = self.fs.call_s3("delete_objects", Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+            errors = out.get("Errors") or []
+            if errors:
+                first = errors[0]
+                raise UmigError(f"S3 blob store {self.url}: cannot delete {len(errors)} blob(s), e.g. "
+                                f"s3://{self.bucket}/{first.get('Key')}: {first.get('Message') or first.get('Code')}")
+        return sum(present.values())
+
+    def remove_partial(self, *, min_age_s: float = 3600.0) -> int:
+        """Abort multipart uploads under the prefix started over ``min_age_s`` ago (a killed writer's; S3
+        keeps and bills their parts); returns the bytes their parts held. A younger upload may be a live
+        writer's (S3 has no store lock to wait for), so it is left alone."""
+        freed = 0
+        now = time.time()
+        query: dict[str, Any] = {"Bucket": self.bucket, **({"Prefix": self._key_root} if self._key_root else {})}
+        with self._talk("clean up unfinished uploads"):
+            while True:
+                page = self.fs.call_s3("list_multipart_uploads", **query)
+                for upload in page.get("Uploads") or []:
+                    if now - upload["Initiated"].timestamp() < min_age_s:
+                        continue
+                    ident = {"Bucket": self.bucket, "Key": upload["Key"], "UploadId": upload["UploadId"]}
+                    parts = self.fs.call_s3("list_parts", **ident)
+                    freed += sum(int(p.get("Size") or 0) for p in parts.get("Parts") or [])
+                    with contextlib.suppress(FileNotFoundError):  # finished or aborted meanwhile
+                        self.fs.call_s3("abort_multipart_upload", **ident)
+                if not page.get("IsTruncated"):
+                    return freed
+                query.update(KeyMarker=page.get("NextKeyMarker"), UploadIdMarker=page.get("NextUploadIdMarker"))
+
+
+
+
+class _Buffering(BaseBlobStore):
+    """Deferred writes over any blob store's ``_write``, on a few threads, so that fsyncs (or S3 round
+    trips) overlap. Mixed in before the store that says where bytes live.
+
+    :meth:`put_deferred` serialises and hashes the tensors at once and returns the digest;
+    the write itself runs on a thread. :meth:`flush` waits until every pending write is done,
+    syncs what the writes left to sync once (a local directory: one fsync per directory, not
+    per blob), and returns the blobs that were created. Reads see pending blobs. Whoever
+    commits metadata naming a deferred blob must :meth:`flush` first: that keeps "metadata
+    only after durable blobs" true while thousands of tiny head blobs share each journal commit.
+    """
+
+    def __init__(self, *args: Any, threads: int = 4, max_pending_bytes: int = 256 << 20,
+                 max_pending: int = 1024, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.threads = threads
-        self._dirty_dirs: set[str] = set()  # directories whose new entries still need an fsync
+        self._unsynced: set[str] = set()  # sync keys (directories) whose new entries still need a sync
         self.max_pending_bytes = max_pending_bytes
         self.max_pending = max_pending
         self._pool: ThreadPoolExecutor | None = None
@@ -323,7 +655,7 @@ class BufferedBlobStore(BlobStore):
         with self._lock:
             if digest in self._data:
                 return digest
-        # Whether it is on disk already is checked by the writer thread (the write is then skipped).
+        # Whether it is stored already is checked by the writer thread (the write is then skipped).
         if self._pool is None:
             self._pool = _writer_pool(self.threads)
         with self._lock:
@@ -336,31 +668,25 @@ class BufferedBlobStore(BlobStore):
         return digest
 
     def _write_deferred(self, digest: str, data: bytes) -> tuple[str, bool]:
-        """The shared write without its per-blob directory fsync (done once per directory by :meth:`flush`)."""
+        """The store's write without its per-blob sync (done once per key by :meth:`flush`)."""
         created = self._write(digest, data)
         if created:
-            with self._lock:
-                self._dirty_dirs.add(os.path.dirname(self._file(digest)))
+            key = self._sync_key(digest)
+            if key is not None:
+                with self._lock:
+                    self._unsynced.add(key)
         return digest, created
 
-    def _sync_dirs(self) -> None:
+    def _sync_written(self) -> None:
         with self._lock:
-            dirs, self._dirty_dirs = sorted(self._dirty_dirs), set()
-        if not dirs:
+            keys, self._unsynced = sorted(self._unsynced), set()
+        if not keys:
             return
-
-        def sync(path: str) -> None:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-        if self._pool is None or len(dirs) == 1:
-            for d in dirs:
-                sync(d)
+        if self._pool is None or len(keys) == 1:
+            for k in keys:
+                self._sync(k)
         else:
-            list(self._pool.map(sync, dirs))
+            list(self._pool.map(self._sync, keys))
 
     def _settle_one(self) -> None:
         fut, digest, tag, size = self._queue.popleft()
@@ -385,7 +711,7 @@ class BufferedBlobStore(BlobStore):
         while self._queue:
             self._settle_one()
         try:
-            self._sync_dirs()  # the new names are durable too: one fsync per directory, not per blob
+            self._sync_written()  # the new names are durable too: one sync per directory, not per blob
         except OSError as e:
             if self._error is None:
                 self._error = e
@@ -410,3 +736,46 @@ class BufferedBlobStore(BlobStore):
     def close(self) -> None:
         self.flush(check=False)
         self._pool = None  # the writer threads are the process's (shared); nothing of ours is pending
+
+
+class BufferedBlobStore(_Buffering, BlobStore):
+    """A local :class:`BlobStore` with deferred writes (:class:`_Buffering`): their fsyncs overlap, and a
+    flush fsyncs each directory that got new blobs once instead of once per blob."""
+
+
+class BufferedS3BlobStore(_Buffering, S3BlobStore):
+    """An :class:`S3BlobStore` with deferred writes (:class:`_Buffering`): their round trips overlap."""
+
+
+def blobs_url(location: str | Path) -> str:
+    """The canonical name of a blob location: ``s3://bucket/prefix``, or an absolute directory
+    (``file://`` stripped). Two spellings of one place give the same string."""
+    text = os.fspath(location)
+    if text.startswith("s3://"):
+        bucket, prefix = _parse_s3(text)
+        return f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
+    if text.startswith("file://"):
+        text = text[len("file://"):]
+        if not text.startswith("/"):
+            raise UmigError(f"blob location {os.fspath(location)!r}: a file:// URL needs an absolute path "
+                            "(file:///path)")
+    elif "://" in text:
+        raise UmigError(f"blob location {text!r} is not supported: a directory, file:///path or "
+                        "s3://bucket/prefix")
+    return str(Path(text).resolve())
+
+
+def open_blobs(location: str | Path, *, threads: int | None = None, max_pending_bytes: int = 256 << 20,
+               max_pending: int = 1024) -> BaseBlobStore:
+    """The blob store at ``location`` (a directory, ``file:///path`` or ``s3://bucket/prefix``), with
+    deferred writes on ``threads`` threads (default: 4 locally, :data:`S3_WRITE_THREADS` for S3).
+
+    Opening contacts nothing: an S3 store reports a missing bucket, bad credentials or an
+    unreachable endpoint on first use (:meth:`~BaseBlobStore.ensure` checks at once).
+    """
+    url = blobs_url(location)
+    if url.startswith("s3://"):
+        return BufferedS3BlobStore(url, threads=S3_WRITE_THREADS if threads is None else threads,
+                                   max_pending_bytes=max_pending_bytes, max_pending=max_pending)
+    return BufferedBlobStore(url, threads=4 if threads is None else threads,
+                             max_pending_bytes=max_pending_bytes, max_pending=max_pending)
