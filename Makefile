@@ -11,10 +11,13 @@ $(STAMP): pyproject.toml
 	# torch/torchvision pinned here for these x86_64 machines (served from local disk);
 	# pyproject keeps loose ranges for users' own torch.
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[dev,plot,ray,flower,lightning,mlflow,hf,ui]'
-	# tests/test_ui.py drives the system's Chromium (Playwright never downloads one); CI runs as root.
+	$(BIN)/pip install -q -e '.[all]'
+	# tests/test_ui.py drives the system's Chromium (Playwright never downloads one), and the shared-store
+	# tests start a PostgreSQL server from Debian's binaries (tests/postgres.py); CI runs as root.
 	command -v chromium >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1 || \
 		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1 || \
+		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql)
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -72,7 +72,7 @@ def store_state(root: Path) -> dict:
     return {"rows": rows, "blobs": blobs}
 
 
-def cli_run(*args: str, store: Path | None = None):
+def cli_run(*args: str, store: Path | str | None = None):
     """The CLI in-process (typer's CliRunner); a crash (anything but a clean exit) fails the test with its traceback."""
     argv = [*args, *(["--store", str(store)] if store is not None else [])]
     res = CliRunner().invoke(app, argv)
@@ -81,7 +81,7 @@ def cli_run(*args: str, store: Path | None = None):
     return res
 
 
-def cli_ok(*args: str, store: Path) -> str:
+def cli_ok(*args: str, store: Path | str | None = None) -> str:
     """Run the CLI in-process and return its stdout; it must exit 0."""
     res = cli_run(*args, store=store)
     assert res.exit_code == 0, (args, res.stdout, res.stderr)

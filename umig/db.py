@@ -300,7 +300,10 @@ class PostgresDatabase(Database):
 
     def reset_sequences(self, tables: Iterable[str]) -> None:
         for table in tables:
-            for col in ("id", "rowid"):
+            cols = self.conn.execute("SELECT column_name FROM information_schema.columns WHERE table_schema="
+                                     "current_schema() AND table_name=%s AND column_name IN ('id', 'rowid')",
+                                     (table,)).fetchall()
+            for (col,) in cols:
                 seq = self.conn.execute("SELECT pg_get_serial_sequence(%s, %s)", (table, col)).fetchone()[0]
                 if seq:
                     self.conn.execute(

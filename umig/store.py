@@ -442,9 +442,6 @@ class SqlStore:
         """
         location = location if location is not None else cls.default_path()
         if D.is_database_url(location):
-            if blobs is None:
-                raise UmigError(f"a store in {D.redact(str(location))} needs a blob location: pass --blobs "
-                                "s3://bucket/prefix (or a directory every machine shares)")
             db = D.connect(location, create=True)
             root = None
         else:
@@ -464,6 +461,9 @@ class SqlStore:
                 if exist_ok:
                     return cls._open(db, root)
                 raise UmigError(f"a umig store already exists at {db.url}")
+            if blobs is None and root is None:
+                raise UmigError(f"a store in {db.url} needs a blob location: pass --blobs s3://bucket/prefix "
+                                "(or a directory every machine shares)")
             url = _blob_url(blobs, root)
             store = cls(db, open_blobs(url), root)
             store.blobs.ensure()  # a bucket that cannot be written fails here, before any row exists
