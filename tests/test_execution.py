@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from umig.blobs import BlobStore, BufferedBlobStore
+from umig.blobs import BlobStore, BufferedBlobStore, open_blobs
 from umig import execution as E
 from umig.errors import UmigError, UnlearningError
 from umig.api import Store
@@ -150,24 +150,24 @@ def test_make_backend_plans_a_gpu_pool_without_initialising_cuda(tmp_path, monke
     monkeypatch.setattr(torch.cuda, "set_device", no_cuda_here)
     monkeypatch.setattr(torch.cuda, "init", no_cuda_here)
     Store.init(tmp_path / "s").close()
-    be = E.make_backend(str(tmp_path / "s"), device="cuda", workers=None, device_count=FOUR_GPUS)
+    be = E.make_backend(str(tmp_path / "s" / "blobs"), device="cuda", workers=None, device_count=FOUR_GPUS)
     try:
         assert isinstance(be, E.ProcessPool)
         assert be.describe()["devices"] == ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]
         assert be.describe()["workers"] == 4
     finally:
         be.close()
-    be = E.make_backend(str(tmp_path / "s"), device="cuda", workers_per_device=2, device_count=FOUR_GPUS)
+    be = E.make_backend(str(tmp_path / "s" / "blobs"), device="cuda", workers_per_device=2, device_count=FOUR_GPUS)
     try:
         assert Counter(be.describe()["devices"]) == {f"cuda:{i}": 2 for i in range(4)}
     finally:
         be.close()
     assert not torch.cuda.is_initialized()
-    assert isinstance(E.make_backend(str(tmp_path / "s"), device="cpu", workers=1), E.InProcess)
+    assert isinstance(E.make_backend(str(tmp_path / "s" / "blobs"), device="cpu", workers=1), E.InProcess)
     with pytest.raises(UmigError, match="unknown backend"):
-        E.make_backend(str(tmp_path / "s"), backend="dask")
+        E.make_backend(str(tmp_path / "s" / "blobs"), backend="dask")
     with pytest.raises(UmigError, match="--backend ray"):
-        E.make_backend(str(tmp_path / "s"), ray_address="auto")
+        E.make_backend(str(tmp_path / "s" / "blobs"), ray_address="auto")
 
 
 def test_pool_pins_one_worker_per_device_and_uses_every_device(tmp_path, monkeypatch):
@@ -175,7 +175,7 @@ def test_pool_pins_one_worker_per_device_and_uses_every_device(tmp_path, monkeyp
     monkeypatch.setattr(torch.cuda, "set_device", lambda *a, **k: pytest.fail("set_device in the coordinator"))
     Store.init(tmp_path / "s").close()
     slots = E.worker_devices(E.parse_devices("cuda:0,2", count=FOUR_GPUS), None)
-    pool = E.ProcessPool(str(tmp_path / "s"), slots, pin=fake_pin)
+    pool = E.ProcessPool(str(tmp_path / "s" / "blobs"), slots, pin=fake_pin)
     try:
         workers = pool.workers()
         assert sorted(w["slot"] for w in workers) == ["cuda:0", "cuda:2"]
@@ -199,7 +199,7 @@ def test_cpu_pool_coordinator_works_while_workers_start(tmp_path):
     Store.init(tmp_path / "s").close()
     E.shutdown_workers()
     # Work estimated above spawn_after_s: the worker is started, and the coordinator keeps working meanwhile.
-    pool = E.ProcessPool(str(tmp_path / "s"), ["cpu", "cpu"], start="auto", spawn_after_s=0.05)
+    pool = E.ProcessPool(str(tmp_path / "s" / "blobs"), ["cpu", "cpu"], start="auto", spawn_after_s=0.05)
     threads = torch.get_num_threads()
     try:
         assert pool.describe()["coordinator_helps"]
@@ -217,7 +217,7 @@ def test_cpu_pool_runs_a_small_phase_in_process_and_keeps_workers_for_the_proces
     """--workers 2 never pays a worker's start-up for work shorter than it; started workers are reused."""
     Store.init(tmp_path / "s").close()
     E.shutdown_workers()
-    small = E.ProcessPool(str(tmp_path / "s"), ["cpu", "cpu"])
+    small = E.ProcessPool(str(tmp_path / "s" / "blobs"), ["cpu", "cpu"])
     try:
         out = small.run(_tasks("whoami_task", 30))
         d = small.describe()
@@ -225,13 +225,13 @@ def test_cpu_pool_runs_a_small_phase_in_process_and_keeps_workers_for_the_proces
         assert d["start"] == "auto" and d["decision"].startswith("not started") and d["chunks_in_workers"] == 0
     finally:
         small.close()
-    eager = E.ProcessPool(str(tmp_path / "s"), ["cpu", "cpu"], start="always")
+    eager = E.ProcessPool(str(tmp_path / "s" / "blobs"), ["cpu", "cpu"], start="always")
     try:
         pids = {w["pid"] for w in eager.workers()}
         assert len(pids) == 2 and os.getpid() not in pids
     finally:
         eager.close()
-    again = E.ProcessPool(str(tmp_path / "s"), ["cpu", "cpu"], start="always")
+    again = E.ProcessPool(str(tmp_path / "s" / "blobs"), ["cpu", "cpu"], start="always")
     try:
         d = again.describe()
         assert d["workers_reused"] and d["workers_started"]
@@ -272,7 +272,7 @@ def test_in_process_work_on_small_models_uses_one_thread_unless_the_user_chose(t
 
 def test_pool_reports_blobs_and_names_the_failing_node(tmp_path):
     Store.init(tmp_path / "s").close()
-    pool = E.ProcessPool(str(tmp_path / "s"), ["cpu", "cpu"])
+    pool = E.ProcessPool(str(tmp_path / "s" / "blobs"), ["cpu", "cpu"])
     try:
         out = pool.run(_tasks("write_task", 10))
         blobs = BlobStore(tmp_path / "s" / "blobs")
@@ -289,7 +289,7 @@ def test_pool_reports_blobs_and_names_the_failing_node(tmp_path):
 
 def test_inprocess_overlaps_writes_but_reports_them_durable(tmp_path):
     Store.init(tmp_path / "s").close()
-    be = E.InProcess(str(tmp_path / "s"))
+    be = E.InProcess(str(tmp_path / "s" / "blobs"))
     out = be.run(_tasks("write_task", 50))
     blobs = BlobStore(tmp_path / "s" / "blobs")
     assert all(blobs.exists(d) and created == [d] for d, created in out)
@@ -362,6 +362,31 @@ def test_store_batch_commits_only_durable_blobs_and_rolls_back_cleanly(tmp_path)
     store.close()
 
 
+# ------------------------------------------------------------- blobs in S3
+def test_workers_open_an_s3_blob_store_from_its_url(s3_url):
+    """Tasks in this process and in a spawned worker (which inherits the AWS variables) write to the bucket
+    named by the URL alone; every blob is there when reported, and content already stored is not created again."""
+    blobs = open_blobs(s3_url)
+    be = E.InProcess(s3_url)
+    try:
+        out = be.run(_tasks("write_task", 5))
+    finally:
+        be.close()
+    for i, (digest, created) in enumerate(out):
+        assert created == [digest] and blobs.load(digest)["t"][0] == i
+    pool = E.ProcessPool(s3_url, ["cpu"])  # one spawned worker, started now (with this test's environment)
+    try:
+        more = pool.run(_tasks("write_task", 7))  # fewer than the pool's bridge: every chunk goes to the worker
+        assert pool.describe()["chunks_in_workers"] > 0 and pool.describe()["chunks_in_coordinator"] == 0
+    finally:
+        pool.close()
+        E.shutdown_workers()
+    assert [created for _, created in more[:5]] == [[]] * 5  # already in the bucket
+    for i, (digest, created) in list(enumerate(more))[5:]:
+        assert created == [digest] and blobs.load(digest)["t"][0] == i
+    assert blobs.all_digests() == {d for d, _ in more}
+
+
 # ----------------------------------------------------------- real unlearning
 def _heads(store: Store) -> dict[str, dict[str, torch.Tensor]]:
     return {n.name: store.blobs.load(store.version(n.name).head_blob) for n in store.nodes()}
@@ -376,7 +401,7 @@ def test_pool_results_match_the_in_process_path(fl_store: Store, tmp_path: Path)
     other, third = Store.open(tmp_path / "copy"), Store.open(tmp_path / "workers")
     # Spawned workers from the start; then --workers 2 as users get it (the coordinator computes too,
     # spawning its helper only if the work is long: here it is not).
-    pool = E.ProcessPool(str(other.root), ["cpu", "cpu"], start="always")
+    pool = E.ProcessPool(other.blobs.url, ["cpu", "cpu"], start="always")
     try:
         one = fl_store.unlearn([1], workers=1, device="cpu", evaluate=False)
         two = other.unlearn([1], backend=pool, evaluate=False)

@@ -28,7 +28,7 @@ DEFERRABLE_IMPORTS: frozenset[str] = frozenset({
     # Optional extras or integrations: absent from a base install, so a module-level import
     # would break `import umig` for everyone who did not ask for them.
     "matplotlib", "ray", "flwr", "lightning", "pytorch_lightning", "mlflow", "huggingface_hub",
-    "fsspec", "s3fs", "sqlalchemy", "psycopg", "psycopg2", "pgserver", "moto", "boto3",
+    "fsspec", "s3fs", "botocore", "sqlalchemy", "psycopg", "psycopg2", "pgserver", "moto", "boto3",
     "uvicorn", "starlette", "fastapi", "playwright", "PIL",
     # Slow to import and needed on one code path only (data sets, pretrained architectures,
     # numpy-side safetensors files, live progress bars).

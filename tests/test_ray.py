@@ -13,16 +13,20 @@ import torch
 
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'umig[ray]' to run the Ray backend test")
 
+from umig.blobs import open_blobs
 from umig.errors import UmigError  # noqa: E402
 from umig.execution import ProcessPool, RayBackend, make_backend  # noqa: E402
 from umig.api import Store  # noqa: E402
+from umig.unlearners.base import Task
 
 
 @pytest.fixture(scope="module")
 def local_ray():
-    """A local Ray instance with 2 CPUs, shared by this module's tests."""
+    """A local Ray instance with 2 CPUs, shared by this module's tests (its workers import test helpers
+    such as ``test_execution:write_task`` from this folder)."""
     ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, object_store_memory=100 * 2**20,
-             logging_level="error", log_to_driver=False)
+             logging_level="error", log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent)}})
     yield ray
     ray.shutdown()
 
@@ -37,7 +41,7 @@ def test_ray_unlearning_is_identical_to_the_local_pool(local_ray, fl_store: Stor
     try:
         # One thread per worker on both sides (Ray actors default to one CPU), so that even the
         # float reductions of the Fisher passes run alike and the results can match bit for bit.
-        pool = ProcessPool(str(fl_store.root), ["cpu", "cpu"], threads=1)
+        pool = ProcessPool(fl_store.blobs.url, ["cpu", "cpu"], threads=1)
         try:
             local = fl_store.unlearn([1], backend=pool, evaluate=True)
         finally:
@@ -67,7 +71,7 @@ def test_ray_unlearning_is_identical_to_the_local_pool(local_ray, fl_store: Stor
 
 def test_ray_backend_reports_its_workers_and_refuses_impossible_requests(local_ray, tmp_path: Path):
     Store.init(tmp_path / "s").close()
-    be = make_backend(str(tmp_path / "s"), backend="ray", workers=2, device="cpu")
+    be = make_backend(str(tmp_path / "s" / "blobs"), backend="ray", workers=2, device="cpu")
     try:
         assert isinstance(be, RayBackend)
         info = be.workers()
@@ -77,6 +81,19 @@ def test_ray_backend_reports_its_workers_and_refuses_impossible_requests(local_r
         be.close()
     assert ray.is_initialized()  # an instance the caller started is left running
     with pytest.raises(UmigError, match="no GPU"):
-        make_backend(str(tmp_path / "s"), backend="ray", device="cuda")
+        make_backend(str(tmp_path / "s" / "blobs"), backend="ray", device="cuda")
     with pytest.raises(UmigError, match="more CPUs"):
-        make_backend(str(tmp_path / "s"), backend="ray", workers=3, device="cpu")
+        make_backend(str(tmp_path / "s" / "blobs"), backend="ray", workers=3, device="cpu")
+
+
+def test_ray_actors_need_only_an_s3_blob_url(local_ray, s3_url):
+    """No shared file system: actors open the bucket from its URL, with the AWS variables handed to them
+    (this Ray started before the test set them, so its workers would not have them otherwise)."""
+    be = RayBackend(s3_url, workers=1, device="cpu")
+    try:
+        out = be.run([Task(fn="test_execution:write_task", node=f"n{i}", payload={"i": i}) for i in range(4)])
+    finally:
+        be.close()
+    blobs = open_blobs(s3_url)
+    for i, (digest, created) in enumerate(out):
+        assert created == [digest] and blobs.load(digest)["t"][0] == i

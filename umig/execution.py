@@ -18,13 +18,18 @@ Backends:
   work would outlast their start-up (the coordinator computes meanwhile, and alone for a small
   request), so ``--workers 2`` is not slower than ``--workers 1``.
 * :class:`RayBackend` - ``--backend ray [--ray-address ADDR]``: the same chunks run on Ray
-  actors (with a GPU each where ``--device cuda``); the store must be on a path every node of
-  the cluster can read and write (see docs/ray.md).
+  actors (with a GPU each where ``--device cuda``); with blobs in S3 they need only the blob URL
+  and the AWS variables (no shared file system); a local blob directory must be at the same path
+  on every node of the cluster (see docs/ray.md).
 
-Blob writes are durable before they are reported: every blob is fsynced before it is renamed
-into place (``umig.blobs``), and a task's results are handed back only after all of its writes
-finished. Writes go through a few threads (:class:`umig.blobs.BufferedBlobStore`) so that the fsyncs of
-many small blobs overlap; ext4 and most journaling file systems then commit them together.
+Every backend takes the blob store's URL (``store.blobs.url``: an absolute directory or
+``s3://bucket/prefix``) and each worker opens the store from it (:func:`umig.blobs.open_blobs`).
+
+Blob writes are durable before they are reported: every local blob is fsynced before it is renamed
+into place, and an S3 blob is checked after its PUT (``umig.blobs``); a task's results are handed
+back only after all of its writes finished. Writes go through a few threads (deferred writes of
+:func:`umig.blobs.open_blobs`' stores) so that the fsyncs of many small blobs (or the round trips
+to S3) overlap; ext4 and most journaling file systems then commit them together.
 """
 
 from __future__ import annotations
@@ -52,9 +57,10 @@ import torch
 from torch import nn
 
 from umig.arch import build_model
-from umig.blobs import BufferedBlobStore
+from umig.blobs import blobs_url as canonical_blobs_url
+from umig.blobs import open_blobs
 from umig.data import Data, DataRef, verify
-from umig.errors import UmigError, UnlearningError
+from umig.errors import NotFoundError, UmigError, UnlearningError
 from umig.store import NodeSnapshot, load_state
 
 Progress = Callable[[int, int], None]  # (done, total)
@@ -131,14 +137,18 @@ def pin_device(device: str) -> str:
 
 # ---------------------------------------------------------------- worker env
 class WorkerEnv:
-    """What a task sees on its worker: the blob store, its device, and loaders with a small cache."""
+    """What a task sees on its worker: the blob store, its device, and loaders with a small cache.
 
-    def __init__(self, store_root: str, device: str = "cpu", *, slot: str | None = None,
-                 write_threads: int = 4) -> None:
-        self.store_root = store_root
+    The blob store is opened from ``blobs_url`` (a directory or ``s3://bucket/prefix``, see
+    :func:`umig.blobs.open_blobs`); ``write_threads`` defaults to the store kind's own.
+    """
+
+    def __init__(self, blobs_url: str, device: str = "cpu", *, slot: str | None = None,
+                 write_threads: int | None = None) -> None:
+        self.blobs_url = blobs_url
         self.device = torch.device(device)
         self.slot = slot or device  # the device this worker was scheduled as (for reports)
-        self.blobs = BufferedBlobStore(os.path.join(store_root, "blobs"), threads=write_threads)
+        self.blobs = open_blobs(blobs_url, threads=write_threads)
         self.tag: Any = None  # which task the blobs written now belong to
         self._data_cache: dict[tuple[str, str | None], Any] = {}
         # Per-worker memo for tasks (e.g. a merged FIM shared by many nodes of one group).
@@ -358,7 +368,7 @@ def intra_op_threads(tasks: Sequence[Any], blobs: Any, device: torch.device | st
             continue
         try:
             size = sum(blobs.size(d) for d in (snap.body_blob, snap.head_blob, snap.delta_blob) if d)
-        except OSError:
+        except (OSError, NotFoundError):  # a missing blob: the task itself will say so
             continue
         biggest = max(biggest, size)
     if biggest == 0:
@@ -379,8 +389,8 @@ class InProcess(Backend):
 
     name = "inprocess"
 
-    def __init__(self, store_root: str, device: str = "cpu") -> None:
-        self.env = WorkerEnv(store_root, device)
+    def __init__(self, blobs_url: str, device: str = "cpu") -> None:
+        self.env = WorkerEnv(blobs_url, device)
         self.threads_used: int | None = None
         self.threads_why = "torch default"
         self._defer = False
@@ -509,16 +519,17 @@ def _init_worker(device_queue: Any, threads: int, pin: Callable[[str], str] = pi
             open(os.path.join(ready_dir, str(os.getpid())), "x").close()
 
 
-def _worker_env(store_root: str | None, request: str | None) -> WorkerEnv:
-    """This worker's env for ``store_root``; a new request starts with empty caches (a worker outlives requests)."""
+def _worker_env(blobs_url: str | None, request: str | None) -> WorkerEnv:
+    """This worker's env for the blob store at ``blobs_url``; a new request starts with empty caches (a
+    worker outlives requests)."""
     assert _WORKER["slot"] is not None, "worker initializer did not run"
     env: WorkerEnv | None = _WORKER["env"]
-    if env is None or (store_root is not None and env.store_root != store_root):
+    if env is None or (blobs_url is not None and env.blobs_url != blobs_url):
         if env is not None:
             env.close()
-        if store_root is None:
+        if blobs_url is None:
             raise UmigError("a pool worker got a task before any store")
-        env = WorkerEnv(store_root, _WORKER["device"], slot=_WORKER["slot"])
+        env = WorkerEnv(blobs_url, _WORKER["device"], slot=_WORKER["slot"])
         _WORKER["env"] = env
     elif request != _WORKER["request"]:
         env.reset()
@@ -532,9 +543,9 @@ def _ready() -> int:
     return os.getpid()
 
 
-def _run_chunk(tasks: Sequence[Any], store_root: str | None = None,
+def _run_chunk(tasks: Sequence[Any], blobs_url: str | None = None,
                request: str | None = None) -> list[tuple[Any, list[str]]]:
-    return run_tasks(tasks, _worker_env(store_root, request))
+    return run_tasks(tasks, _worker_env(blobs_url, request))
 
 
 def _worker_info(linger: float = 0.0) -> dict[str, Any]:
@@ -549,7 +560,8 @@ class _Workers:
 
     Spawning a worker (a process importing torch) takes seconds: a process pays it once, and
     later requests with the same slots reuse the workers (:func:`_workers`). Workers are not
-    tied to a store: each chunk names its store root and request.
+    tied to a store: each chunk names its blob store's URL and request. (A worker keeps the
+    environment it was spawned with, AWS variables included.)
     """
 
     def __init__(self, slots: Sequence[str], threads: int, pin: Callable[[str], str]) -> None:
@@ -666,7 +678,8 @@ else:  # pragma: no cover
 class ProcessPool(Backend):
     """A pool of worker processes, each pinned to one device slot; started once per process.
 
-    ``devices`` lists one slot per worker (see :func:`worker_devices`). Each worker takes one
+    Workers open the blob store from ``blobs_url`` (see :class:`WorkerEnv`). ``devices`` lists one
+    slot per worker (see :func:`worker_devices`). Each worker takes one
     slot when it starts and calls ``pin`` on it (default :func:`pin_device`: CUDA is
     initialised there, never in this process). Tasks go out in cost-balanced chunks; a worker
     is handed the next chunk as soon as it is done, so every device stays busy. The workers
@@ -692,7 +705,7 @@ class ProcessPool(Backend):
 
     name = "pool"
 
-    def __init__(self, store_root: str, devices: Sequence[str], threads: int | None = None, *,
+    def __init__(self, blobs_url: str, devices: Sequence[str], threads: int | None = None, *,
                  pin: Callable[[str], str] = pin_device, help_locally: bool | None = None,
                  start: str | None = None, spawn_after_s: float | None = None,
                  bridge_min_tasks: int | None = None) -> None:
@@ -717,7 +730,7 @@ class ProcessPool(Backend):
         self._spawned = len(spawned)
         self._scheduler = _Scheduler(len(spawned))
         self._spawn_after_s = spawn_after_s
-        self._store_root = os.path.abspath(store_root)
+        self._blobs_url = canonical_blobs_url(blobs_url)
         self._request = uuid.uuid4().hex  # workers start each request with empty caches
         self._local_env: WorkerEnv | None = None
         self._local_done, self._local_s, self._left, self._local_chunks = 0, 0.0, 0, 0
@@ -765,7 +778,7 @@ class ProcessPool(Backend):
     def _run_locally(self, chunk: Sequence[Any], progress: Callable[[int], None] | None = None
                      ) -> list[tuple[Any, list[str]]]:
         if self._local_env is None:
-            self._local_env = WorkerEnv(self._store_root, "cpu", slot="cpu (coordinator)")
+            self._local_env = WorkerEnv(self._blobs_url, "cpu", slot="cpu (coordinator)")
         before = torch.get_num_threads()
         torch.set_num_threads(self.threads)
         t0 = time.perf_counter()
@@ -809,7 +822,7 @@ class ProcessPool(Backend):
         ``_done_head``)."""
         n = len(tasks)
         if self._local_env is None:
-            self._local_env = WorkerEnv(self._store_root, "cpu", slot="cpu (coordinator)")
+            self._local_env = WorkerEnv(self._blobs_url, "cpu", slot="cpu (coordinator)")
         env = self._local_env
         known = _seconds_per_task(tasks)
         sample = max(2, min(n // 8, 64))  # tasks to time before deciding, when nothing is known
@@ -873,7 +886,7 @@ class ProcessPool(Backend):
 
         def submit(chunk: list[Any], _w: int) -> Future:
             self._remote_chunks += 1
-            return self._workers.executor.submit(_run_chunk, chunk, self._store_root, self._request)
+            return self._workers.executor.submit(_run_chunk, chunk, self._blobs_url, self._request)
 
         self._left = len(tasks)
         self._done_head: list[tuple[Any, list[str]]] = []
@@ -930,10 +943,10 @@ class ProcessPool(Backend):
 class _RayWorker:
     """A Ray actor: one WorkerEnv on one device (Ray sets CUDA_VISIBLE_DEVICES to its GPU)."""
 
-    def __init__(self, store_root: str, use_gpu: bool, threads: int, slot: str) -> None:
+    def __init__(self, blobs_url: str, use_gpu: bool, threads: int, slot: str) -> None:
         torch.set_num_threads(threads)
         device = pin_device("cuda:0") if use_gpu else "cpu"
-        self.env = WorkerEnv(store_root, device, slot=slot)
+        self.env = WorkerEnv(blobs_url, device, slot=slot)
 
     def run(self, tasks: Sequence[Any]) -> list[tuple[Any, list[str]]]:
         return run_tasks(tasks, self.env)
@@ -944,6 +957,13 @@ class _RayWorker:
         return {"pid": os.getpid(), "host": socket.gethostname(), "slot": self.env.slot,
                 "device": str(self.env.device), "threads": torch.get_num_threads(),
                 "gpus": os.environ.get("CUDA_VISIBLE_DEVICES")}
+
+
+def _aws_env() -> dict[str, str]:
+    """The AWS variables of this process (credentials, region, endpoint, retries), for Ray actors: an actor
+    inherits the environment of the node's Ray, which may predate them (or be another machine's). Ray keeps
+    them in the cluster's metadata: on a cluster with credentials of its own (instance roles), unset them."""
+    return {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
 
 
 def _ray_devices(spec: str | None, gpus: int) -> list[str]:
@@ -965,14 +985,16 @@ class RayBackend(Backend):
 
     Connects to ``address`` (``auto``, ``HOST:PORT`` or ``ray://HOST:10001``), or to the Ray
     instance this process already initialised, or starts a local one. With GPU slots every
-    actor asks Ray for ``1 / workers_per_device`` GPU. Actors read and write blobs under
-    ``store_root``, which must be the same path on every node (a shared file system); only
-    this process (the driver) writes metadata.
+    actor asks Ray for ``1 / workers_per_device`` GPU. Actors open the blob store from
+    ``blobs_url``: for ``s3://bucket/prefix`` they need only the URL and the AWS variables, which
+    are handed to them from this process's environment (:func:`_aws_env`), so no node needs a
+    shared file system; a local directory must be at the same path on every node. Only this
+    process (the driver) writes metadata.
     """
 
     name = "ray"
 
-    def __init__(self, store_root: str, *, workers: int | None = 1, device: str | None = "auto",
+    def __init__(self, blobs_url: str, *, workers: int | None = 1, device: str | None = "auto",
                  workers_per_device: int | None = None, address: str | None = None,
                  threads: int | None = None) -> None:
         try:
@@ -991,12 +1013,12 @@ class RayBackend(Backend):
         self.address = address
         self.actors: list[Any] = []
         try:
-            self._start_actors(store_root, workers, device, workers_per_device, threads)
+            self._start_actors(blobs_url, workers, device, workers_per_device, threads)
         except BaseException:
             self.close()
             raise
 
-    def _start_actors(self, store_root: str, workers: int | None, device: str | None,
+    def _start_actors(self, blobs_url: str, workers: int | None, device: str | None,
                       workers_per_device: int | None, threads: int | None) -> None:
         ray = self._ray
         resources = ray.cluster_resources()
@@ -1012,9 +1034,13 @@ class RayBackend(Backend):
         per_gpu = 0
         if self.use_gpu:  # actors per GPU: Ray packs them by their fractional GPU request
             per_gpu = workers_per_device or max(1, math.ceil(len(self.devices) / gpus))
-        actor = ray.remote(num_cpus=self.threads, num_gpus=(1.0 / per_gpu) if per_gpu else 0)(_RayWorker)
-        root = os.path.abspath(store_root)
-        self.actors = [actor.remote(root, self.use_gpu, self.threads, slot) for slot in self.devices]
+        url = canonical_blobs_url(blobs_url)
+        options: dict[str, Any] = {"num_cpus": self.threads, "num_gpus": (1.0 / per_gpu) if per_gpu else 0}
+        env = _aws_env() if url.startswith("s3://") else {}
+        if env:
+            options["runtime_env"] = {"env_vars": env}
+        actor = ray.remote(**options)(_RayWorker)
+        self.actors = [actor.remote(url, self.use_gpu, self.threads, slot) for slot in self.devices]
         self._scheduler = _Scheduler(len(self.actors))
 
     def run(self, tasks: Sequence[Any], progress: Progress | None = None) -> list[tuple[Any, list[str]]]:
@@ -1056,7 +1082,7 @@ class RayBackend(Backend):
 
 
 def make_backend(
-    store_root: str,
+    blobs_url: str,
     *,
     workers: int | None = 1,
     device: str | None = "auto",
@@ -1067,18 +1093,19 @@ def make_backend(
     coordinator_helps: bool | None = None,
     pool_start: str | None = None,
 ) -> Backend:
-    """Choose a backend from CLI/API options. A CPU pool spawns its workers when they pay off
+    """Choose a backend from CLI/API options; its workers open the blob store at ``blobs_url``
+    (``store.blobs.url``: a directory, or ``s3://bucket/prefix``). A CPU pool spawns its workers when they pay off
     (``pool_start="auto"``, the default unless ``UMIG_POOL_START`` says otherwise) or at once
     (``"always"``); ``coordinator_helps`` is the older spelling (see :class:`ProcessPool`)."""
     if backend not in BACKENDS:
         raise UmigError(f"unknown backend '{backend}' ({', '.join(BACKENDS)})")
     if backend == "ray":
-        return RayBackend(store_root, workers=workers, device=device, workers_per_device=workers_per_device,
+        return RayBackend(blobs_url, workers=workers, device=device, workers_per_device=workers_per_device,
                           address=ray_address)
     if ray_address is not None:
         raise UmigError("--ray-address needs --backend ray")
     devices = parse_devices(device, count=device_count)
     slots = worker_devices(devices, workers, workers_per_device)
     if len(slots) == 1:
-        return InProcess(store_root, slots[0])
-    return ProcessPool(store_root, slots, help_locally=coordinator_helps, start=pool_start)
+        return InProcess(blobs_url, slots[0])
+    return ProcessPool(blobs_url, slots, help_locally=coordinator_helps, start=pool_start)

@@ -76,7 +76,7 @@ class Param:
 class Job:
     """One unlearning request as an unlearner sees it."""
 
-    store_root: str
+    blobs_url: str  # where workers open the blob store (umig.blobs.open_blobs)
     labels: tuple[int, ...]
     plan: Any  # umig.graph.Plan
     graph: nx.DiGraph

@@ -200,7 +200,7 @@ def _build_job(store: SqlStore, forget: ForgetSet, params: Mapping[str, Any], po
                 stack.append(p)
     names |= set(plan.discovery)  # with --from, a discovery node may lie outside
     order = bfs if len(names) == len(bfs) else [n for n in bfs if n in names]
-    return U.Job(store_root=str(store.root), labels=plan.labels, plan=plan, graph=g,
+    return U.Job(blobs_url=store.blobs.url, labels=plan.labels, plan=plan, graph=g,
                  nodes=store.snapshots(order), params=dict(params), seed=seed, forget=forget,
                  positions={n: positions[n] for n in order if n in positions},
                  counts={n: counts[n] for n in order if n in counts})
@@ -344,7 +344,7 @@ def _backend(store: SqlStore, backend: str | Backend, *, workers: int | None, de
     if isinstance(backend, Backend):
         yield backend
         return
-    be = make_backend(str(store.root), workers=workers, device=device, workers_per_device=workers_per_device,
+    be = make_backend(store.blobs.url, workers=workers, device=device, workers_per_device=workers_per_device,
                       backend=backend, ray_address=ray_address)
     try:
         yield be
