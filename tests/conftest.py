@@ -60,15 +60,24 @@ def umig_cli(*args: str, store: Path | None = None, check: bool = False, timeout
     return proc
 
 
-def store_state(root: Path) -> dict:
-    """A comparable snapshot of a store: every DB row and every blob file name."""
+def store_state(store: Path | str | Store) -> dict:
+    """A comparable snapshot of a store: every DB row and every blob digest.
+
+    ``store`` is a store directory (read with sqlite3 and its ``blobs/`` files, without opening it) or an
+    open store on either backend (every table through ``store.db``, blobs through ``store.blobs``)."""
+    if not isinstance(store, (str, os.PathLike)):
+        from umig.store import _COPY_TABLES
+
+        rows = {t: sorted(map(tuple, store.db.tuples(f"SELECT * FROM {t}")), key=repr) for t in _COPY_TABLES}
+        return {"rows": rows, "blobs": sorted(store.blobs.all_digests())}
     import sqlite3
 
+    root = Path(store)
     db = sqlite3.connect(root / "umig.db")
     tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table' ORDER BY name")]
     rows = {t: sorted(map(tuple, db.execute(f"SELECT * FROM {t}").fetchall()), key=repr) for t in tables}
     db.close()
-    blobs = sorted(p.name for p in (root / "blobs").glob("??/*.safetensors"))
+    blobs = sorted(p.name.removesuffix(".safetensors") for p in (root / "blobs").glob("??/*.safetensors"))
     return {"rows": rows, "blobs": blobs}
 
 
@@ -96,3 +105,29 @@ def cli_error_line(res, *needles: str) -> str:
     for n in needles:
         assert n in lines[0], (n, lines[0])
     return lines[0]
+
+
+def _s3_object(store: Store, digest: str) -> str:
+    return f"{store.blobs.bucket}/{store.blobs._key(digest)}"
+
+
+def corrupt_blob(store: Store, digest: str, offset: int = -3) -> None:
+    """Flip one byte of a stored blob, in a directory or in S3 (flipping it again repairs it)."""
+    if store.blobs.url.startswith("s3://"):
+        key = _s3_object(store, digest)
+        data = bytearray(store.blobs.fs.cat_file(key))
+        data[offset] ^= 0xFF
+        store.blobs.fs.pipe_file(key, bytes(data))
+    else:
+        path = store.blobs.path(digest)
+        data = bytearray(path.read_bytes())
+        data[offset] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+
+def delete_blob_file(store: Store, digest: str) -> None:
+    """Delete a stored blob behind the store's back (a directory's file or an S3 object)."""
+    if store.blobs.url.startswith("s3://"):
+        store.blobs.fs.rm_file(_s3_object(store, digest))
+    else:
+        store.blobs.path(digest).unlink()

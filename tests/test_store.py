@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import umig.store as store_mod
-from conftest import store_state
+from conftest import corrupt_blob, delete_blob_file, store_state
 from umig.arch import ArchSpec
 from umig.data import digits_client_split, save_subset
 from umig.errors import ArchError, DataError, GraphError, IntegrityError, NotFoundError, UmigError
@@ -22,11 +22,17 @@ CNN = ArchSpec("umig.models:digits_cnn", {"num_classes": 10})
 CNN5 = ArchSpec("umig.models:digits_cnn", {"num_classes": 5})
 
 
-@pytest.fixture
-def small(tmp_path):
-    """A fresh store with untrained models: root 'a' (digits shard), children added by tests."""
+@pytest.fixture(params=["local", "server"], ids=["local", "postgres+s3"])
+def small(request, tmp_path, monkeypatch):
+    """A fresh store with untrained models: root 'a' (digits shard), children added by tests.
+
+    Once embedded (a directory: SQLite + blob files), once shared (PostgreSQL + S3)."""
     torch.manual_seed(0)
-    store = Store.init(tmp_path / "s")
+    if request.param == "local":
+        store = Store.init(tmp_path / "s")
+    else:
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # a server store's local side files
+        store = Store.init(request.getfixturevalue("pg_url"), blobs=request.getfixturevalue("s3_url"))
     idx = digits_client_split(3, split="train", seed=0)[0]
     subset = save_subset(tmp_path / "a.npy", idx)
     model = digits_cnn()
@@ -38,10 +44,13 @@ def small(tmp_path):
     store.close()
 
 
-def flip_byte(path, offset=-3):
-    b = bytearray(path.read_bytes())
-    b[offset] ^= 0xFF
-    path.write_bytes(bytes(b))
+def location(store):
+    """What ``Store.open`` takes to open ``store`` again: its directory, or its database URL."""
+    return store.url if store.root is None else store.root
+
+
+def schema_version(store) -> int:
+    return int(store.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
 
 
 # ------------------------------------------------------------------ opening
@@ -68,35 +77,29 @@ def test_init_open_and_schema_version(tmp_path):
 
 
 def test_store_with_newer_schema_is_refused(small):
-    root = small.root
-    small.close()
-    db = sqlite3.connect(root / "umig.db")
-    db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION + 1),))
-    db.commit()
-    db.close()
-    before = store_state(root)
+    # A newer umig wrote the store (autocommit: the change is visible to the next connection).
+    small.db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION + 1),))
+    before = store_state(small)
     with pytest.raises(UmigError, match=rf"schema version {SCHEMA_VERSION + 1} is newer.*upgrade umig"):
-        Store.open(root)
-    assert store_state(root) == before
-    small.db = sqlite3.connect(":memory:")  # let the fixture close something
+        Store.open(location(small))
+    assert store_state(small) == before
 
 
 def test_older_store_is_migrated(small, monkeypatch):
-    root = small.root
+    where = location(small)
     names = [n.name for n in small.nodes()]
-    small.close()
-    small.db = sqlite3.connect(":memory:")
+    small.close()  # (closing twice is harmless: the fixture closes it again)
     # A future umig with one more migration opens today's store: data kept, schema upgraded.
     monkeypatch.setattr(store_mod, "MIGRATIONS", [*store_mod.MIGRATIONS, "ALTER TABLE nodes ADD COLUMN note TEXT"])
     monkeypatch.setattr(store_mod, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
-    with Store.open(root) as s:
-        assert int(s.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0]) == SCHEMA_VERSION + 1
-        cols = [r[1] for r in s.db.execute("PRAGMA table_info(nodes)")]
+    with Store.open(where) as s:
+        assert schema_version(s) == SCHEMA_VERSION + 1
+        cols = [d[0] for d in s.db.execute("SELECT * FROM nodes LIMIT 0").description]
         assert "note" in cols
         assert [n.name for n in s.nodes()] == names
         s.state_dict("a")
-    with Store.open(root) as s:  # idempotent
-        assert int(s.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0]) == SCHEMA_VERSION + 1
+    with Store.open(where) as s:  # idempotent
+        assert schema_version(s) == SCHEMA_VERSION + 1
 
 
 def test_empty_database_is_migrated_from_version_zero(tmp_path):
@@ -194,15 +197,15 @@ class _Payload:
 
 def test_pt_with_code_is_refused_without_unpickling(small, tmp_path, capsys):
     torch.save({"fc.weight": torch.zeros(10, 64), "x": _Payload()}, tmp_path / "evil.pt")
-    before = store_state(small.root)
+    before = store_state(small)
     with pytest.raises(ArchError, match="weights_only"):
         small.add_node("evil", tmp_path / "evil.pt", CNN)
     assert "must never run" not in capsys.readouterr().out
-    assert store_state(small.root) == before
+    assert store_state(small) == before
 
 
 def test_bad_input_raises_clear_errors_and_changes_nothing(small, tmp_path):
-    before = store_state(small.root)
+    before = store_state(small)
     m = digits_cnn()
     cases = [
         (NotFoundError, "unknown parent node 'nope'", dict(name="x", weights=m, arch=CNN, parents=["nope"])),
@@ -226,34 +229,34 @@ def test_bad_input_raises_clear_errors_and_changes_nothing(small, tmp_path):
         with pytest.raises(exc, match=msg) as info:
             small.add_node(kw.pop("name"), kw.pop("weights"), kw.pop("arch"), **kw)
         assert "\n" not in str(info.value), str(info.value)
-    assert store_state(small.root) == before
+    assert store_state(small) == before
 
 
 def test_failed_batch_rolls_back_rows_and_blobs(small):
-    before = store_state(small.root)
+    before = store_state(small)
     with pytest.raises(RuntimeError, match="boom"):
         with small.batch():
             small.add_node("b1", digits_cnn(), CNN, parents=["a"])
             small.add_node("b2", digits_cnn(), CNN, parents=["b1"])
             raise RuntimeError("boom")
-    assert store_state(small.root) == before
+    assert store_state(small) == before
     assert not small.has_node("b1")
 
 
 def test_remove_inside_a_rolled_back_batch_keeps_the_blobs(small):
     small.add_node("b", digits_cnn(), CNN, parents=["a"])
-    before = store_state(small.root)
+    before = store_state(small)
     with pytest.raises(RuntimeError, match="changed my mind"):
         with small.batch():
             small.remove("a", recursive=True)
             assert not small.has_node("b")
             raise RuntimeError("changed my mind")
-    assert store_state(small.root) == before
+    assert store_state(small) == before
     small.load_model("b")  # every blob still there
     with small.batch():
         small.remove("b")
     # Committed: b's blobs are gone, a's remain.
-    assert store_state(small.root)["blobs"] == sorted(f"{d}.safetensors" for d in small.version("a").blobs())
+    assert store_state(small)["blobs"] == sorted(set(small.version("a").blobs()))
 
 
 def test_parent_names_with_colons(small):
@@ -268,7 +271,7 @@ def test_link_refuses_cycles_and_bad_edges(small):
     small.add_node("b", digits_cnn(), CNN, parents=["a"])
     small.add_node("c", digits_cnn(), CNN, parents=["b"])
     small.add_node("d", digits_cnn(), CNN)
-    before = store_state(small.root)
+    before = store_state(small)
     for (p, c), exc, msg in [
         (("c", "a"), GraphError, "cycle"),
         (("b", "b"), GraphError, "cycle"),
@@ -279,7 +282,7 @@ def test_link_refuses_cycles_and_bad_edges(small):
             small.link(p, c)
     with pytest.raises(UmigError, match="unknown relation"):
         small.link("a", "d", relation="magic")
-    assert store_state(small.root) == before
+    assert store_state(small) == before
     small.link("a", "c", relation="copy", weight=0.5)
     assert ("a", "copy", 0.5) in small.node("c").parents
 
@@ -288,12 +291,12 @@ def test_remove_refused_with_children_unless_recursive(small):
     small.add_node("b", digits_cnn(), CNN, parents=["a"])
     small.add_node("c", digits_cnn(), CNN, parents=["b"])
     shared = small.add_node("twin", small.state_dict("b"), CNN)  # same weights as b, but not b's child
-    before = store_state(small.root)
+    before = store_state(small)
     with pytest.raises(GraphError, match=r"node 'b' has children \(c\); use --recursive"):
         small.remove("b")
     with pytest.raises(NotFoundError, match="unknown node 'zz'"):
         small.remove("zz")
-    assert store_state(small.root) == before
+    assert store_state(small) == before
     c_blobs = set(small.version("c").blobs())
     assert sorted(small.remove("b", recursive=True)) == ["b", "c"]
     assert sorted(n.name for n in small.nodes()) == ["a", "twin"]
@@ -305,17 +308,17 @@ def test_remove_refused_with_children_unless_recursive(small):
 
 def test_corrupted_or_missing_blob_fails_naming_the_node(small, tmp_path):
     v = small.version("a")
-    flip_byte(small.blobs.path(v.body_blob))
+    corrupt_blob(small, v.body_blob)
     for call in (lambda: small.state_dict("a"), lambda: small.load_model("a"),
                  lambda: small.export("a", tmp_path / "out.safetensors")):
         with pytest.raises(IntegrityError, match=r"node 'a' is corrupted"):
             call()
     assert not (tmp_path / "out.safetensors").exists()
-    flip_byte(small.blobs.path(v.fim_blob))
+    corrupt_blob(small, v.fim_blob)
     with pytest.raises(IntegrityError, match="node 'a'"):
         small.fim("a")
-    flip_byte(small.blobs.path(v.body_blob))  # repaired: the body loads again
-    small.blobs.path(v.head_blob).unlink()
+    corrupt_blob(small, v.body_blob)  # repaired: the body loads again
+    delete_blob_file(small, v.head_blob)
     with pytest.raises(NotFoundError, match=r"node 'a' is missing"):
         small.state_dict("a")
 
