@@ -286,21 +286,103 @@ def test_retrain_reference_follows_the_lineage(store, labels_of):
 
 
 # ------------------------------------------------------------------ FIM captured during training
-def test_fisher_capture_matches_the_closed_form_pass(store, labels_of):
+@pytest.mark.parametrize("flush", [1 << 20, 500])  # summed once at the end / every few batches
+def test_fisher_capture_matches_the_closed_form_pass(store, labels_of, monkeypatch, flush):
     from umig.fisher import head_fisher
     from umig.lineage import FisherCapture
 
+    monkeypatch.setattr(FisherCapture, "FLUSH_ELEMENTS", flush)
     data = shard(store, labels_of, 4)
     m = model()
     m.eval()
-    with FisherCapture(m, range(10)) as cap, torch.no_grad():
+    with FisherCapture(m, range(10), per_label=True) as cap, torch.no_grad():
         for x, _ in cap.wrap(data.batches(16)):
             m(x)
     got = cap.fim()
-    ref = head_fisher(m, "fc", data.batches(64), range(10))
+    ref = head_fisher(m, "fc", data.batches(64), range(10), per_label=True)
     assert got.samples == ref.samples == 40
-    assert torch.allclose(got.weight, ref.weight, rtol=1e-4, atol=1e-7)
-    assert torch.allclose(got.bias, ref.bias, rtol=1e-4, atol=1e-7)
+    assert cap.head == "fc" and cap.seconds > 0
+    for a, b in ((got.weight, ref.weight), (got.bias, ref.bias), (got.label_weight, ref.label_weight),
+                 (got.label_bias, ref.label_bias)):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+    assert torch.equal(got.label_counts, ref.label_counts)
+
+
+def _fim_passes(monkeypatch) -> list:
+    """Every FIM pass over data the store runs from here on (``umig.fisher.head_fisher``, as ingest calls it)."""
+    from umig import fisher
+
+    calls, real = [], fisher.head_fisher
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fisher, "head_fisher", counting)
+    return calls
+
+
+def test_recording_a_model_fit_trained_runs_no_fim_pass(store, labels_of, monkeypatch):
+    from umig.fisher import kept_fim
+    from umig.lineage import fit
+
+    passes = _fim_passes(monkeypatch)
+    data = shard(store, labels_of, 3)
+    rec = FederatedRecorder(store, MLP, recipe=TINY)
+    rec.initial(model())
+    m = model()
+    fit(m, data, TINY, range(10))
+    kept = kept_fim(m)
+    assert kept is not None and kept.head == "fc" and kept.fim.samples == len(data) and kept.fim.has_label_stats
+    name = rec.client(1, 0, m, data).name
+    assert passes == []  # the default: the FIM fit captured from the last epoch
+    stored = store.fim(name)
+    assert torch.equal(stored.weight, kept.fim.weight) and torch.equal(stored.label_weight, kept.fim.label_weight)
+    assert rec.capture_seconds == kept.seconds > 0
+    # The same data named by its reference string (another Data object, same fingerprint) is the same data.
+    m = model()
+    fit(m, data, TINY, range(10))
+    rec.client(1, 1, m, str(data.ref))
+    assert passes == []
+
+    # The opt-out runs the pass: the exact FIM of the final weights.
+    exact = FederatedRecorder(store, MLP, recipe=TINY, exact_fim=True)
+    exact.global_node = rec.global_node
+    m = model()
+    fit(m, data, TINY, range(10))
+    name = exact.client(1, 2, m, data).name
+    assert len(passes) == 1
+    assert not torch.equal(store.fim(name).weight, kept_fim(m).fim.weight)
+    m = model()
+    fit(m, data, TINY, range(10))
+    store.add_node("direct/exact", m, MLP, data=data, exact_fim=True)
+    assert len(passes) == 2
+
+
+@pytest.mark.parametrize("change", ["load_state_dict", "data_write", "other_data", "deepcopy", "no_capture",
+                                    "not_fit"])
+def test_a_captured_fim_is_used_only_for_the_weights_and_data_it_was_taken_on(store, labels_of, monkeypatch, change):
+    import copy
+
+    from umig.lineage import fit
+    from umig.train import train
+
+    passes = _fim_passes(monkeypatch)
+    data = shard(store, labels_of, 3)
+    m = model()
+    if change == "not_fit":  # a model trained by another loop than fit's: nothing was captured
+        train(m, lambda epoch: data.batches(32), TINY, range(10))
+    else:
+        fit(m, data, TINY, range(10), capture=change != "no_capture")
+    if change == "load_state_dict":
+        m.load_state_dict(model(seed=1).state_dict())
+    elif change == "data_write":  # bypasses the version counter; the weights' sums still see it
+        m.fc.weight.data.add_(1e-3)
+    elif change == "deepcopy":
+        m = copy.deepcopy(m)
+    other = shard(store, labels_of, 3, offset=3) if change == "other_data" else data
+    store.add_node("n", m, MLP, data=other)
+    assert len(passes) == 1
 
 
 def test_recorder_stores_a_captured_fim(store, labels_of):

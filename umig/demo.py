@@ -17,7 +17,7 @@ from umig.api import Store
 from umig.arch import ArchSpec
 from umig.data import digits_client_split, resolve
 from umig.lineage import FederatedRecorder, subset_ref
-from umig.train import Recipe, fedavg, train
+from umig.train import Recipe, fedavg, fit
 
 DIGITS_TRAIN = "sklearn:digits?split=train"
 DIGITS_TEST = "sklearn:digits?split=test"
@@ -38,10 +38,11 @@ class FLRun:
         return [self.init] + [n for r, g in zip(self.clients, self.globals) for n in (*r, g)]
 
 
-def train_client(model: torch.nn.Module, data, recipe: Recipe, classes=tuple(range(10))) -> None:
-    """One client's local training: ``recipe.epochs`` shuffled epochs over its shard."""
-    train(model, lambda epoch: data.batches(recipe.batch_size, shuffle=True, seed=recipe.seed + epoch),
-          recipe, classes)
+def train_client(model: torch.nn.Module, data, recipe: Recipe, classes=tuple(range(10)), *,
+                 capture: bool = True) -> None:
+    """One client's local training: ``recipe.epochs`` shuffled epochs over its shard (:func:`umig.train.fit`,
+    which keeps the last epoch's FIM with the model for the recorder unless ``capture`` is False)."""
+    fit(model, data, recipe, classes, capture=capture)
 
 
 def build_fl_digits(

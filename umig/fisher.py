@@ -17,8 +17,11 @@ transfer lineages differ in size and order.
 from __future__ import annotations
 
 import contextlib
+import time
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -28,22 +31,31 @@ from umig.heads import check_unique, label_rows
 
 __all__ = [
     "FIM",
+    "LABEL_STATS_MAX",
+    "FisherCapture",
+    "FisherDataError",
     "FisherError",
     "FisherShapeError",
-    "FisherCapture",
-    "logit_grad_sq",
-    "FisherDataError",
-    "head_fisher",
-    "weighted_mean",
-    "merge_max",
+    "KeptFIM",
     "autograd_fisher",
-    "resolve_head",
     "eval_mode",
+    "head_fisher",
     "input_dtype",
+    "keep_fim",
+    "kept_fim",
+    "last_linear",
+    "logit_grad_sq",
+    "merge_max",
     "move_input",
+    "resolve_head",
+    "weighted_mean",
+    "without_label_stats",
 ]
 
 KINDS = ("empirical", "true")
+# Per-label FIM sums cost K x K x d floats per node; kept up to this many elements by default
+# (1,048,576: 4 MiB; a store's ``fisher.label_stats_max`` overrides it).
+LABEL_STATS_MAX = 1 << 20
 
 
 class FisherError(UmigError):
@@ -222,6 +234,14 @@ def resolve_head(model: nn.Module, head: nn.Module | str) -> nn.Linear:
     return head
 
 
+def last_linear(model: nn.Module) -> str:
+    """Name of the last ``nn.Linear`` in ``named_modules()`` order: the head ``find_head`` assumes."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise ArchError("model has no nn.Linear layer to use as classifier head")
+    return names[-1]
+
+
 def _model_device(model: nn.Module) -> torch.device:
     for t in model.parameters():
         return t.device
@@ -292,14 +312,66 @@ def logit_grad_sq(z: Tensor, rows: Tensor, kind: str, temperature: float) -> Ten
     Empirical Fisher: ``(e - p)^2`` (``e`` the one-hot target); true Fisher: ``p (1 - p)``. The
     head's diagonal Fisher is then ``g.T @ h^2`` (weight) and ``g.sum(0)`` (bias), over N samples.
     """
-    p = torch.softmax(z / temperature, dim=1)
+    p = torch.softmax(z if temperature == 1.0 else z / temperature, dim=1)
     if kind != "empirical":
         return p * (1.0 - p)
-    # (e - p)^2 without materialising e: p^2 everywhere, (1 - p)^2 at the target.
-    g = p.square()
-    idx = torch.arange(p.shape[0], device=z.device)
-    g[idx, rows] = (1.0 - p[idx, rows]).square()
-    return g
+    # (e - p)^2 without materialising e: p^2 everywhere, (1 - p)^2 at the target (not p^2 + 1 - 2p,
+    # which cancels catastrophically where p is near 1).
+    r = rows.unsqueeze(1)
+    return p.square().scatter_(1, r, (1.0 - p.gather(1, r)).square())
+
+
+class _Sums:
+    """The closed form's running sums over batches (shared by :func:`head_fisher` and
+    :class:`FisherCapture`): ``g.T @ h^2`` and ``g.sum(0)``, and with ``per_label`` the same
+    sums per label row (``K x K x d``), on the device the batches arrive on."""
+
+    def __init__(self, lin: nn.Linear, classes: tuple[int, ...], kind: str, temperature: float,
+                 per_label: bool, dtype: torch.dtype, device: torch.device) -> None:
+        self.classes, self.kind, self.temperature, self.per_label = classes, kind, temperature, per_label
+        self.has_bias = lin.bias is not None
+        k, d = len(classes), lin.in_features
+        if per_label:  # the totals are the per-label sums added up (in fim())
+            self.l_w = torch.zeros(k, k, d, dtype=dtype, device=device)
+            self.l_b = torch.zeros(k, k, dtype=dtype, device=device)
+            self.l_n = torch.zeros(k, dtype=torch.int64, device=device)
+            # Bound the (chunk, K, d) temporary of the per-label scatter to ~1M elements.
+            self._chunk = max(1, (1 << 20) // (k * d))
+        else:
+            self.f_w = torch.zeros(k, d, dtype=dtype, device=device)
+            self.f_b = torch.zeros(k, dtype=dtype, device=device)
+        self.n = 0
+
+    def add(self, h: Tensor, z: Tensor, rows: Tensor) -> None:
+        """Add one batch: head inputs ``h`` (N, d), logits ``z`` (N, K), label rows ``rows`` (N,)."""
+        g = logit_grad_sq(z, rows, self.kind, self.temperature)
+        h2 = h.square()
+        if self.per_label:
+            # One scatter per chunk instead of a Python loop over the labels present.
+            for i in range(0, len(rows), self._chunk):
+                r, gi, hi = rows[i:i + self._chunk], g[i:i + self._chunk], h2[i:i + self._chunk]
+                self.l_w.index_add_(0, r, gi.unsqueeze(2) * hi.unsqueeze(1))
+            self.l_b.index_add_(0, rows, g)
+            self.l_n += torch.bincount(rows, minlength=len(self.classes))
+        else:
+            self.f_w.addmm_(g.T, h2)
+            self.f_b += g.sum(0)
+        self.n += int(rows.numel())
+
+    def fim(self) -> FIM:
+        """Means over the samples seen, as CPU float32."""
+        if self.n == 0:
+            raise FisherDataError("no samples to compute a Fisher information on")
+        f_w, f_b = (self.l_w.sum(0), self.l_b.sum(0)) if self.per_label else (self.f_w, self.f_b)
+        lw = self.l_w.to(torch.float32).cpu() if self.per_label else None
+        return FIM(
+            weight=(f_w / self.n).to(torch.float32).cpu(),
+            bias=(f_b / self.n).to(torch.float32).cpu() if self.has_bias else None,
+            classes=self.classes, samples=self.n, kind=self.kind, temperature=self.temperature,
+            label_weight=lw,
+            label_bias=self.l_b.to(torch.float32).cpu() if self.per_label and self.has_bias else None,
+            label_counts=self.l_n.cpu() if self.per_label else None,
+        )
 
 
 def head_fisher(
@@ -339,13 +411,7 @@ def head_fisher(
     handle = lin.register_forward_hook(hook)
     try:
         with eval_mode(model, device) as dev, torch.no_grad():
-            f_w = torch.zeros(len(classes), lin.in_features, dtype=acc, device=dev)
-            f_b = torch.zeros(len(classes), dtype=acc, device=dev)
-            if per_label:
-                l_w = torch.zeros(len(classes), len(classes), lin.in_features, dtype=acc, device=dev)
-                l_b = torch.zeros(len(classes), len(classes), dtype=acc, device=dev)
-                l_n = torch.zeros(len(classes), dtype=torch.int64, device=dev)
-            n = 0
+            sums = _Sums(lin, classes, kind, temperature, per_label, acc, dev)
             for x, y in batches:
                 captured.clear()
                 model(move_input(x, dev, x_dtype))
@@ -361,33 +427,10 @@ def head_fisher(
                     )
                 if y.numel() == 0:
                     continue
-                rows = label_rows(y, classes)
-                g = logit_grad_sq(z, rows, kind, temperature)
-                h2 = h.square()
-                f_w.addmm_(g.T, h2)
-                f_b += g.sum(0)
-                if per_label:
-                    for r in rows.unique().tolist():
-                        m = rows == r
-                        l_w[r].addmm_(g[m].T, h2[m])
-                        l_b[r] += g[m].sum(0)
-                        l_n[r] += int(m.sum())
-                n += int(y.numel())
+                sums.add(h, z, label_rows(y, classes))
     finally:
         handle.remove()
-    if n == 0:
-        raise FisherDataError("no samples to compute a Fisher information on")
-    return FIM(
-        weight=(f_w / n).to(torch.float32).cpu(),
-        bias=(f_b / n).to(torch.float32).cpu() if lin.bias is not None else None,
-        classes=classes,
-        samples=n,
-        kind=kind,
-        temperature=temperature,
-        label_weight=l_w.to(torch.float32).cpu() if per_label else None,
-        label_bias=l_b.to(torch.float32).cpu() if per_label and lin.bias is not None else None,
-        label_counts=l_n.cpu() if per_label else None,
-    )
+    return sums.fim()
 
 
 class FisherCapture:
@@ -395,8 +438,9 @@ class FisherCapture:
 
     A forward hook on the head reads its input ``h`` and logits ``z`` while the training
     loop runs, on the training device, and adds the closed-form diagonal Fisher of every
-    batch (the same closed form as :func:`head_fisher`). Wrap the *last* epoch's
-    batches with :meth:`wrap` so the hook knows their labels::
+    batch (the same closed form, and with ``per_label`` the same per-label sums, as
+    :func:`head_fisher`). Wrap the *last* epoch's batches with :meth:`wrap` so the hook knows
+    their labels::
 
         cap = FisherCapture(model, classes)
         for epoch in range(epochs):
@@ -405,21 +449,36 @@ class FisherCapture:
                 ...forward, loss, step...
         rec.client(r, c, model, shard, fim=cap.fim())
 
-    It approximates the post-training FIM: the weights still move during that epoch and
-    BatchNorm/dropout run in training mode. ``kind``/``temperature`` must match the
-    store's Fisher settings (``store.fisher_settings()``).
+    (:func:`umig.train.fit` does this by default.) What it captures is the FIM of the last
+    epoch's parameters *as they evolved*: batch ``b`` is scored by the weights after ``b - 1``
+    optimiser steps of that epoch, with BatchNorm/dropout in training mode, over the same data
+    as the exact pass (less a last batch of one, which training skips for a BatchNorm model). ``head`` defaults to the last ``nn.Linear`` (:func:`last_linear`);
+    ``kind``/``temperature`` must match the store's Fisher settings (``store.fisher_settings()``).
+    ``seconds`` is the time spent in the hook (the capture's share of the training loop).
     """
 
-    def __init__(self, model: nn.Module, classes: Sequence[int], *, head: str = "fc", kind: str = "empirical",
-                 temperature: float = 1.0) -> None:
+    FLUSH_ELEMENTS = 1 << 20  # head inputs and logits held before they are summed (4 MiB of float32)
+
+    def __init__(self, model: nn.Module, classes: Sequence[int], *, head: str | None = None,
+                 kind: str = "empirical", temperature: float = 1.0, per_label: bool = False) -> None:
+        _check_kind(kind, temperature)
         self.classes = tuple(int(c) for c in classes)
-        self.kind, self.temperature = kind, float(temperature)
-        self.lin = resolve_head(model, head)
+        check_unique(self.classes, "classes")
+        self.kind, self.temperature, self.per_label = kind, float(temperature), per_label
+        self.head = head if head is not None else last_linear(model)
+        self.lin = resolve_head(model, self.head)
+        _check_width(self.lin, self.classes)
         self._y: Tensor | None = None
-        self._f_w: Tensor | None = None
-        self._f_b: Tensor | None = None
-        self.samples = 0
+        self._sums: _Sums | None = None
+        self._pending: list[tuple[Tensor, Tensor, Tensor]] = []  # (h, z, y) of batches not summed yet
+        self._pending_size = 0
+        self.seconds = 0.0
         self._handle = self.lin.register_forward_hook(self._hook)
+
+    @property
+    def samples(self) -> int:
+        """Samples captured so far."""
+        return (self._sums.n if self._sums is not None else 0) + sum(len(y) for _, _, y in self._pending)
 
     def wrap(self, batches):
         """Yield ``batches`` unchanged, telling the hook each batch's labels."""
@@ -433,20 +492,32 @@ class FisherCapture:
     def _hook(self, _mod: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
         if self._y is None:
             return
+        t0 = time.perf_counter()
         with torch.no_grad():
-            h = inputs[0].detach().reshape(-1, self.lin.in_features).float()
-            z = output.detach().reshape(-1, self.lin.out_features).float()
-            y = self._y.to(z.device).reshape(-1)
+            z = output.detach().reshape(-1, self.lin.out_features)
+            y = self._y.reshape(-1)
             self._y = None  # one head call per batch
-            if y.numel() != z.shape[0] or not y.numel():
-                return
-            g = logit_grad_sq(z, label_rows(y, self.classes), self.kind, self.temperature)
-            if self._f_w is None:
-                self._f_w = torch.zeros(len(self.classes), self.lin.in_features, device=z.device)
-                self._f_b = torch.zeros(len(self.classes), device=z.device)
-            self._f_w.addmm_(g.T, h.square())
-            self._f_b += g.sum(0)
-            self.samples += int(y.numel())
+            if y.numel() == z.shape[0] and y.numel():
+                # Copies (the loop may change them in place later), summed in one go every FLUSH_ELEMENTS:
+                # per batch the closed form's dozen small ops would cost more than the math.
+                h = inputs[0].detach().reshape(-1, self.lin.in_features).clone()
+                self._pending.append((h, z.clone(), y.to(z.device)))
+                self._pending_size += h.numel() + z.numel()
+                if self._pending_size >= self.FLUSH_ELEMENTS:
+                    self._flush()
+        self.seconds += time.perf_counter() - t0
+
+    def _flush(self) -> None:
+        """Add the pending batches to the sums."""
+        if not self._pending:
+            return
+        h, z, y = (torch.cat(t) for t in zip(*self._pending))
+        self._pending.clear()
+        self._pending_size = 0
+        if self._sums is None:
+            self._sums = _Sums(self.lin, self.classes, self.kind, self.temperature, self.per_label,
+                               torch.float32, z.device)
+        self._sums.add(h.float(), z.float(), label_rows(y, self.classes))
 
     def close(self) -> None:
         """Remove the hook (``fim()`` still works afterwards)."""
@@ -458,15 +529,73 @@ class FisherCapture:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def fim(self):
+    def fim(self) -> FIM:
         """The captured :class:`FIM` (CPU tensors); closes the hook."""
         self.close()
         if not self.samples:
             raise FisherDataError("FisherCapture saw no labelled batch: wrap the last epoch's batches with wrap()")
-        return FIM(weight=(self._f_w / self.samples).cpu(),
-                   bias=(self._f_b / self.samples).cpu() if self.lin.bias is not None else None,
-                   classes=self.classes, samples=self.samples, kind=self.kind, temperature=self.temperature)
+        t0 = time.perf_counter()
+        self._flush()
+        out = self._sums.fim()
+        self.seconds += time.perf_counter() - t0
+        return out
 
+
+# --------------------------------------------------------------------------- FIMs kept with a model
+# What training captured for a model's *current* weights (umig.train.fit keeps it; umig.ingest.add_node
+# records it instead of running the FIM pass). Keyed weakly by the module, so a model that is dropped
+# or deep-copied carries nothing over.
+_KEPT: weakref.WeakKeyDictionary[nn.Module, KeptFIM] = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True, eq=False)
+class KeptFIM:
+    """A FIM training captured for a model: ``fim`` over ``data`` through head ``head``, ``seconds`` of
+    capture in the training loop. ``weights`` identifies the weights it belongs to (see :func:`kept_fim`)."""
+
+    fim: FIM
+    head: str
+    data: Any
+    seconds: float
+    weights: tuple[Any, Tensor | None]
+
+
+def _weights_token(model: nn.Module) -> tuple[Any, Tensor | None]:
+    """What must not change for a kept FIM to stay the model's: each parameter's and buffer's identity,
+    storage and in-place version counter, plus a float64 sum of every floating one (which also sees
+    writes through ``.data``, whose version counter is separate)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    ids = tuple((id(t), t.data_ptr(), t._version, t.device) for t in tensors)
+    with torch.no_grad():
+        sums = [t.sum(dtype=torch.float64) for t in tensors if t.is_floating_point()]
+        return ids, (torch.stack(sums).cpu() if sums else None)
+
+
+def keep_fim(model: nn.Module, fim: FIM, *, head: str, data: Any, seconds: float = 0.0) -> KeptFIM:
+    """Keep ``fim`` (captured over ``data`` through ``head``) as the FIM of ``model``'s current weights."""
+    kept = KeptFIM(fim, head, data, seconds, _weights_token(model))
+    _KEPT[model] = kept
+    return kept
+
+
+def kept_fim(model: nn.Module, *, check: bool = True) -> KeptFIM | None:
+    """The FIM kept for ``model`` by :func:`keep_fim`, or None when there is none or (with ``check``) the
+    weights changed since (another step, ``load_state_dict``, a moved or replaced tensor, a write through
+    ``.data``). ``check=False`` skips that comparison, e.g. to read only ``seconds``."""
+    kept = _KEPT.get(model)
+    if kept is None or not check:
+        return kept
+    ids, sums = _weights_token(model)
+    if ids != kept.weights[0] or (sums is None) != (kept.weights[1] is None) or (
+            sums is not None and not torch.equal(sums, kept.weights[1])):
+        del _KEPT[model]
+        return None
+    return kept
+
+
+def without_label_stats(fim: FIM) -> FIM:
+    """``fim`` without its per-label sums."""
+    return replace(fim, label_weight=None, label_bias=None, label_counts=None)
 
 
 # --------------------------------------------------------------------------- merges

@@ -34,7 +34,6 @@ from umig.forget import source_fingerprint
 from umig.store import FRAMEWORKS, RELATIONS, NodeInfo, OperationRef, SqlStore, split_head
 from umig.train import Recipe
 
-LABEL_STATS_MAX = 1 << 20
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:@/+-]{0,199}$")
 # Rebuilding from the spec and the dummy forward that finds the head depend only on the
 # architecture and the state's keys/shapes/dtypes: done once per combination (bulk recording).
@@ -79,6 +78,7 @@ def add_node(
     input_shape: Sequence[int] | None = None,
     fim: F.FIM | None = None,
     compute_fim: bool = True,
+    exact_fim: bool = False,
     meta: Mapping[str, Any] | None = None,
     recipe: Any = None,
     fisher_batch: int = 256,
@@ -91,8 +91,12 @@ def add_node(
     or ``.pt`` read with ``weights_only=True``). ``data`` is a reference string,
     a ``umig.data.Data``, or a ``torch.utils.data.Dataset`` with ``data_ref``
     naming it. ``fim`` is a model FIM already computed (e.g. during training by
-    ``umig.fisher.FisherCapture``); without one, ``compute_fim`` computes it with one forward
-    pass over the data (or, for a data-less node, as the mean of its parents' FIMs). Everything is validated before anything is written.
+    ``umig.fisher.FisherCapture``). Without one, a module that :func:`umig.train.fit` just trained on
+    this same data (weights unchanged since, same head and classes, the store's Fisher settings) is
+    recorded with the FIM that training captured from its last epoch (:func:`umig.fisher.kept_fim`);
+    otherwise, or with ``exact_fim``, ``compute_fim`` computes it with one forward pass over the data
+    (the exact FIM of the final weights), or for a data-less node as the mean of its parents' FIMs.
+    Everything is validated before anything is written.
 
     ``parents`` name the version each was derived from as ``NAME@VERSION`` (or a 3-tuple); without
     one, the version this store object last loaded of it (``SqlStore.loaded``), else its live version.
@@ -196,10 +200,14 @@ def add_node(
         model_fim = fim.aligned(cls)
     elif compute_fim:
         if dataset is not None and len(dataset):
-            model_fim = F.head_fisher(
-                model, hinfo.name, dataset.batches(fisher_batch, device=device), cls, **store.fisher_settings(),
-                device=device, per_label=_keeps_label_stats(store, len(cls), hinfo.in_features),
-            )
+            per_label = _keeps_label_stats(store, len(cls), hinfo.in_features)
+            if not exact_fim and isinstance(weights, nn.Module):
+                model_fim = _trained_fim(store, weights, hinfo.name, cls, dataset, fingerprint, per_label)
+            if model_fim is None:
+                model_fim = F.head_fisher(
+                    model, hinfo.name, dataset.batches(fisher_batch, device=device), cls,
+                    **store.fisher_settings(), device=device, per_label=per_label,
+                )
         elif parent_list:
             model_fim = _mean_parent_fim(store, parent_list, cls)
 
@@ -288,9 +296,29 @@ def _data_arg(data: Any, data_ref: str | None, subset: str | None, only_labels: 
 
 def _keeps_label_stats(store: SqlStore, classes: int, features: int) -> bool:
     """Per-label FIM sums cost ``K x K x d`` floats per node: kept up to the store's
-    ``fisher.label_stats_max`` elements (default 1,048,576: 4 MiB)."""
-    cap = int(store.config().get("fisher.label_stats_max", str(LABEL_STATS_MAX)))
+    ``fisher.label_stats_max`` elements (default ``umig.fisher.LABEL_STATS_MAX``, 1,048,576: 4 MiB)."""
+    cap = int(store.config().get("fisher.label_stats_max", str(F.LABEL_STATS_MAX)))
     return classes * classes * features <= cap
+
+
+def _trained_fim(store: SqlStore, model: nn.Module, head: str, classes: tuple[int, ...], dataset: D.Data,
+                 fingerprint: str, per_label: bool) -> F.FIM | None:
+    """The FIM training captured for ``model`` (:func:`umig.fisher.kept_fim`) when it stands for this node:
+    same weights, head, classes and Fisher settings, taken over this node's data (the same object, or data
+    with the same fingerprint), with per-label sums if the store keeps them. None otherwise: the caller
+    then runs the exact pass."""
+    kept = F.kept_fim(model)
+    if kept is None or kept.head != head or kept.fim.classes != classes:
+        return None
+    want = store.fisher_settings()
+    if (kept.fim.kind, kept.fim.temperature) != (want["kind"], want["temperature"]):
+        return None
+    if kept.data is not dataset and (not isinstance(kept.data, D.Data) or len(kept.data) != len(dataset)
+                                     or D.fingerprint(kept.data) != fingerprint):
+        return None
+    if per_label and not kept.fim.has_label_stats:
+        return None
+    return kept.fim if per_label else F.without_label_stats(kept.fim)
 
 
 def _mean_parent_fim(store: SqlStore, parents: list[tuple[str, float | None]], classes: tuple[int, ...]):

@@ -55,6 +55,7 @@ from __future__ import annotations
 import hashlib
 import sys
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -150,6 +151,7 @@ class LineageRecorder:
         self.nodes: list[str] = []
         self.seconds = 0.0
         self.capture_seconds = 0.0
+        self._counted: weakref.WeakSet[Any] = weakref.WeakSet()
         self._mass: dict[str, int] = {}
 
     def record(self, name: str, model: Model, *, arch: Any = None, parents: Sequence[str | tuple[str, float | None]] = (),
@@ -163,8 +165,10 @@ class LineageRecorder:
         the store computes it with one forward pass over the node's data.
         """
         t0 = time.perf_counter()
-        kept = kept_fim(model) if isinstance(model, nn.Module) else None
-        if kept is not None:  # spent in the training loop whether or not this node can use it
+        # Spent in the training loop whether or not this node can use it (add_node checks that); once per capture.
+        kept = kept_fim(model, check=False) if isinstance(model, nn.Module) else None
+        if kept is not None and kept not in self._counted:
+            self._counted.add(kept)
             self.capture_seconds += kept.seconds
         spec = arch if arch is not None else self.arch
         if spec is None:

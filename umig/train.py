@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from umig.arch import ArchSpec, eval_mode
-from umig.errors import NotFoundError, UmigError
+from umig.errors import ArchError, NotFoundError, UmigError
+from umig.fisher import LABEL_STATS_MAX, FisherCapture, keep_fim, last_linear
 from umig.heads import check_unique, label_rows, shared_rows
 
 __all__ = ["Recipe", "accuracy", "fedavg", "train"]
@@ -286,20 +287,52 @@ def accuracy(
 
 # ------------------------------------------------------------------ lineage training steps
 def fit(model: nn.Module, data: Any, recipe: Recipe | Mapping[str, Any], classes: Sequence[int],
-        device: str | torch.device | None = None, capture: Any = None) -> dict[str, float]:
+        device: str | torch.device | None = None, capture: FisherCapture | bool = True) -> dict[str, float]:
     """Train ``model`` on ``data`` (a ``umig.data.Data``) with ``recipe``: shuffled epochs seeded by
     ``recipe.seed + epoch``, the way recorders' training loops and retraining do it.
 
-    With ``capture`` (a ``umig.fisher.FisherCapture``), the last epoch's forward passes also
-    accumulate the model FIM.
+    The last epoch's forward passes also accumulate the model FIM (:class:`umig.fisher.FisherCapture`,
+    empirical at temperature 1, on the last ``nn.Linear``, with per-label sums up to
+    ``umig.fisher.LABEL_STATS_MAX`` elements), kept with the model (:func:`umig.fisher.keep_fim`):
+    recording ``model`` on the same ``data`` before its weights change stores that FIM instead of
+    running a FIM pass over the data. ``capture=False`` captures nothing; a ``FisherCapture`` of
+    the caller's own is filled instead (read it with ``capture.fim()``).
     """
     rec = recipe if isinstance(recipe, Recipe) else Recipe.from_json(dict(recipe))
+    cap = capture if isinstance(capture, FisherCapture) else None
+    own = capture is True and rec.epochs > 0
 
     def batches(epoch: int):
+        nonlocal cap
         it = data.batches(rec.batch_size, shuffle=True, seed=rec.seed + epoch, device=device)
-        return capture.wrap(it) if capture is not None and epoch == rec.epochs - 1 else it
+        if epoch != rec.epochs - 1:
+            return it
+        if own:  # hooked for the last epoch only: the other epochs run without it
+            cap = _own_capture(model, classes)
+        return cap.wrap(it) if cap is not None else it
 
-    return train(model, batches, rec, classes, device=device)
+    try:
+        out = train(model, batches, rec, classes, device=device)
+    finally:
+        if own and cap is not None:
+            cap.close()
+    if own and cap is not None and cap.samples:
+        keep_fim(model, cap.fim(), head=cap.head, data=data, seconds=cap.seconds)
+    return out
+
+
+def _own_capture(model: nn.Module, classes: Sequence[int]) -> FisherCapture | None:
+    """The capture :func:`fit` runs by default, or None for a model whose last ``nn.Linear`` is not a
+    head over ``classes`` (recording then runs the FIM pass, as for a model trained elsewhere)."""
+    try:
+        head = last_linear(model)
+        lin = model.get_submodule(head)
+    except ArchError:
+        return None
+    k, d = len(classes), lin.in_features
+    if lin.out_features != k:
+        return None
+    return FisherCapture(model, classes, head=head, per_label=k * k * d <= LABEL_STATS_MAX)
 
 
 def fresh_model(arch: ArchSpec | Mapping[str, Any], seed: int) -> nn.Module:
@@ -380,5 +413,5 @@ def retrain_node(model: nn.Module, *, parents: Sequence[tuple[Mapping[str, Tenso
         if train_fn is not None:
             train_fn(model, data, recipe, classes)
         else:
-            fit(model, data, recipe, classes, device=device)
+            fit(model, data, recipe, classes, device=device, capture=False)  # retrained weights get no FIM
     return {"start": start, "trained": bool(samples), "samples": samples}

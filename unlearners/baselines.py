@@ -313,7 +313,8 @@ class Finetune(NodeUnlearner):
         before = ctx.state_of(ctx.node.name)
         model = ctx.model()
         data = concat([d for _, _, d in retain_sources(ctx)])
-        fit(model, data, _recipe(ctx.params, seed_of(ctx.seed, ctx.node.name)), ctx.classes, ctx.device)
+        fit(model, data, _recipe(ctx.params, seed_of(ctx.seed, ctx.node.name)), ctx.classes, ctx.device,
+            capture=False)  # the new version keeps the node's model FIM: none to capture
         return model_update(ctx, before, model, retain_samples=len(data), seconds_train=time.perf_counter() - t0)
 
 

@@ -118,7 +118,7 @@ class FedEraser(NodeUnlearner):
                                 seconds_train=time.perf_counter() - t0)
         start = cpu_state(model)
         epochs = calibration_epochs(recipe.epochs, float(ctx.params["calibration_ratio"]))
-        fit(model, retain, replace(recipe, epochs=epochs), snap.classes, ctx.device)
+        fit(model, retain, replace(recipe, epochs=epochs), snap.classes, ctx.device, capture=False)
         pnames = [n for n, _ in model.named_parameters()]
         new, kept = calibrated_state(start, cpu_state(model), before, ctx.state_of(p), pnames)
         model.load_state_dict(new)

@@ -336,7 +336,7 @@ class Fused(NodeUnlearner):
             recipe = Recipe(optimizer=p["optimizer"], lr=float(p["lr"]), epochs=int(p["local_epochs"]),
                             batch_size=int(p["batch_size"]), seed=seed)
         data = clients[0][2]
-        fit(local, data, recipe, ctx.classes, ctx.device)
+        fit(local, data, recipe, ctx.classes, ctx.device, capture=False)  # a probe round: no FIM wanted
         after = {k: v.detach() for k, v in local.state_dict().items()}
         return layer_l1(after, own, lays), "local round"
 
