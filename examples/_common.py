@@ -53,15 +53,16 @@ def example_parser(doc: str | None, *, quick: str, labels: str | None = None, la
 
 
 def parse_args(ap: argparse.ArgumentParser, argv: list[str] | None, *,
-               capture_fim: str | None = None) -> argparse.Namespace:
+               exact_fim: bool = False) -> argparse.Namespace:
     """Add the options every example ends with, parse ``argv`` and set torch's threads.
 
-    Those options: ``--capture-fim`` (only if ``capture_fim`` names what the FIM is taken from,
-    e.g. ``"training epoch"``), ``--threads`` and ``--seed``.
+    Those options: ``--exact-fim`` (only with ``exact_fim``: for examples whose models ``fit``
+    trains and a recorder records), ``--threads`` and ``--seed``.
     """
-    if capture_fim is not None:
-        ap.add_argument("--capture-fim", action="store_true",
-                        help=f"model FIMs from the last {capture_fim} (FisherCapture) instead of an extra pass")
+    if exact_fim:
+        ap.add_argument("--exact-fim", action="store_true",
+                        help="model FIMs from one extra pass over each node's data (the exact FIM of the trained "
+                             "weights) instead of the last training epoch's forward passes (the default)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)

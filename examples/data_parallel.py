@@ -21,20 +21,21 @@ from _common import CLASSES, console, example_parser, example_store, parse_args,
 from umig.arch import ArchSpec
 from umig.data import digits_client_split, parse_labels
 from umig.demo import DEFAULT_ARCH as ARCH, DIGITS_TEST, DIGITS_TRAIN
-from umig.lineage import DataParallelRecorder, FisherCapture, fit, fresh_model, subset_ref
+from umig.lineage import DataParallelRecorder, fit, fresh_model, subset_ref
 from umig.api import Store
 from umig.train import Recipe, fedavg
 
 
 def build(store: Store, *, ranks: int = 3, syncs: int = 3, local_epochs: int = 2, seed: int = 0,
-          arch: ArchSpec = ARCH, prefix: str = "ddp", lr: float = 0.01, capture: bool = False, log=print) -> dict:
+          arch: ArchSpec = ARCH, prefix: str = "ddp", lr: float = 0.01, exact_fim: bool = False, log=print) -> dict:
     """Train and record ``syncs`` sync steps of ``ranks``-way data parallelism; returns the names.
 
-    ``capture``: each replica's model FIM comes from its last local epoch (``FisherCapture``).
+    Each replica's model FIM is the one ``fit`` captured from its last local epoch; ``exact_fim``
+    computes it with an extra pass instead.
     """
     base = Recipe(optimizer="adam", lr=lr, epochs=local_epochs, batch_size=64, seed=seed)
     shards = [subset_ref(store, DIGITS_TRAIN, idx) for idx in digits_client_split(ranks, split="train", seed=seed)]
-    rec = DataParallelRecorder(store, arch, prefix=prefix, classes=CLASSES, recipe=base)
+    rec = DataParallelRecorder(store, arch, prefix=prefix, classes=CLASSES, recipe=base, exact_fim=exact_fim)
     out: dict = {"shards": [], "syncs": [], "recorder": rec}
     train_s = 0.0
     with rec.batch():  # one transaction for the whole run
@@ -46,10 +47,9 @@ def build(store: Store, *, ranks: int = 3, syncs: int = 3, local_epochs: int = 2
                 t0 = time.perf_counter()
                 recipe = Recipe(**{**base.to_json(), "seed": seed + 100 * s + r})
                 replica = copy.deepcopy(model)
-                cap = FisherCapture(replica, CLASSES, **store.fisher_settings()) if capture else None
-                fit(replica, shard, recipe, CLASSES, capture=cap)
+                fit(replica, shard, recipe, CLASSES, capture=not exact_fim)
                 train_s += time.perf_counter() - t0
-                names.append(rec.shard(s, r, replica, shard, recipe=recipe, fim=cap.fim() if cap else None).name)
+                names.append(rec.shard(s, r, replica, shard, recipe=recipe).name)
                 replicas.append(replica.state_dict())
             t0 = time.perf_counter()
             model = fresh_model(arch, seed)
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ranks", type=int, default=3)
     ap.add_argument("--syncs", type=int, default=3)
     ap.add_argument("--local-epochs", type=int, default=2, help="local epochs between two sync points")
-    args = parse_args(ap, argv, capture_fim="local epoch")
+    args = parse_args(ap, argv, exact_fim=True)
     if args.quick:
         args.syncs, args.local_epochs = 2, 1
     from umig.cli.render import summary_table
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"training {args.ranks}-way data parallel on digits, {args.syncs} sync points ...", flush=True)
         t0 = time.perf_counter()
         run = build(store, ranks=args.ranks, syncs=args.syncs, local_epochs=args.local_epochs, seed=args.seed,
-                    capture=args.capture_fim)
+                    exact_fim=args.exact_fim)
         print(recorded_line(run, time.perf_counter() - t0))
         con.print(summary_table(store.graph()))
         labels = parse_labels(args.labels)

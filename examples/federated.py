@@ -23,27 +23,27 @@ from _common import CLASSES, console, example_parser, example_store, parse_args,
 from umig.arch import ArchSpec
 from umig.data import digits_client_split, parse_labels
 from umig.demo import DEFAULT_ARCH as ARCH, DIGITS_TEST, DIGITS_TRAIN
-from umig.lineage import FederatedRecorder, FisherCapture, fit, fresh_model, subset_ref
+from umig.lineage import FederatedRecorder, fit, fresh_model, subset_ref
 from umig.api import Store
 from umig.train import Recipe, fedavg
 
 
 def build(store: Store, *, clients: int = 4, edges: int = 2, rounds: int = 2, epochs: int = 5, seed: int = 0,
           dag: bool = True, alpha: float | None = None, arch: ArchSpec = ARCH, prefix: str = "fl",
-          lr: float = 0.01, capture: bool = False, log=print) -> dict:
+          lr: float = 0.01, exact_fim: bool = False, log=print) -> dict:
     """Train and record a (multi-layer) FedAvg lineage on digits; returns the recorded names.
 
     ``edges`` <= 1 gives flat FL (clients -> global). Every client records its own recipe
-    (its seed), so the lineage can be retrained exactly. ``capture``: take each client's
-    model FIM from its last training epoch (``FisherCapture``) instead of an extra pass. Returns the recorder too (key
-    ``recorder``, with ``train_s``: seconds spent training and averaging).
+    (its seed), so the lineage can be retrained exactly. Each client's model FIM is the one ``fit``
+    captured from its last training epoch; ``exact_fim`` computes it with an extra pass instead. Returns
+    the recorder too (key ``recorder``, with ``train_s``: seconds spent training and averaging).
     """
     base = Recipe(optimizer="adam", lr=lr, epochs=epochs, batch_size=64, seed=seed)
     shards = [subset_ref(store, DIGITS_TRAIN, idx)
               for idx in digits_client_split(clients + (1 if dag else 0), split="train", seed=seed, alpha=alpha)]
     late_shard = shards.pop() if dag else None
     groups = [list(range(clients))[i::max(edges, 1)] for i in range(max(edges, 1))]
-    rec = FederatedRecorder(store, arch, prefix=prefix, classes=CLASSES, recipe=base)
+    rec = FederatedRecorder(store, arch, prefix=prefix, classes=CLASSES, recipe=base, exact_fim=exact_fim)
     out: dict = {"clients": [], "edges": [], "globals": [], "recorder": rec}
     train_s = 0.0
     with rec.batch():  # one transaction for the whole run
@@ -55,10 +55,9 @@ def build(store: Store, *, clients: int = 4, edges: int = 2, rounds: int = 2, ep
                 t0 = time.perf_counter()
                 recipe = Recipe(**{**base.to_json(), "seed": seed + 100 * r + c})
                 model = copy.deepcopy(global_model)
-                cap = FisherCapture(model, CLASSES, **store.fisher_settings()) if capture else None
-                fit(model, shard, recipe, CLASSES, capture=cap)
+                fit(model, shard, recipe, CLASSES, capture=not exact_fim)
                 train_s += time.perf_counter() - t0
-                names[c] = rec.client(r, c, model, shard, recipe=recipe, fim=cap.fim() if cap else None).name
+                names[c] = rec.client(r, c, model, shard, recipe=recipe).name
                 states[names[c]] = model.state_dict()
             out["clients"].append([names[c] for c in range(clients)])
             edge_names = []
@@ -85,11 +84,10 @@ def build(store: Store, *, clients: int = 4, edges: int = 2, rounds: int = 2, ep
             t0 = time.perf_counter()
             recipe = Recipe(**{**base.to_json(), "seed": seed + 999})
             late = copy.deepcopy(first_global)
-            cap = FisherCapture(late, CLASSES, **store.fisher_settings()) if capture else None
-            fit(late, late_shard, recipe, CLASSES, capture=cap)
+            fit(late, late_shard, recipe, CLASSES, capture=not exact_fim)
             train_s += time.perf_counter() - t0
             late_name = rec.client(1, "late", late, late_shard, recipe=recipe, parent=out["globals"][0],
-                                   name=f"{prefix}/late", fim=cap.fim() if cap else None).name
+                                   name=f"{prefix}/late").name
             parents = [out["globals"][-1], late_name]
             t0 = time.perf_counter()
             m = fresh_model(arch, seed)
@@ -110,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=5, help="local epochs per client and round")
     ap.add_argument("--alpha", type=float, default=None, help="Dirichlet label skew (default IID)")
-    args = parse_args(ap, argv, capture_fim="training epoch")
+    args = parse_args(ap, argv, exact_fim=True)
     if args.quick:
         args.rounds, args.epochs = 1, 1
     from umig.cli.render import graph_tree
@@ -121,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
               f"({'flat' if args.flat or args.edges <= 1 else f'{args.edges} edge aggregators'}) ...", flush=True)
         t0 = time.perf_counter()
         run = build(store, clients=args.clients, edges=1 if args.flat else args.edges, rounds=args.rounds,
-                    epochs=args.epochs, seed=args.seed, alpha=args.alpha, capture=args.capture_fim)
+                    epochs=args.epochs, seed=args.seed, alpha=args.alpha, exact_fim=args.exact_fim)
         print(recorded_line(run, time.perf_counter() - t0))
         con.print(graph_tree(store.graph(), max_nodes=60))
         labels = parse_labels(args.labels)

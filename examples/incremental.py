@@ -22,7 +22,7 @@ from _common import console, example_parser, example_store, parse_args, print_re
 from umig.arch import ArchSpec
 from umig.data import parse_labels, resolve
 from umig.demo import DEFAULT_ARCH as ARCH, DIGITS_TEST, DIGITS_TRAIN
-from umig.lineage import FisherCapture, IncrementalRecorder, fit, fresh_model, inherit_weights, subset_ref
+from umig.lineage import IncrementalRecorder, fit, fresh_model, inherit_weights, subset_ref
 from umig.api import Store
 from umig.train import Recipe
 
@@ -52,10 +52,14 @@ def step_indices(pools, new: tuple[int, ...], old: tuple[int, ...], replay: int,
 
 
 def build(store: Store, *, steps=DEFAULT_STEPS, epochs: int = 5, replay: int = 40, seed: int = 0,
-          arch: ArchSpec = ARCH, prefix: str = "il", lr: float = 0.01, capture: bool = False, log=print) -> dict:
-    """Train and record a class-incremental chain; returns the recorded names (one per step)."""
+          arch: ArchSpec = ARCH, prefix: str = "il", lr: float = 0.01, exact_fim: bool = False, log=print) -> dict:
+    """Train and record a class-incremental chain; returns the recorded names (one per step).
+
+    Each step's model FIM is the one ``fit`` captured from its last epoch; ``exact_fim`` computes it
+    with an extra pass instead.
+    """
     pools = class_pools(seed)
-    rec = IncrementalRecorder(store, arch, prefix=prefix)
+    rec = IncrementalRecorder(store, arch, prefix=prefix, exact_fim=exact_fim)
     out: dict = {"steps": [], "classes": [], "recorder": rec}
     train_s = 0.0
     seen: tuple[int, ...] = ()
@@ -71,10 +75,9 @@ def build(store: Store, *, steps=DEFAULT_STEPS, epochs: int = 5, replay: int = 4
             grown = fresh_model(rec.arch_for(classes), recipe.seed)
             if model is not None:
                 inherit_weights(grown, model, seen, classes)  # head grows: known rows copied by label id
-            cap = FisherCapture(grown, classes, **store.fisher_settings()) if capture else None
-            fit(grown, data, recipe, classes, capture=cap)
+            fit(grown, data, recipe, classes, capture=not exact_fim)
             train_s += time.perf_counter() - t0
-            info = rec.step(grown, classes, data, recipe=recipe, fim=cap.fim() if cap else None)
+            info = rec.step(grown, classes, data, recipe=recipe)
             out["steps"].append(info.name)
             out["classes"].append(classes)
             log(f"  {info.name}: classes {classes[0]}-{classes[-1]} ({len(classes)} outputs), "
@@ -94,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", default="0-5/6-7/8-9", help="new classes per step, '/'-separated")
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--replay", type=int, default=40, help="replay samples per old class and step")
-    args = parse_args(ap, argv, capture_fim="training epoch")
+    args = parse_args(ap, argv, exact_fim=True)
     if args.quick:
         args.epochs = 2
     from umig.cli.render import node_table
@@ -104,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         steps = parse_steps(args.steps)
         print(f"training a {len(steps)}-step class-incremental chain on digits ...", flush=True)
         t0 = time.perf_counter()
-        run = build(store, steps=steps, epochs=args.epochs, replay=args.replay, seed=args.seed, capture=args.capture_fim)
+        run = build(store, steps=steps, epochs=args.epochs, replay=args.replay, seed=args.seed, exact_fim=args.exact_fim)
         print(recorded_line(run, time.perf_counter() - t0))
         con.print(node_table(store.graph(), run["steps"]))
         labels = parse_labels(args.labels)

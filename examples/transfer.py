@@ -28,7 +28,7 @@ from incremental import class_pools, step_indices  # the per-class sampling of e
 from umig.arch import ArchSpec
 from umig.data import parse_labels
 from umig.demo import DEFAULT_ARCH as ARCH, DIGITS_TEST, DIGITS_TRAIN
-from umig.lineage import FisherCapture, TransferRecorder, fit, fresh_model, inherit_weights, subset_ref
+from umig.lineage import TransferRecorder, fit, fresh_model, inherit_weights, subset_ref
 from umig.api import Store
 from umig.train import Recipe
 
@@ -39,10 +39,14 @@ SIDE = (6, 7, 8, 9)  # a new-task head from the base
 
 def build(store: Store, *, base=BASE, chain=CHAIN, side=SIDE, epochs: int = 5, head_epochs: int = 10,
           replay: int = 40, seed: int = 0, arch: ArchSpec = ARCH, prefix: str = "tl", lr: float = 0.01,
-          capture: bool = False, log=print) -> dict:
-    """Train and record a base and its transfer heads; returns the recorded names."""
+          exact_fim: bool = False, log=print) -> dict:
+    """Train and record a base and its transfer heads; returns the recorded names.
+
+    Each model FIM is the one ``fit`` captured from the model's last epoch; ``exact_fim`` computes it
+    with an extra pass instead.
+    """
     pools = class_pools(seed)
-    rec = TransferRecorder(store, arch, prefix=prefix)
+    rec = TransferRecorder(store, arch, prefix=prefix, exact_fim=exact_fim)
     out: dict = {"heads": [], "recorder": rec}
     train_s = 0.0
     with rec.batch():  # one transaction for the whole run
@@ -51,10 +55,9 @@ def build(store: Store, *, base=BASE, chain=CHAIN, side=SIDE, epochs: int = 5, h
         recipe = Recipe(optimizer="adam", lr=lr, epochs=epochs, batch_size=64, seed=seed)
         t0 = time.perf_counter()
         base_model = fresh_model(rec.arch_for(base), recipe.seed)
-        cap = FisherCapture(base_model, base, **store.fisher_settings()) if capture else None
-        fit(base_model, data, recipe, base, capture=cap)
+        fit(base_model, data, recipe, base, capture=not exact_fim)
         train_s += time.perf_counter() - t0
-        out["base"] = rec.base(base_model, data, classes=base, recipe=recipe, fim=cap.fim() if cap else None).name
+        out["base"] = rec.base(base_model, data, classes=base, recipe=recipe).name
         log(f"  {out['base']}: full training on classes {base[0]}-{base[-1]}, {len(data)} samples")
 
         def transfer(parent_model, parent_classes, new, parent_name, k, name=None, keep_old=True):
@@ -67,11 +70,9 @@ def build(store: Store, *, base=BASE, chain=CHAIN, side=SIDE, epochs: int = 5, h
             t0 = time.perf_counter()
             m = fresh_model(rec.arch_for(classes), r.seed)
             inherit_weights(m, parent_model, parent_classes, classes)  # body copied, known head rows kept
-            cap = FisherCapture(m, classes, **store.fisher_settings()) if capture else None
-            fit(m, d, r, classes, capture=cap)
+            fit(m, d, r, classes, capture=not exact_fim)
             train_s += time.perf_counter() - t0
-            info = rec.head(m, d, classes=classes, parent=parent_name, recipe=r, name=name,
-                            fim=cap.fim() if cap else None)
+            info = rec.head(m, d, classes=classes, parent=parent_name, recipe=r, name=name)
             log(f"  {info.name}: head-only fine-tune from {parent_name} for classes "
                 f"{','.join(map(str, classes))}, {info.data_size} samples")
             return m, classes, info.name
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                         labels_help="labels to forget (from the base's 0-5), e.g. 3 or 1,3")
     ap.add_argument("--epochs", type=int, default=5, help="base training epochs")
     ap.add_argument("--head-epochs", type=int, default=10, help="head-only fine-tuning epochs")
-    args = parse_args(ap, argv, capture_fim="training epoch")
+    args = parse_args(ap, argv, exact_fim=True)
     if args.quick:
         args.epochs, args.head_epochs = 2, 3
     from umig.cli.render import node_table
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     with example_store(args.store, prefix="umig-tl-") as store:
         print("training a base model and transfer heads on digits ...", flush=True)
         t0 = time.perf_counter()
-        run = build(store, epochs=args.epochs, head_epochs=args.head_epochs, seed=args.seed, capture=args.capture_fim)
+        run = build(store, epochs=args.epochs, head_epochs=args.head_epochs, seed=args.seed, exact_fim=args.exact_fim)
         print(recorded_line(run, time.perf_counter() - t0))
         rec = run["recorder"]
         base_sd = store.state_dict(run["base"])
