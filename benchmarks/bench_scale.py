@@ -203,7 +203,7 @@ def run_one(n_nodes: int, args: argparse.Namespace) -> dict:
             t0 = time.perf_counter()
             n, start, device = _setting(w, args.device)
             if start:  # a pool started one way or the other (make_backend(pool_start=...))
-                be = make_backend(str(run_root), workers=n, device=device, pool_start=start)
+                be = make_backend(store.blobs.url, workers=n, device=device, pool_start=start)
                 try:
                     res = store.unlearn([args.label], backend=be, evaluate=False)
                 finally:

@@ -246,7 +246,10 @@ class BlobStore(BaseBlobStore):
             return dict(fh.metadata() or {})
 
     def size(self, digest: str) -> int:
-        return os.stat(self._file(digest)).st_size
+        try:
+            return os.stat(self._file(digest)).st_size
+        except FileNotFoundError:
+            raise NotFoundError(f"blob {digest[:12]} is missing from the store ({self._file(digest)})") from None
 
     def delete(self, digests: Iterable[str]) -> int:
         freed = 0
