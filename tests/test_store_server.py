@@ -15,8 +15,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import REPO, cli_ok, cli_run, umig_cli
+from conftest import FAST_RECIPE, REPO, cli_ok, cli_run, umig_cli
 from umig.api import Store
+from umig.demo import build_fl_digits
 from umig.errors import NotFoundError, UmigError
 from umig.models import digits_cnn
 
@@ -65,8 +66,16 @@ def test_init_creates_the_database_and_unreachable_servers_are_one_line(postgres
 
 
 # --------------------------------------------------------------- acceptance
-def test_cli_unlearn_revert_purge_gc_on_postgres_and_s3(server_store):
-    url = server_store
+def test_cli_unlearn_revert_purge_gc_on_postgres_and_s3(pg_url, s3_url, fl_template):
+    with Store.init(pg_url, blobs=s3_url) as s:  # the demo lineage, recorded through the Python API
+        token = s.change_token()
+        build_fl_digits(s, clients=3, rounds=2, recipe=FAST_RECIPE)
+        assert s.change_token() != token  # what the browser view polls to see a commit
+    url = pg_url
+    with Store.open(url) as s, Store.open(fl_template) as local:  # the same training as the local store
+        for n in AFFECTED:
+            a, b = s.state_dict(n), local.state_dict(n)
+            assert all(torch.equal(a[k], b[k]) for k in a)
     res = json.loads(cli_ok("unlearn", "--labels", "1,2", "--json", store=url))
     assert {n["name"] for n in res["nodes"]} == set(AFFECTED)
     assert all(versions(url)[n] == 1 for n in AFFECTED)
