@@ -79,6 +79,7 @@ def test_fit_records_child_with_recipe_data_and_captured_fim(store):
     torch.testing.assert_close(store.state_dict("ft")["fc.weight"], module.model.fc.weight.detach())
     fim = store.fim("ft")  # captured from the epoch's own batches: every training sample, once
     assert fim.samples == len(resolve(TRAIN)) and float(fim.weight.sum()) > 0
+    assert fim.has_label_stats and int(fim.label_counts.sum()) == fim.samples  # forgetting labels needs no pass
     assert len(store.plan_unlearning([1]).plan.affected) == 2
 
 
@@ -117,10 +118,10 @@ def test_ddp_fim_is_reduced_over_ranks_and_only_rank_zero_records(store):
 
     model = ARCH.build()
     x, y = next(iter(DataLoader(resolve(TRAIN).dataset, batch_size=32)))
-    cap = FisherCapture(model, range(10), head="fc")
+    cap = FisherCapture(model, range(10), head="fc", per_label=True)
     for xb, _ in cap.wrap([(x, y)]):
         model(xb)
-    single = FisherCapture(model, range(10), head="fc")
+    single = FisherCapture(model, range(10), head="fc", per_label=True)
     for xb, _ in single.wrap([(x, y)]):
         model(xb)
     strategy = SimpleNamespace(root_device=torch.device("cpu"), reduce=lambda t, reduce_op: t * 2)
@@ -130,6 +131,8 @@ def test_ddp_fim_is_reduced_over_ranks_and_only_rank_zero_records(store):
     ref = single.fim()
     assert fim.samples == 2 * ref.samples
     torch.testing.assert_close(fim.weight, ref.weight)
+    torch.testing.assert_close(fim.label_weight, 2 * ref.label_weight)  # sums add up over the ranks
+    assert torch.equal(fim.label_counts, 2 * ref.label_counts)
     rank1 = SimpleNamespace(world_size=2, strategy=strategy, is_global_zero=False)
     cb._cap = None
     assert cb._record(rank1, None, "ddp", 1) is None and not store.has_node("ddp")

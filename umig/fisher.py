@@ -454,13 +454,14 @@ class FisherCapture:
     optimiser steps of that epoch, with BatchNorm/dropout in training mode, over the same data
     as the exact pass (less a last batch of one, which training skips for a BatchNorm model). ``head`` defaults to the last ``nn.Linear`` (:func:`last_linear`);
     ``kind``/``temperature`` must match the store's Fisher settings (``store.fisher_settings()``).
-    ``seconds`` is the time spent in the hook (the capture's share of the training loop).
+    ``seconds`` is the time the capture took (set-up, hook, :meth:`fim`): its share of the training loop.
     """
 
     FLUSH_ELEMENTS = 1 << 20  # head inputs and logits held before they are summed (4 MiB of float32)
 
     def __init__(self, model: nn.Module, classes: Sequence[int], *, head: str | None = None,
                  kind: str = "empirical", temperature: float = 1.0, per_label: bool = False) -> None:
+        t0 = time.perf_counter()
         _check_kind(kind, temperature)
         self.classes = tuple(int(c) for c in classes)
         check_unique(self.classes, "classes")
@@ -472,8 +473,8 @@ class FisherCapture:
         self._sums: _Sums | None = None
         self._pending: list[tuple[Tensor, Tensor, Tensor]] = []  # (h, z, y) of batches not summed yet
         self._pending_size = 0
-        self.seconds = 0.0
         self._handle = self.lin.register_forward_hook(self._hook)
+        self.seconds = time.perf_counter() - t0
 
     @property
     def samples(self) -> int:
@@ -493,25 +494,25 @@ class FisherCapture:
         if self._y is None:
             return
         t0 = time.perf_counter()
-        with torch.no_grad():
-            z = output.detach().reshape(-1, self.lin.out_features)
-            y = self._y.reshape(-1)
-            self._y = None  # one head call per batch
-            if y.numel() == z.shape[0] and y.numel():
-                # Copies (the loop may change them in place later), summed in one go every FLUSH_ELEMENTS:
-                # per batch the closed form's dozen small ops would cost more than the math.
-                h = inputs[0].detach().reshape(-1, self.lin.in_features).clone()
-                self._pending.append((h, z.clone(), y.to(z.device)))
-                self._pending_size += h.numel() + z.numel()
-                if self._pending_size >= self.FLUSH_ELEMENTS:
-                    self._flush()
+        y, self._y = self._y, None  # one head call per batch
+        if y.numel() == output.numel() // self.lin.out_features and y.numel():
+            # Copies (the loop may change them in place later), summed in one go every FLUSH_ELEMENTS:
+            # per batch the closed form's dozen small ops would cost more than the math.
+            h, z = inputs[0].detach().clone(), output.detach().clone()
+            self._pending.append((h, z, y if y.device == z.device else y.to(z.device)))
+            self._pending_size += h.numel() + z.numel()
+            if self._pending_size >= self.FLUSH_ELEMENTS:
+                self._flush()
         self.seconds += time.perf_counter() - t0
 
     def _flush(self) -> None:
         """Add the pending batches to the sums."""
         if not self._pending:
             return
-        h, z, y = (torch.cat(t) for t in zip(*self._pending))
+        d, k = self.lin.in_features, self.lin.out_features
+        h = torch.cat([t.reshape(-1, d) for t, _, _ in self._pending])
+        z = torch.cat([t.reshape(-1, k) for _, t, _ in self._pending])
+        y = torch.cat([t.reshape(-1) for _, _, t in self._pending])
         self._pending.clear()
         self._pending_size = 0
         if self._sums is None:
@@ -562,18 +563,27 @@ class KeptFIM:
 
 def _weights_token(model: nn.Module) -> tuple[Any, Tensor | None]:
     """What must not change for a kept FIM to stay the model's: each parameter's and buffer's identity,
-    storage and in-place version counter, plus a float64 sum of every floating one (which also sees
-    writes through ``.data``, whose version counter is separate)."""
+    storage and in-place version counter, plus the float64 sum of the floating ones per device (which also
+    sees writes through ``.data``, whose version counter is separate). One reduction per device: a sum
+    per tensor would be a dozen small ops per record on a small model."""
     tensors = [*model.parameters(), *model.buffers()]
     ids = tuple((id(t), t.data_ptr(), t._version, t.device) for t in tensors)
+    by_device: dict[torch.device, list[Tensor]] = {}
     with torch.no_grad():
-        sums = [t.sum(dtype=torch.float64) for t in tensors if t.is_floating_point()]
-        return ids, (torch.stack(sums).cpu() if sums else None)
+        for t in tensors:
+            if t.is_floating_point():
+                by_device.setdefault(t.device, []).append(t.reshape(-1))
+        if not by_device:
+            return ids, None
+        return ids, torch.stack([torch.cat(ts).sum(dtype=torch.float64).cpu() for ts in by_device.values()])
 
 
 def keep_fim(model: nn.Module, fim: FIM, *, head: str, data: Any, seconds: float = 0.0) -> KeptFIM:
-    """Keep ``fim`` (captured over ``data`` through ``head``) as the FIM of ``model``'s current weights."""
-    kept = KeptFIM(fim, head, data, seconds, _weights_token(model))
+    """Keep ``fim`` (captured over ``data`` through ``head``, in ``seconds``) as the FIM of ``model``'s current
+    weights; the time this takes is added to ``seconds``."""
+    t0 = time.perf_counter()
+    token = _weights_token(model)
+    kept = KeptFIM(fim, head, data, seconds + time.perf_counter() - t0, token)
     _KEPT[model] = kept
     return kept
 

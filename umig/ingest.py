@@ -200,7 +200,7 @@ def add_node(
         model_fim = fim.aligned(cls)
     elif compute_fim:
         if dataset is not None and len(dataset):
-            per_label = _keeps_label_stats(store, len(cls), hinfo.in_features)
+            per_label = keeps_label_stats(store, len(cls), hinfo.in_features)
             if not exact_fim and isinstance(weights, nn.Module):
                 model_fim = _trained_fim(store, weights, hinfo.name, cls, dataset, fingerprint, per_label)
             if model_fim is None:
@@ -294,7 +294,7 @@ def _data_arg(data: Any, data_ref: str | None, subset: str | None, only_labels: 
         return D.from_dataset(data, ref=ref)
     raise UmigError(f"unsupported data argument of type {type(data).__name__}")
 
-def _keeps_label_stats(store: SqlStore, classes: int, features: int) -> bool:
+def keeps_label_stats(store: SqlStore, classes: int, features: int) -> bool:
     """Per-label FIM sums cost ``K x K x d`` floats per node: kept up to the store's
     ``fisher.label_stats_max`` elements (default ``umig.fisher.LABEL_STATS_MAX``, 1,048,576: 4 MiB)."""
     cap = int(store.config().get("fisher.label_stats_max", str(F.LABEL_STATS_MAX)))

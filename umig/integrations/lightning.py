@@ -19,7 +19,8 @@ What it records, and where it looks:
   size from ``hparams`` or the train loader, the seed of ``seed_everything``); what does not fit a
   :class:`umig.train.Recipe` (another optimizer) goes to the node's meta instead;
 * the model FIM: accumulated by :class:`umig.fisher.FisherCapture` from the last epoch's own
-  batches (no extra pass over the data); ``capture_fim=False`` lets the store compute it.
+  batches (no extra pass over the data), with the per-label sums the store keeps (so forgetting
+  labels needs no pass either); ``capture_fim=False`` lets the store compute it.
 
 Under DDP every rank captures the FIM of its own batches, the sums are reduced across ranks,
 and rank 0 records the (synchronised) model; the other ranks record nothing.
@@ -43,6 +44,7 @@ except ImportError as e:  # the extra is optional; say which one is missing
 from umig.data import Data
 from umig.errors import UmigError
 from umig.fisher import FIM, FisherCapture
+from umig.ingest import keeps_label_stats
 from umig.lineage import LineageRecorder
 from umig.store import NodeInfo, SqlStore
 from umig.train import Recipe
@@ -182,9 +184,12 @@ class UmigCallback(Callback):
             model = self.model_of(pl_module)
             classes = self.recorder.classes
             head = self._head_name(model)
+            lin = model.get_submodule(head)
             if classes is None:
-                classes = tuple(range(dict(model.named_modules())[head].out_features))
-            self._cap = FisherCapture(model, classes, head=head, **self.recorder.store.fisher_settings())
+                classes = tuple(range(lin.out_features))
+            store = self.recorder.store
+            self._cap = FisherCapture(model, classes, head=head, **store.fisher_settings(),
+                                      per_label=keeps_label_stats(store, len(classes), lin.in_features))
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if self._cap is not None:
@@ -218,7 +223,12 @@ class UmigCallback(Callback):
             s = trainer.strategy.reduce(t.to(trainer.strategy.root_device) * cap.samples, reduce_op="sum")
             return (s / total).cpu()
 
-        return dataclasses.replace(local, weight=summed(local.weight), bias=summed(local.bias), samples=int(total))
+        def added(t: Tensor | None) -> Tensor | None:  # the per-label statistics are sums already
+            return None if t is None else trainer.strategy.reduce(t.to(dev), reduce_op="sum").cpu()
+
+        return dataclasses.replace(local, weight=summed(local.weight), bias=summed(local.bias), samples=int(total),
+                                   label_weight=added(local.label_weight), label_bias=added(local.label_bias),
+                                   label_counts=added(local.label_counts))
 
     # ------------------------------------------------------------------ recording
     def _record(self, trainer: Trainer, pl_module: LightningModule, name: str, epochs: int) -> NodeInfo | None:
