@@ -54,11 +54,11 @@ def test_synthetic_fl_lineage_shape(small: Store):
 
 def _statements(store: Store, fn) -> list[str]:
     seen: list[str] = []
-    store.db.set_trace_callback(seen.append)
+    store.db.conn.set_trace_callback(seen.append)
     try:
         fn()
     finally:
-        store.db.set_trace_callback(None)
+        store.db.conn.set_trace_callback(None)
     return seen
 
 
@@ -113,7 +113,7 @@ def test_evaluation_finds_lineage_data_in_one_pass(small: Store, monkeypatch):
                     seen[t.node] = {str(ref) for ref, _ in t.payload["train"]}
             return super().run(tasks, progress)
 
-    be = Capture(str(small.root))
+    be = Capture(small.blobs.url)
     try:
         small.unlearn([3], backend=be, evaluate=True)
     finally:
