@@ -62,7 +62,7 @@ def train(msg: Message, context: Context) -> Message:
     model = ARCH.build()
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     recipe = client_recipe(rnd, pid, epochs, seed)
-    train_client(model, data, recipe, CLASSES)
+    train_client(model, data, recipe, CLASSES, capture=False)  # the reply carries no FIM: the server computes it
     # FedAvg reads its weight from the MetricRecord; who trained, and with which seed, goes in a ConfigRecord.
     return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()),
                                "metrics": MetricRecord({"num-examples": len(data)}),
