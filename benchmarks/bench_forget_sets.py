@@ -133,7 +133,8 @@ def build_fl(root: Path, *, clients: int, rounds: int, epochs: int, seed: int) -
     store = Store.init(root)
     t0 = time.perf_counter()
     recipe = Recipe(**{**DEFAULT_RECIPE.to_json(), "epochs": epochs})
-    run = build_fl_digits(store, clients=clients, rounds=rounds, recipe=recipe, seed=seed)
+    # Exact model FIMs: fiun_rule compares them with unlearning FIMs taken at the final weights.
+    run = build_fl_digits(store, clients=clients, rounds=rounds, recipe=recipe, seed=seed, exact_fim=True)
     lin = Lineage("fl", root, run.nodes, run.globals[-1], run.clients[0][min(1, clients - 1)],
                   time.perf_counter() - t0)
     lin.positions = effective_rows(store)
@@ -148,7 +149,7 @@ def build_il(root: Path, *, epochs: int, replay: int, seed: int) -> Lineage:
 
     store = Store.init(root)
     t0 = time.perf_counter()
-    run = build(store, epochs=epochs, replay=replay, seed=seed, log=lambda *_: None)
+    run = build(store, epochs=epochs, replay=replay, seed=seed, exact_fim=True, log=lambda *_: None)  # as build_fl
     steps = list(run["steps"])
     lin = Lineage("il", root, steps, steps[-1], steps[min(1, len(steps) - 1)], time.perf_counter() - t0)
     lin.positions = effective_rows(store)

@@ -56,12 +56,16 @@ def build_fl_digits(
     seed: int = 0,
     prefix: str = "fl",
     on_node: Callable[[str], None] | None = None,
+    exact_fim: bool = False,
 ) -> FLRun:
-    """Train and record a ``clients`` x ``rounds`` FedAvg lineage on digits (one transaction)."""
+    """Train and record a ``clients`` x ``rounds`` FedAvg lineage on digits (one transaction).
+
+    Client FIMs are captured from each client's last epoch; ``exact_fim`` computes them with one pass.
+    """
     torch.manual_seed(seed)
     shards = [subset_ref(store, DIGITS_TRAIN, idx)
               for idx in digits_client_split(clients, split="train", seed=seed, alpha=alpha)]
-    rec = FederatedRecorder(store, arch, prefix=prefix, recipe=recipe)
+    rec = FederatedRecorder(store, arch, prefix=prefix, recipe=recipe, exact_fim=exact_fim)
     with store.batch():
         global_model = arch.build()
         init = rec.initial(global_model).name
@@ -75,7 +79,7 @@ def build_fl_digits(
                 model.load_state_dict(global_model.state_dict())
                 # Each client's own seed is recorded in its recipe, so retraining reproduces it exactly.
                 client_recipe = Recipe(**{**recipe.to_json(), "seed": recipe.seed + 100 * r + c})
-                train_client(model, shard, client_recipe)
+                train_client(model, shard, client_recipe, capture=not exact_fim)
                 names.append(rec.client(r, c, model, shard, recipe=client_recipe).name)
                 states.append(model.state_dict())
                 sizes.append(len(shard))
