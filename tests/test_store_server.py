@@ -181,3 +181,18 @@ def test_s3_blob_corruption_is_detected_on_read(server_store):
         client.put_object(Bucket=bucket, Key=keys[0], Body=bytes(body))
         with pytest.raises(UmigError, match=digest[:12]):
             s.state_dict(AFFECTED[-1])
+
+
+def test_browser_view_api_serves_a_server_store_and_sees_other_writers(server_store):
+    pytest.importorskip("starlette", reason="umig ui needs the 'ui' extra: pip install 'umig[ui]'")
+    from starlette.testclient import TestClient
+
+    from umig.ui.server import create_app
+
+    with Store.open(server_store) as s, TestClient(create_app(s), base_url="http://127.0.0.1") as c:
+        info = c.get("/api/info").json()
+        assert info["store"] == server_store and info["nodes"] == 9
+        assert len(c.get("/api/graph").json()["nodes"]) == 9
+        with Store.open(server_store) as other:  # another process's commit: the cached graph is rebuilt
+            other.remove("fl/r2/global")
+        assert len(c.get("/api/graph").json()["nodes"]) == 8

@@ -786,9 +786,23 @@ class SqlStore:
         node was derived from (default: the parent's live version). ``umig.ingest.add_node`` validates
         and prepares every argument; call that instead.
         """
+        parents = [(p, w, version[0] if version else None) for p, w, *version in parents]
+        wanted = [name, *(p for p, _, _ in parents)]
+        texts = {"arch": json.dumps(arch), "classes": json.dumps([int(c) for c in classes]),
+                 "input_shape": json.dumps(list(input_shape)) if input_shape else None,
+                 "data_ref": json.dumps(data_ref) if data_ref else None,
+                 "label_counts": json.dumps({str(k): v for k, v in sorted(label_counts.items())}),
+                 "meta": json.dumps(dict(meta or {}), default=str), "recipe": json.dumps(recipe) if recipe else None}
         with self.transaction():
-            if self.has_node(name):  # a concurrent writer may have won the race
+            # One query for the name check and every parent's id and live version (recorders add
+            # thousands of nodes: each round trip counts against the training loop).
+            known = {r[0]: (r[1], r[2]) for r in self.db.execute(
+                f"SELECT name, id, version FROM nodes WHERE name IN ({','.join('?' * len(wanted))})", wanted)}
+            if name in known:  # a concurrent writer may have won the race
                 raise GraphError(f"node '{name}' already exists")
+            for p, _, _ in parents:
+                if p not in known:
+                    raise NotFoundError(f"unknown node '{p}'")
             body_d = self.put_tensors(body, {"part": "body"})
             head_d = self.put_tensors(head_tensors, {"part": "head"})
             fim_d = self.put_tensors(fim.to_tensors(), fim.metadata()) if fim else None
@@ -797,35 +811,23 @@ class SqlStore:
                 "INSERT INTO nodes(name, arch, head, classes, input_shape, data_ref, data_fingerprint, data_size, "
                 "label_counts, framework, meta, recipe, created, version) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,0) "
                 "RETURNING id",
-                (
-                    name,
-                    json.dumps(arch),
-                    head,
-                    json.dumps([int(c) for c in classes]),
-                    json.dumps(list(input_shape)) if input_shape else None,
-                    json.dumps(data_ref) if data_ref else None,
-                    data_fingerprint,
-                    sum(label_counts.values()),
-                    json.dumps({str(k): v for k, v in sorted(label_counts.items())}),
-                    framework,
-                    json.dumps(dict(meta or {}), default=str),
-                    json.dumps(recipe) if recipe else None,
-                    now,
-                ),
+                (name, texts["arch"], head, texts["classes"], texts["input_shape"], texts["data_ref"], data_fingerprint,
+                 sum(label_counts.values()), texts["label_counts"], framework, texts["meta"], texts["recipe"], now),
             )
             nid = int(cur.fetchone()[0])
-            for p, w, *version in parents:
-                v = version[0] if version and version[0] is not None else self.live_version(p)
-                self.db.execute(
-                    "INSERT INTO edges(parent, child, relation, weight, parent_version) VALUES(?,?,?,?,?)",
-                    (self._node_id(p), nid, relation, w, v),
-                )
+            versions = {p: v if v is not None else known[p][1] for p, _, v in parents}
+            self.db.executemany(
+                "INSERT INTO edges(parent, child, relation, weight, parent_version) VALUES(?,?,?,?,?)",
+                [(known[p][0], nid, relation, w, versions[p]) for p, w, _ in parents])
             self.db.execute(
                 "INSERT INTO versions(node, version, body, head, delta, fim, operation, created) "
                 "VALUES(?,0,?,?,NULL,?,NULL,?)",
                 (nid, body_d, head_d, fim_d, now),
             )
-        return self.node(name)
+        # The node as node() would read it back, from what was just written (no round trip).
+        row = {"name": name, "head": head, "data_fingerprint": data_fingerprint, "data_size": sum(label_counts.values()),
+               "framework": framework, "created": now, "version": 0, **texts}
+        return _node_from_row(row, sorted((p, relation, w) for p, w, _ in parents), (), versions)
 
     def fisher_settings(self) -> dict[str, Any]:
         """Store-wide Fisher settings used for model FIMs (kind, temperature)."""
