@@ -646,6 +646,7 @@ def methods_table(methods: list[dict]) -> FitTable:
         t.add_row(m["name"], kind if "error" not in m else "[red]broken[/]", params, m.get("description") or m.get("error", ""))
     return t
 
+
 def attribution_view(out: dict) -> list[Any]:
     """``umig attribute``: the ranking (samples, clients or nodes), and the index files ``-o`` wrote."""
     by = out["by"]
