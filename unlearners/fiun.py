@@ -140,19 +140,22 @@ def erase_rows(
     # One float32-or-wider CPU copy, then numpy: on a 10x64 head torch's per-op dispatch costs ~5x the math.
     # (Half precision would lose the norm match; the result is cast back to the head's dtype and device.)
     dt = torch.promote_types(weight.dtype, torch.float32)
-    w = weight.detach().to(device="cpu", dtype=dt, copy=True).numpy()
-    b = bias.detach().to(device="cpu", dtype=dt, copy=True).numpy() if bias is not None else None
+    w, b = _numpy_copy(weight, dt), (_numpy_copy(bias, dt) if bias is not None else None)
     if not keep.any():
         # Every label forgotten: no retained row to build from; an all-zero head carries nothing.
         w[:] = 0
         if b is not None:
             b[:] = 0
     else:
+        # The reductions spelt out (the same float operations as kept.mean(0), np.linalg.norm(...).mean()
+        # and np.linalg.norm(v)): numpy's wrappers cost more than the arithmetic on a 10x64 head.
         kept = w[keep]
-        mean_row = kept.mean(0)
-        target = np.linalg.norm(kept, axis=1).mean()
-        v = np.sqrt(np.maximum(model_fim.weight.numpy()[keep].sum(0), 0)).astype(w.dtype)
-        v_norm = np.linalg.norm(v)
+        n_kept = kept.shape[0]
+        mean_row = kept.sum(0) / n_kept
+        target = np.sqrt((kept * kept).sum(1)).sum() / n_kept
+        fim_w = model_fim.weight.numpy()
+        v = np.sqrt(np.maximum(fim_w[keep].sum(0), 0)).astype(w.dtype)
+        v_norm = np.sqrt(v @ v)
         if v_norm > 0:
             v /= v_norm
             c = mean_row @ v
@@ -167,13 +170,21 @@ def erase_rows(
             w_abs = np.abs(w).sum(1)
             feat = 1.0  # |h| estimate as _feature_scale, from the retained rows only
             if model_fim.bias is not None:
-                ratio = model_fim.weight.numpy()[keep] / (model_fim.bias.numpy()[keep, None] + np.float32(1e-12))
+                ratio = fim_w[keep] / (model_fim.bias.numpy()[keep, None] + np.float32(1e-12))
                 feat = float(np.sqrt(max(ratio.max(), 0)))
             margin = (w_abs[rows].max() + w_abs[keep].max()) * feat
             b[rows] = b[keep].min() - margin - 1.0
     out_w = torch.from_numpy(w).to(device=weight.device, dtype=weight.dtype)
     out_b = torch.from_numpy(b).to(device=bias.device, dtype=bias.dtype) if bias is not None else None
     return out_w, out_b, stats
+
+
+def _numpy_copy(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
+    """A writable float32-or-wider CPU copy of ``t`` as numpy (no torch dispatch for a CPU tensor already so)."""
+    t = t.detach()
+    if t.device.type == "cpu" and t.dtype == dtype:
+        return t.numpy().copy()
+    return t.to(device="cpu", dtype=dtype, copy=True).numpy()
 
 
 def _scale_torch(w: torch.Tensor, f: torch.Tensor, m: torch.Tensor, forget_rows: torch.Tensor, rows_only: bool, *,
