@@ -419,6 +419,7 @@ class SqlStore:
         self.url = str(root.resolve()) if root is not None else db.url  # the store's name in records
         self._txn = _Txn()
         self._locked = False
+        self._fims: dict[str, FIM] = {}  # digest -> parsed model FIM, most recently used last
         self.lock_timeout = float(os.environ.get("UMIG_LOCK_TIMEOUT", "60"))
         # The version of each node this object last handed out (state_dict, load_model, export):
         # ``add_node`` takes a parent named without a version to be derived from it (see ``ingest``).
@@ -599,6 +600,7 @@ class SqlStore:
                 self._discard_unreferenced(self._txn.released)
             finally:
                 self._txn = _Txn()
+                self._fims.clear()
 
     batch = transaction  # user-facing name: record many nodes in one transaction
 
@@ -731,12 +733,27 @@ class SqlStore:
         return build_model(self.node(name).arch, self.state_dict(name, version)).to(device)
 
     def fim(self, name: str, version: int | None = None) -> FIM | None:
-        """The node's model FIM or ``None`` when it has none."""
+        """The node's model FIM or ``None`` when it has none (shared between calls: read-only)."""
         v = self.version(name, version)
         if not v.fim_blob:
             return None
-        tensors, meta = self.blobs.load_with_metadata(v.fim_blob, owner=name)
-        return FIM.from_tensors(tensors, meta)
+        # Inside a transaction (a recorder's batch), an aggregate recorded after its clients (FedAvg, a
+        # DDP sync) averages FIMs this transaction has just written or read: parsed once. Outside one,
+        # every read verifies the blob again.
+        fim = self._fims.get(v.fim_blob) if self._txn.depth else None
+        if fim is None:
+            tensors, meta = self.blobs.load_with_metadata(v.fim_blob, owner=name)
+            fim = FIM.from_tensors(tensors, meta)
+        self._remember_fim(v.fim_blob, fim)
+        return fim
+
+    def _remember_fim(self, digest: str, fim: FIM) -> None:
+        if not self._txn.depth:
+            return
+        self._fims.pop(digest, None)
+        self._fims[digest] = fim
+        while len(self._fims) > 64:
+            del self._fims[next(iter(self._fims))]
 
     def node_data(self, name: str) -> Data | None:
         """Resolve the node's own training data, checking its fingerprint (``None`` when data-less)."""
@@ -806,6 +823,8 @@ class SqlStore:
             body_d = self.put_tensors(body, {"part": "body"})
             head_d = self.put_tensors(head_tensors, {"part": "head"})
             fim_d = self.put_tensors(fim.to_tensors(), fim.metadata()) if fim else None
+            if fim_d is not None:  # as fim() would read it back (the children's aggregate averages it)
+                self._remember_fim(fim_d, FIM.from_tensors(fim.to_tensors(), fim.metadata()))
             now = time.time()
             cur = self.db.execute(
                 "INSERT INTO nodes(name, arch, head, classes, input_shape, data_ref, data_fingerprint, data_size, "
