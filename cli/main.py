@@ -42,13 +42,13 @@ graph_app = typer.Typer(help="Look at the lineage graph.", no_args_is_help=True)
 node_app = typer.Typer(help="Look at one node.", no_args_is_help=True)
 app.add_typer(graph_app, name="graph")
 app.add_typer(node_app, name="node")
-mlflow_app = typer.Typer(help="MLflow's model registry (needs umig[mlflow]).", no_args_is_help=True)
+mlflow_app = typer.Typer(help="MLflow's model registry (needs umig\\[mlflow]).", no_args_is_help=True)
 app.add_typer(mlflow_app, name="mlflow")
 
 StoreOpt = Annotated[
     Optional[str],
     typer.Option("--store", envvar="UMIG_STORE", metavar="DIR|URL",
-                 help="Store: a directory, or postgresql://user@host/db [default: ./.umig, or $UMIG_STORE]."),
+                 help="Store: a directory, or postgresql://user@host/db \\[default: ./.umig, or $UMIG_STORE]."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 
@@ -105,7 +105,7 @@ def init(
     blobs: Annotated[Optional[str], typer.Option(
         "--blobs", metavar="DIR|URL",
         help="Where blobs go: a directory or s3://bucket/prefix (AWS_* variables give credentials and "
-             "endpoint) [default: the store directory's blobs/; a postgresql:// store needs one].")] = None,
+             "endpoint) \\[default: the store directory's blobs/; a postgresql:// store needs one].")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Create an empty lineage store: embedded (a directory) or shared (PostgreSQL + S3)."""
@@ -282,7 +282,7 @@ def card(
 def mlflow_sync_cmd(
     tracking_uri: Annotated[str, typer.Option("--tracking-uri", help="MLflow tracking/registry URI, e.g. sqlite:///m.db.")],
     registered_model: Annotated[Optional[str], typer.Option(
-        "--registered-model", help="Register every version under this model [default: one per node].")] = None,
+        "--registered-model", help="Register every version under this model \\[default: one per node].")] = None,
     experiment: Annotated[str, typer.Option(help="Experiment that holds the logged models.")] = "umig",
     artifact_root: Annotated[Optional[str], typer.Option(
         "--artifact-root", help="Artifact location (URI or folder) of the experiment when it is created.")] = None,
@@ -336,13 +336,13 @@ def unlearn(
     client: Annotated[list[str], typer.Option(
         "--client", help="Forget everything in NODE's own training data, at every round (repeatable).")] = [],
     method: Annotated[Optional[str], typer.Option(
-        help="Unlearning method (see 'umig methods') [default: fiun for labels; for samples and clients the "
+        help="Unlearning method (see 'umig methods') \\[default: fiun for labels; for samples and clients the "
              "measured default, see README].")] = None,
     param: Annotated[list[str], typer.Option("--param", "-p", help="Method parameter key=value (repeatable).")] = [],
     discovery: Annotated[str, typer.Option(help="Discovery policy: first (paper) or all.")] = "first",
     from_node: Annotated[list[str], typer.Option("--from", help="Only the part reachable from NODE.")] = [],
     workers: Annotated[
-        Optional[int], typer.Option(help="Worker processes; 1 runs in-process [default: 1 on CPU, one per GPU].")
+        Optional[int], typer.Option(help="Worker processes; 1 runs in-process \\[default: 1 on CPU, one per GPU].")
     ] = None,
     device: Annotated[str, typer.Option(help="auto|cpu|cuda|cuda:0,1.")] = "auto",
     workers_per_device: Annotated[Optional[int], typer.Option(help="Workers pinned to each device.")] = None,
@@ -547,12 +547,12 @@ def attribute(
         "--inputs", help="Query inputs that show the behaviour: safetensors with x (one row per input) and "
                          "optional y (labels).")],
     labels: Annotated[Optional[str], typer.Option(
-        "--labels", "-l", help="The label the behaviour is about, e.g. 7 [default: the file's y, else the "
+        "--labels", "-l", help="The label the behaviour is about, e.g. 7 \\[default: the file's y, else the "
                                "node's own prediction].")] = None,
     by: Annotated[str, typer.Option("--by", help="Rank training samples, clients (the same data across "
                                                  "rounds, as --client counts it) or nodes: sample|client|node.")] = "sample",
     top: Annotated[Optional[int], typer.Option(
-        "--top", help="Rows to list, and with -o the samples to write [default: 20 samples; every client or node].")] = None,
+        "--top", help="Rows to list, and with -o the samples to write \\[default: 20 samples; every client or node].")] = None,
     method: Annotated[str, typer.Option(
         help=f"Scoring method: {', '.join(ATTRIBUTION_METHODS)} (see README).")] = DEFAULT_ATTRIBUTION,
     output: Annotated[Optional[Path], typer.Option(

@@ -332,3 +332,43 @@ def test_dry_run_on_cli_lineage_aligns_heads(lineage):
     assert store_state(lineage.root) == before
     methods = run("methods", "--json")
     assert methods.exit_code == 0 and "fiun" in {m["name"] for m in json.loads(methods.stdout)}
+
+
+def _commands(group, prefix=()):
+    import click
+
+    for name, cmd in group.commands.items():
+        if isinstance(cmd, click.Group):
+            yield from _commands(cmd, (*prefix, name))
+        else:
+            yield (*prefix, name), cmd
+
+
+def test_every_help_shows_argument_help_and_bracketed_text():
+    """--help of every command shows each argument's help and keeps text in brackets ("[default: ...]",
+    "umig[ui]") instead of swallowing it as rich markup (click 8.5 dropped typer's argument help)."""
+    import re
+
+    import typer
+
+    root = typer.main.get_command(app)
+    checked = 0
+    for path, cmd in _commands(root):
+        res = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": "400"})
+        assert res.exit_code == 0, (path, res.output)
+        text = " ".join(res.output.split())
+        for param in cmd.params:
+            help_text = getattr(param, "help", None)
+            if not help_text:
+                continue
+            words = " ".join(help_text.replace("\\[", "[").split())
+            for bracketed in re.findall(r"\[[^\]]*\]", words):
+                assert bracketed in text, (path, param.name, bracketed)
+            assert words.split(".")[0][:40] in text, (path, param.name, words)
+            checked += 1
+    assert checked > 50
+    # Arguments' help is declared on the function (click 8.5 loses it before the command exists).
+    for argv, needle in ((["add-node", "--help"], "Unique node name."),
+                         (["store", "copy", "--help"], "Where to: a new directory or an empty database.")):
+        out = " ".join(CliRunner().invoke(app, argv, env={"COLUMNS": "400"}).output.split())
+        assert needle in out, (argv, out)
