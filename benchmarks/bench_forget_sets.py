@@ -73,6 +73,9 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "examples"))
+# _bench_common: this script's own folder, benchmarks/ (first on sys.path when it runs)
+from _bench_common import markdown_table, print_rich_table
+
 from umig import unlearner as U
 from umig.api import Store
 from umig.data import Data, DataRef, parse_ref, resolve, source_positions
@@ -401,21 +404,13 @@ def table_rows(rows: Sequence[Mapping[str, Any]]) -> list[list[str]]:
 
 
 def print_table(rows: Sequence[Mapping[str, Any]], title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title=title)
-    for h in HEADERS:
-        t.add_column(h, justify="left" if h in ("lineage", "kind", "method") else "right")
-    for b in table_rows(rows):
-        t.add_row(*b)
-    Console(width=200).print(t)
+    """The rows as a rich table."""
+    print_rich_table(HEADERS, table_rows(rows), title, width=200)
 
 
 def markdown(rows: Sequence[Mapping[str, Any]]) -> str:
-    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
-    lines += ["| " + " | ".join(b) + " |" for b in table_rows(rows)]
-    return "\n".join(lines)
+    """The rows as a Markdown table."""
+    return markdown_table(HEADERS, table_rows(rows))
 
 
 def machine() -> dict[str, Any]:

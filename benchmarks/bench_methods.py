@@ -72,6 +72,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "examples"))
 sys.path.insert(0, str(REPO / "benchmarks"))  # so the engine imports this module's Unchanged by name
+# _bench_common: this script's own folder, benchmarks/ (first on sys.path when it runs)
+from _bench_common import markdown_table, print_rich_table
+
 from umig import unlearner as U
 from umig.api import Store
 from umig.data import DataRef, resolve, source_positions
@@ -344,21 +347,13 @@ def table_rows(rows: Sequence[Mapping[str, Any]]) -> list[list[str]]:
 
 
 def print_table(rows: Sequence[Mapping[str, Any]], title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title=title)
-    for h in HEADERS:
-        t.add_column(h, justify="left" if h in ("lineage", "kind", "method") else "right")
-    for b in table_rows(rows):
-        t.add_row(*b)
-    Console(width=220).print(t)
+    """The rows as a rich table."""
+    print_rich_table(HEADERS, table_rows(rows), title, width=220)
 
 
 def markdown(rows: Sequence[Mapping[str, Any]]) -> str:
-    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
-    lines += ["| " + " | ".join(b) + " |" for b in table_rows(rows)]
-    return "\n".join(lines)
+    """The rows as a Markdown table."""
+    return markdown_table(HEADERS, table_rows(rows))
 
 
 def reference_levels(rows: Sequence[Mapping[str, Any]]) -> list[str]:
