@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -68,6 +67,8 @@ from safetensors.torch import save_file
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "examples"))
+# _common: examples/_common.py; _bench_common: this script's own folder, benchmarks/
+from _bench_common import machine, machine_line, pct
 from _common import accuracy, exported_model, fedavg_lineage, unlearn_copy
 
 from umig.api import Store
@@ -150,16 +151,6 @@ def queries(v: Variant) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if v.flip is not None:
         return tx[ty == v.flip], tx, ty
     return v.trigger(tx[ty != v.target], float(tx.max())), tx, ty
-
-
-def machine() -> dict[str, Any]:
-    """What the figures were measured on."""
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        usable = os.cpu_count()
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "usable_cores": usable,
-            "torch_threads": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__}
 
 
 def timed_cli(store: Path, node: str, qfile: Path, target: int) -> tuple[float, float]:
@@ -255,10 +246,6 @@ def run_variant(work: Path, v: Variant, methods: Sequence[str], *, clients: int,
     return rows
 
 
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.1f}"
-
-
 def table(rows: Sequence[dict[str, Any]]) -> list[str]:
     """The results as Markdown lines."""
     header = ("| variant | method | P@k | R@k | poisoning client rank (x next) | CPU ms / 1k samples | "
@@ -269,14 +256,14 @@ def table(rows: Sequence[dict[str, Any]]) -> list[str]:
             continue
         if r["method"] in ("(original)", "(true set)"):
             label = "(as recorded)" if r["method"] == "(original)" else f"(true set, k={r['k']})"
-            out.append(f"| {r['variant']} | {label} | | | | | | {_pct(r['asr'])} | {_pct(r['clean'])} |")
+            out.append(f"| {r['variant']} | {label} | | | | | | {pct(r['asr'])} | {pct(r['clean'])} |")
             continue
         rank = f"{r['client_rank']}" + (f" ({r['client_ratio']:.1f}x)" if r["client_ratio"] else "")
         name = f"{r['method']} (default)" if r["method"] == DEFAULT_METHOD else r["method"]
         run = f"{r['run_k']} ({r['run_precision']:.2f} / {r['run_recall']:.2f})" if r["run_k"] else "0"
         out.append(f"| {r['variant']} | {name} | {r['p_at_k']:.2f} | {r['r_at_k']:.2f} | {rank} | "
-                   f"{r['cpu_ms_per_1k']:.0f} | {run} | {_pct(r['topk']['asr'])} / {_pct(r['run']['asr'])} | "
-                   f"{_pct(r['topk']['clean'])} / {_pct(r['run']['clean'])} |")
+                   f"{r['cpu_ms_per_1k']:.0f} | {run} | {pct(r['topk']['asr'])} / {pct(r['run']['asr'])} | "
+                   f"{pct(r['topk']['clean'])} / {pct(r['run']['clean'])} |")
     return out
 
 
@@ -297,9 +284,9 @@ def verdicts(rows: Sequence[dict[str, Any]]) -> list[str]:
             for label, what in (("topk", "the top k"), ("run", f"the leading run ({d['run_k']})")):
                 ok_asr = d[label]["asr"] <= truth["asr"] + ASR_GAP
                 ok_acc = d[label]["clean"] >= truth["clean"] - ACC_GAP
-                lines.append(f"{v}: forgetting {what}: ASR {_pct(d[label]['asr'])}% vs {_pct(truth['asr'])}% with the "
-                             f"true set ({'PASS' if ok_asr else 'FAIL'}), clean {_pct(d[label]['clean'])}% vs "
-                             f"{_pct(truth['clean'])}% ({'PASS' if ok_acc else 'FAIL'})")
+                lines.append(f"{v}: forgetting {what}: ASR {pct(d[label]['asr'])}% vs {pct(truth['asr'])}% with the "
+                             f"true set ({'PASS' if ok_asr else 'FAIL'}), clean {pct(d[label]['clean'])}% vs "
+                             f"{pct(truth['clean'])}% ({'PASS' if ok_acc else 'FAIL'})")
         cli = next((r for r in vr if r["method"].endswith("(CLI)")), None)
         if cli is not None:
             lines.append(f"{v}: CLI {cli['cli_s']:.2f} s wall, {cli['cli_cpu_s']:.2f} s CPU for {cli['nodes']} nodes, "
@@ -333,9 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         methods = [m for m in methods if m != "tracin-all"]
     torch.set_num_threads(args.threads)
     host = machine()
-    print(f"machine: {host['cpu']}, {host['cores']} cores ({host['usable_cores']} usable), torch {host['torch']} with "
-          f"{host['torch_threads']} thread(s); {args.clients} clients x {args.rounds} rounds, {args.epochs} local "
-          f"epochs; every figure below comes from this run", flush=True)
+    print(f"{machine_line(host)}; {args.clients} clients x {args.rounds} rounds, {args.epochs} local epochs; "
+          "every figure below comes from this run", flush=True)
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-attribution-") as tmp:

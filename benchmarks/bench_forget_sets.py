@@ -54,9 +54,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -74,7 +72,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "examples"))
 # _bench_common: this script's own folder, benchmarks/ (first on sys.path when it runs)
-from _bench_common import markdown_table, print_rich_table
+from _bench_common import (
+    machine,
+    machine_line,
+    markdown_table,
+    mean_of_present,
+    num,
+    pct,
+    print_rich_table,
+)
 
 from umig import unlearner as U
 from umig.api import Store
@@ -351,7 +357,7 @@ def methods_for(kind: str, ratios: Sequence[float], only: set[str] | None) -> li
 def final_and_mean(run: Mapping[str, Any], final: str) -> dict[str, Any]:
     """The final model's metrics and the per-metric mean over every affected node."""
     nodes = run["nodes"]
-    mean = {m: _mean(v.get(m) for v in nodes.values()) for m in AVG_GAP_METRICS}
+    mean = {m: mean_of_present(v.get(m) for v in nodes.values()) for m in AVG_GAP_METRICS}
     return {"final": nodes.get(final), "mean": mean, "nodes": list(nodes)}
 
 
@@ -367,20 +373,7 @@ def gap_to(ref: Mapping[str, float | None] | None, other: Mapping[str, float | N
 def node_gaps(ref_run: Mapping[str, Any], run: Mapping[str, Any]) -> float | None:
     """Avg. Gap per affected node, averaged over the nodes both runs changed."""
     common = [n for n in run["nodes"] if n in ref_run["nodes"]]
-    return _mean(gap_to(ref_run["nodes"][n], run["nodes"][n]) for n in common)
-
-
-def _mean(xs: Any) -> float | None:
-    vals = [x for x in xs if x is not None]
-    return statistics.fmean(vals) if vals else None
-
-
-def pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}"
-
-
-def num(x: float | None, fmt: str = ".2f") -> str:
-    return "-" if x is None else format(x, fmt)
+    return mean_of_present(gap_to(ref_run["nodes"][n], run["nodes"][n]) for n in common)
 
 
 HEADERS = ["lineage", "kind", "method", "forget %", "retain %", "held-out %", "MIA eff. %", "wall s", "CPU s",
@@ -411,16 +404,6 @@ def print_table(rows: Sequence[Mapping[str, Any]], title: str) -> None:
 def markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     """The rows as a Markdown table."""
     return markdown_table(HEADERS, table_rows(rows))
-
-
-def machine() -> dict[str, Any]:
-    """What the figures were measured on."""
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        usable = os.cpu_count()
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "usable_cores": usable,
-            "torch_threads": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__}
 
 
 def verdicts(rows: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -482,8 +465,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ratios = [float(x) for x in args.ratios.split(",") if x.strip()]
     only = {m.strip() for m in args.methods.split(",")} if args.methods else None
     host = machine()
-    print(f"machine: {host['cpu']}, {host['cores']} cores ({host['usable_cores']} usable), torch {host['torch']} "
-          f"with {host['torch_threads']} thread(s); every figure below comes from this run", flush=True)
+    print(f"{machine_line(host)}; every figure below comes from this run", flush=True)
     train, heldout = resolve(DIGITS_TRAIN), resolve(DIGITS_TEST)
     rows: list[dict[str, Any]] = []
     runs: list[dict[str, Any]] = []

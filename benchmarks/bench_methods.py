@@ -54,9 +54,7 @@ import argparse
 import json
 import multiprocessing
 import os
-import platform
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -73,7 +71,14 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "examples"))
 sys.path.insert(0, str(REPO / "benchmarks"))  # so the engine imports this module's Unchanged by name
 # _bench_common: this script's own folder, benchmarks/ (first on sys.path when it runs)
-from _bench_common import markdown_table, print_rich_table
+from _bench_common import (
+    machine,
+    machine_line,
+    markdown_table,
+    mean_of_present,
+    num,
+    print_rich_table,
+)
 
 from umig import unlearner as U
 from umig.api import Store
@@ -253,12 +258,14 @@ def summarise(run: Mapping[str, Any], ref_cpu: float | None) -> dict[str, Any]:
     signed gap (largest |gap|), the largest gap (most given back beyond retrain) and retrain's own level."""
     nodes = run["verification"]["nodes"]
     gaps = [n["avg_gap"] for n in nodes if n["avg_gap"] is not None]
-    out: dict[str, Any] = {"nodes": len(nodes), "avg_gap": _mean(gaps), "avg_gap_worst": max(gaps) if gaps else None}
+    out: dict[str, Any] = {"nodes": len(nodes), "avg_gap": mean_of_present(gaps),
+                           "avg_gap_worst": max(gaps) if gaps else None}
     for _label, key in ATTACKS:
         vals = [n["gap"][key] for n in nodes if n["gap"].get(key) is not None]
-        out[key] = {"mean_abs": _mean(abs(g) for g in vals), "worst": max(vals, key=abs) if vals else None,
+        out[key] = {"mean_abs": mean_of_present(abs(g) for g in vals), "worst": max(vals, key=abs) if vals else None,
                     "max": max(vals) if vals else None,
-                    "reference": _mean(n["reference"][key] for n in nodes if n["reference"].get(key) is not None)}
+                    "reference": mean_of_present(n["reference"][key] for n in nodes
+                                                 if n["reference"].get(key) is not None)}
     out["cost"] = run["cpu_s"] / ref_cpu if ref_cpu else None
     return out
 
@@ -315,15 +322,6 @@ def verdicts(rows: Sequence[Mapping[str, Any]], gap: float, cost: float) -> list
 
 
 # ------------------------------------------------------------------ printing
-def _mean(xs: Any) -> float | None:
-    vals = [x for x in xs if x is not None]
-    return statistics.fmean(vals) if vals else None
-
-
-def num(x: float | None, fmt: str = ".2f") -> str:
-    return "-" if x is None else format(x, fmt)
-
-
 def attack_cell(a: Mapping[str, Any]) -> str:
     return "-" if a["mean_abs"] is None else f"{a['mean_abs']:.1f} ({a['worst']:+.1f})"
 
@@ -369,16 +367,6 @@ def reference_levels(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
-def machine() -> dict[str, Any]:
-    """What the figures were measured on."""
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        usable = os.cpu_count()
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "usable_cores": usable,
-            "torch_threads": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__}
-
-
 # ------------------------------------------------------------------ main
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -413,8 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"unknown kind(s) {', '.join(bad)} ({', '.join(KINDS)})")
     only = {m.strip() for m in args.methods.split(",")} if args.methods else None
     host = machine()
-    print(f"machine: {host['cpu']}, {host['cores']} cores ({host['usable_cores']} usable), torch {host['torch']} "
-          f"with {host['torch_threads']} thread(s); every figure below comes from this run", flush=True)
+    print(f"{machine_line(host)}; every figure below comes from this run", flush=True)
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-methods-") as tmp:
