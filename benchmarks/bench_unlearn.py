@@ -47,6 +47,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
+from _bench_common import cpu_model, usable_cores
 
 WARM_TARGET, COLD_TARGET = 1.5, 3.0
 AD_F_TARGET = 0.02
@@ -320,16 +321,7 @@ def part2(args: argparse.Namespace, tmp: Path) -> dict:
 def machine() -> dict:
     import torch
 
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cores": cores, "cpu": model, "torch": torch.__version__, "python": sys.version.split()[0],
+    return {"cores": usable_cores(), "cpu": cpu_model(), "torch": torch.__version__, "python": sys.version.split()[0],
             "load_before": os.getloadavg()[0]}
 
 

@@ -22,6 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
+# _bench_common: this script's own folder, benchmarks/ (first on sys.path when it runs)
+from _bench_common import cpu_model, usable_cores
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
 RESULTS = BENCH / "results"
@@ -48,16 +51,7 @@ def steps(quick: bool, tmp: Path) -> list[tuple[str, list[str]]]:
 def machine() -> dict:
     import torch
 
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cores": cores, "cpu": model, "machine": platform.machine(), "torch": torch.__version__,
+    return {"cores": usable_cores(), "cpu": cpu_model(), "machine": platform.machine(), "torch": torch.__version__,
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M %Z")}
 
 
