@@ -4,18 +4,22 @@ Only plumbing lives here; what is specific to each framework (how its lineage is
 and recorded) stays in the example itself. Importing this module puts the repository on
 ``sys.path``, so an example run as ``python examples/<name>.py`` can import ``umig`` and
 ``cli`` without installing them. The digits data references and the architecture come
-from :mod:`umig.demo` (``DIGITS_TRAIN``, ``DIGITS_TEST``, ``DEFAULT_ARCH``). The examples that
-forget samples or clients (``backdoor``, ``byzantine_client``) also share a flat FedAvg loop over
-client data they prepare, and unlearning on a copy of the store (end of this module).
+from :mod:`umig.demo` (``DIGITS_TRAIN``, ``DIGITS_TEST``, ``DEFAULT_ARCH``). The training loops share
+their timing (:class:`Stopwatch`), a member's local training (:func:`train_copy`) and FedAvg
+(:func:`averaged`); the recorder calls that make them a lineage stay in each example. The examples
+that forget samples or clients (``backdoor``, ``byzantine_client``) also share a flat FedAvg loop
+over client data they prepare, and unlearning on a copy of the store (end of this module).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,6 +34,9 @@ from umig.api import Store  # noqa: E402
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from umig.arch import ArchSpec
+    from umig.data import Data
+    from umig.train import Recipe
     from umig.unlearning import UnlearnResult
 
 CLASSES = tuple(range(10))  # the digit labels, 0-9
@@ -94,6 +101,51 @@ def example_store(path: Path | None, prefix: str) -> Iterator[Store]:
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ training loops
+class Stopwatch:
+    """Seconds spent inside its ``with`` blocks, summed: what a ``build`` reports as training time
+    (``train_s``), kept apart from the time its recorder spends recording."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._t0 = 0.0
+
+    def __enter__(self) -> None:
+        self._t0 = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds += time.perf_counter() - self._t0
+
+
+def train_copy(model: torch.nn.Module, data: Data, base: Recipe, *, capture: bool = True,
+               **changes: object) -> tuple[torch.nn.Module, Recipe]:
+    """A copy of ``model`` trained on ``data`` (digits, labels 0-9) with :func:`umig.lineage.fit`, and its recipe.
+
+    The recipe is ``base`` with the fields in ``changes`` replaced (a member's own ``seed``, so a
+    retrain replays it); record it with the model. ``capture`` is ``fit``'s: the copy keeps the FIM
+    of its last epoch, which recording it on ``data`` stores (``False``: the recorder computes it).
+    """
+    from umig.lineage import fit
+    from umig.train import Recipe
+
+    recipe = Recipe(**{**base.to_json(), **changes})
+    trained = copy.deepcopy(model)
+    fit(trained, data, recipe, CLASSES, capture=capture)
+    return trained, recipe
+
+
+def averaged(arch: ArchSpec, seed: int, states: Sequence[Mapping[str, torch.Tensor]],
+             weights: Sequence[float]) -> torch.nn.Module:
+    """A fresh model of ``arch`` (seeded with ``seed``) holding the FedAvg of ``states`` with ``weights``:
+    an aggregate, or a sync point of data parallelism."""
+    from umig.lineage import fresh_model
+    from umig.train import fedavg
+
+    model = fresh_model(arch, seed)
+    model.load_state_dict(fedavg(list(states), list(weights)))
+    return model
 
 
 def recorded_line(run: dict, seconds: float) -> str:
@@ -178,37 +230,29 @@ def fedavg_lineage(store: Store, shards: list, *, rounds: int, epochs: int, seed
     so ``retrain`` replays the run exactly. Returns the names (``init``, ``clients[round][client]``,
     ``globals``), the ``recorder`` and ``train_s`` (seconds training and averaging).
     """
-    import copy
-    import time
-
     from umig.demo import DEFAULT_ARCH as ARCH
-    from umig.lineage import FederatedRecorder, fit, fresh_model
-    from umig.train import Recipe, fedavg
+    from umig.lineage import FederatedRecorder, fresh_model
+    from umig.train import Recipe
 
     base = Recipe(optimizer="adam", lr=0.01, epochs=epochs, batch_size=64, seed=seed)
     rec = FederatedRecorder(store, ARCH, prefix=prefix, classes=CLASSES, recipe=base)
     out: dict = {"clients": [], "globals": [], "recorder": rec}
-    train_s = 0.0
+    training = Stopwatch()
     with rec.batch():
         global_model = fresh_model(ARCH, seed)
         out["init"] = rec.initial(global_model).name
         for r in range(1, rounds + 1):
             names, states = [], []
             for c, shard in enumerate(shards):
-                t0 = time.perf_counter()
-                recipe = Recipe(**{**base.to_json(), "seed": seed + 100 * r + c})
-                model = copy.deepcopy(global_model)
-                fit(model, shard, recipe, CLASSES)
-                train_s += time.perf_counter() - t0
+                with training:
+                    model, recipe = train_copy(global_model, shard, base, seed=seed + 100 * r + c)
                 names.append(rec.client(r, c, model, shard, recipe=recipe).name)
                 states.append(model.state_dict())
-            t0 = time.perf_counter()
-            global_model = fresh_model(ARCH, seed)
-            global_model.load_state_dict(fedavg(states, rec.weights(names)))
-            train_s += time.perf_counter() - t0
+            with training:
+                global_model = averaged(ARCH, seed, states, rec.weights(names))
             out["clients"].append(names)
             out["globals"].append(rec.aggregate(r, global_model).name)
-    out["train_s"] = train_s
+    out["train_s"] = training.seconds
     return out
 
 

@@ -12,18 +12,18 @@ and the before/after table is printed.
 
 from __future__ import annotations
 
-import copy
 import time
 
 # shared example plumbing (examples/_common.py); imported first, it puts the repository on sys.path
-from _common import CLASSES, console, example_parser, example_store, parse_args, print_result, recorded_line
+from _common import (CLASSES, Stopwatch, averaged, console, example_parser, example_store, parse_args, print_result,
+                     recorded_line, train_copy)
 
 from umig.arch import ArchSpec
 from umig.data import digits_client_split, parse_labels
 from umig.demo import DEFAULT_ARCH as ARCH, DIGITS_TEST, DIGITS_TRAIN
-from umig.lineage import DataParallelRecorder, fit, fresh_model, subset_ref
+from umig.lineage import DataParallelRecorder, fresh_model, subset_ref
 from umig.api import Store
-from umig.train import Recipe, fedavg
+from umig.train import Recipe
 
 
 def build(store: Store, *, ranks: int = 3, syncs: int = 3, local_epochs: int = 2, seed: int = 0,
@@ -37,28 +37,23 @@ def build(store: Store, *, ranks: int = 3, syncs: int = 3, local_epochs: int = 2
     shards = [subset_ref(store, DIGITS_TRAIN, idx) for idx in digits_client_split(ranks, split="train", seed=seed)]
     rec = DataParallelRecorder(store, arch, prefix=prefix, classes=CLASSES, recipe=base, exact_fim=exact_fim)
     out: dict = {"shards": [], "syncs": [], "recorder": rec}
-    train_s = 0.0
+    training = Stopwatch()
     with rec.batch():  # one transaction for the whole run
         model = fresh_model(arch, seed)
         out["init"] = rec.initial(model).name
         for s in range(1, syncs + 1):
             replicas, names = [], []
-            for r, shard in enumerate(shards):
-                t0 = time.perf_counter()
-                recipe = Recipe(**{**base.to_json(), "seed": seed + 100 * s + r})
-                replica = copy.deepcopy(model)
-                fit(replica, shard, recipe, CLASSES, capture=not exact_fim)
-                train_s += time.perf_counter() - t0
+            for r, shard in enumerate(shards):  # every rank: local SGD from the last synced model
+                with training:
+                    replica, recipe = train_copy(model, shard, base, seed=seed + 100 * s + r, capture=not exact_fim)
                 names.append(rec.shard(s, r, replica, shard, recipe=recipe).name)
                 replicas.append(replica.state_dict())
-            t0 = time.perf_counter()
-            model = fresh_model(arch, seed)
-            model.load_state_dict(fedavg(replicas, rec.weights(names)))
-            train_s += time.perf_counter() - t0
+            with training:
+                model = averaged(arch, seed, replicas, rec.weights(names))  # the sync point
             out["shards"].append(names)
             out["syncs"].append(rec.sync(s, model).name)
             log(f"  sync {s}: {ranks} replicas -> {out['syncs'][-1]}")
-    out["train_s"] = train_s
+    out["train_s"] = training.seconds
     return out
 
 

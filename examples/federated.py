@@ -18,14 +18,15 @@ import copy
 import time
 
 # shared example plumbing (examples/_common.py); imported first, it puts the repository on sys.path
-from _common import CLASSES, console, example_parser, example_store, parse_args, print_result, recorded_line
+from _common import (CLASSES, Stopwatch, averaged, console, example_parser, example_store, parse_args, print_result,
+                     recorded_line, train_copy)
 
 from umig.arch import ArchSpec
 from umig.data import digits_client_split, parse_labels
 from umig.demo import DEFAULT_ARCH as ARCH, DIGITS_TEST, DIGITS_TRAIN
-from umig.lineage import FederatedRecorder, fit, fresh_model, subset_ref
+from umig.lineage import FederatedRecorder, fresh_model, subset_ref
 from umig.api import Store
-from umig.train import Recipe, fedavg
+from umig.train import Recipe
 
 
 def build(store: Store, *, clients: int = 4, edges: int = 2, rounds: int = 2, epochs: int = 5, seed: int = 0,
@@ -45,18 +46,15 @@ def build(store: Store, *, clients: int = 4, edges: int = 2, rounds: int = 2, ep
     groups = [list(range(clients))[i::max(edges, 1)] for i in range(max(edges, 1))]
     rec = FederatedRecorder(store, arch, prefix=prefix, classes=CLASSES, recipe=base, exact_fim=exact_fim)
     out: dict = {"clients": [], "edges": [], "globals": [], "recorder": rec}
-    train_s = 0.0
+    training = Stopwatch()
     with rec.batch():  # one transaction for the whole run
         global_model = fresh_model(arch, seed)
         out["init"] = rec.initial(global_model).name
         for r in range(1, rounds + 1):
             names, states = {}, {}
-            for c, shard in enumerate(shards):
-                t0 = time.perf_counter()
-                recipe = Recipe(**{**base.to_json(), "seed": seed + 100 * r + c})
-                model = copy.deepcopy(global_model)
-                fit(model, shard, recipe, CLASSES, capture=not exact_fim)
-                train_s += time.perf_counter() - t0
+            for c, shard in enumerate(shards):  # every client trains the global model on its shard
+                with training:
+                    model, recipe = train_copy(global_model, shard, base, seed=seed + 100 * r + c, capture=not exact_fim)
                 names[c] = rec.client(r, c, model, shard, recipe=recipe).name
                 states[names[c]] = model.state_dict()
             out["clients"].append([names[c] for c in range(clients)])
@@ -64,39 +62,30 @@ def build(store: Store, *, clients: int = 4, edges: int = 2, rounds: int = 2, ep
             if edges > 1:
                 for e, members in enumerate(groups):
                     parents = [names[c] for c in members]
-                    t0 = time.perf_counter()
-                    m = fresh_model(arch, seed)
-                    m.load_state_dict(fedavg([states[p] for p in parents], rec.weights(parents)))
-                    train_s += time.perf_counter() - t0
+                    with training:
+                        m = averaged(arch, seed, [states[p] for p in parents], rec.weights(parents))
                     edge_names.append(rec.aggregate(r, m, parents=parents, final=False, name=f"{prefix}/r{r}/edge{e}").name)
                     states[edge_names[-1]] = m.state_dict()
             out["edges"].append(edge_names)
             parents = rec.pending(r)  # the edge aggregators (or the clients, in flat FL)
-            t0 = time.perf_counter()
-            global_model = fresh_model(arch, seed)
-            global_model.load_state_dict(fedavg([states[p] for p in parents], rec.weights(parents)))
-            train_s += time.perf_counter() - t0
+            with training:
+                global_model = averaged(arch, seed, [states[p] for p in parents], rec.weights(parents))
             out["globals"].append(rec.aggregate(r, global_model).name)
             if r == 1 and dag:
                 first_global = copy.deepcopy(global_model)
             log(f"  round {r}: {len(shards)} clients, {len(edge_names)} edge aggregators -> {out['globals'][-1]}")
         if dag:
-            t0 = time.perf_counter()
-            recipe = Recipe(**{**base.to_json(), "seed": seed + 999})
-            late = copy.deepcopy(first_global)
-            fit(late, late_shard, recipe, CLASSES, capture=not exact_fim)
-            train_s += time.perf_counter() - t0
+            with training:
+                late, recipe = train_copy(first_global, late_shard, base, seed=seed + 999, capture=not exact_fim)
             late_name = rec.client(1, "late", late, late_shard, recipe=recipe, parent=out["globals"][0],
                                    name=f"{prefix}/late").name
             parents = [out["globals"][-1], late_name]
-            t0 = time.perf_counter()
-            m = fresh_model(arch, seed)
-            m.load_state_dict(fedavg([global_model.state_dict(), late.state_dict()], rec.weights(parents)))
-            train_s += time.perf_counter() - t0
+            with training:
+                m = averaged(arch, seed, [global_model.state_dict(), late.state_dict()], rec.weights(parents))
             out["late"] = late_name
             out["dag"] = rec.aggregate(rounds, m, parents=parents, name=f"{prefix}/dag").name
             log(f"  DAG-FL: {out['dag']} merges {parents[0]} and {late_name} (depths differ)")
-    out["train_s"] = train_s
+    out["train_s"] = training.seconds
     return out
 
 

@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 # shared example plumbing (examples/_common.py); imported first, it puts the repository on sys.path
-from _common import console, example_parser, example_store, parse_args, print_result, recorded_line
+from _common import Stopwatch, console, example_parser, example_store, parse_args, print_result, recorded_line
 
 from umig.arch import ArchSpec
 from umig.data import parse_labels, resolve
@@ -61,7 +61,7 @@ def build(store: Store, *, steps=DEFAULT_STEPS, epochs: int = 5, replay: int = 4
     pools = class_pools(seed)
     rec = IncrementalRecorder(store, arch, prefix=prefix, exact_fim=exact_fim)
     out: dict = {"steps": [], "classes": [], "recorder": rec}
-    train_s = 0.0
+    training = Stopwatch()
     seen: tuple[int, ...] = ()
     model = None
     with rec.batch():  # one transaction for the whole run
@@ -71,19 +71,18 @@ def build(store: Store, *, steps=DEFAULT_STEPS, epochs: int = 5, replay: int = 4
             data = subset_ref(store, DIGITS_TRAIN, step_indices(pools, new, seen, replay, seed + k))
             recipe = Recipe(optimizer="adam", lr=lr if k == 0 else lr / 2, epochs=epochs, batch_size=64,
                             seed=seed + k)
-            t0 = time.perf_counter()
-            grown = fresh_model(rec.arch_for(classes), recipe.seed)
-            if model is not None:
-                inherit_weights(grown, model, seen, classes)  # head grows: known rows copied by label id
-            fit(grown, data, recipe, classes, capture=not exact_fim)
-            train_s += time.perf_counter() - t0
+            with training:
+                grown = fresh_model(rec.arch_for(classes), recipe.seed)
+                if model is not None:
+                    inherit_weights(grown, model, seen, classes)  # head grows: known rows copied by label id
+                fit(grown, data, recipe, classes, capture=not exact_fim)
             info = rec.step(grown, classes, data, recipe=recipe)
             out["steps"].append(info.name)
             out["classes"].append(classes)
             log(f"  {info.name}: classes {classes[0]}-{classes[-1]} ({len(classes)} outputs), "
                 f"{info.data_size} samples, new {list(new)}")
             model, seen = grown, classes
-    out["train_s"] = train_s
+    out["train_s"] = training.seconds
     return out
 
 

@@ -16,20 +16,19 @@ not 7), client 1 holds 5-9 (7 but not 1), client 2 holds every digit except 1 an
 
 from __future__ import annotations
 
-import copy
 import time
 
 import numpy as np
 
 # shared example plumbing (examples/_common.py); imported first, it puts the repository on sys.path
-from _common import CLASSES, console, example_parser, example_store, parse_args
+from _common import CLASSES, averaged, console, example_parser, example_store, parse_args, train_copy
 
 from umig.arch import ArchSpec
 from umig.data import parse_labels, resolve
 from umig.demo import DEFAULT_ARCH as ARCH, DIGITS_TEST, DIGITS_TRAIN
-from umig.lineage import FederatedRecorder, fit, fresh_model, subset_ref
+from umig.lineage import FederatedRecorder, fresh_model, subset_ref
 from umig.api import Store
-from umig.train import Recipe, fedavg
+from umig.train import Recipe
 
 CLIENT_LABELS = ((0, 1, 2, 3, 4), (5, 6, 7, 8, 9), (0, 2, 3, 4, 5, 6, 8, 9))
 
@@ -74,24 +73,19 @@ def build(store: Store, *, rounds: int = 2, epochs: int = 3, server_epochs: int 
         for r in range(1, rounds + 1):
             states, names = [], []
             for c, shard in enumerate(shards):
-                recipe = Recipe(**{**base.to_json(), "seed": seed + 100 * r + c})
-                model = copy.deepcopy(global_model)
-                fit(model, shard, recipe, CLASSES)
+                model, recipe = train_copy(global_model, shard, base, seed=seed + 100 * r + c)
                 names.append(rec.client(r, c, model, shard, recipe=recipe).name)
                 states.append(model.state_dict())
                 if r == 1 and c < 2:  # a personalised model below each discovery client
-                    p_recipe = Recipe(**{**base.to_json(), "epochs": personal_epochs, "lr": 0.005,
-                                         "seed": seed + 7 + c})
-                    personal = copy.deepcopy(model)
-                    fit(personal, shard, p_recipe, CLASSES)
+                    personal, p_recipe = train_copy(model, shard, base, epochs=personal_epochs, lr=0.005,
+                                                    seed=seed + 7 + c)
                     out["personal"].append(rec.record(f"{prefix}/personal{c}", personal, parents=[names[-1]],
                                                       relation="finetune", data=shard, recipe=p_recipe).name)
-            global_model = fresh_model(arch, seed)
-            global_model.load_state_dict(fedavg(states, rec.weights(names)))
+            global_model = averaged(arch, seed, states, rec.weights(names))
             out["clients"].append(names)
             out["globals"].append(rec.aggregate(r, global_model).name)
-            s_recipe = Recipe(**{**base.to_json(), "epochs": server_epochs, "lr": 0.005, "seed": seed + 50 + r})
-            fit(global_model, public, s_recipe, CLASSES)
+            global_model, s_recipe = train_copy(global_model, public, base, epochs=server_epochs, lr=0.005,
+                                                seed=seed + 50 + r)
             out["servers"].append(rec.server(r, global_model, public, recipe=s_recipe).name)
             log(f"  round {r}: clients hold {', '.join(_ranges(l) for l in CLIENT_LABELS)} -> {out['globals'][-1]}"
                 f" -> {out['servers'][-1]} ({len(public)} public samples)")

@@ -22,7 +22,7 @@ import time
 import torch
 
 # shared example plumbing (examples/_common.py); imported first, it puts the repository on sys.path
-from _common import console, example_parser, example_store, parse_args, print_result, recorded_line
+from _common import Stopwatch, console, example_parser, example_store, parse_args, print_result, recorded_line
 from incremental import class_pools, step_indices  # the per-class sampling of examples/incremental.py
 
 from umig.arch import ArchSpec
@@ -48,30 +48,27 @@ def build(store: Store, *, base=BASE, chain=CHAIN, side=SIDE, epochs: int = 5, h
     pools = class_pools(seed)
     rec = TransferRecorder(store, arch, prefix=prefix, exact_fim=exact_fim)
     out: dict = {"heads": [], "recorder": rec}
-    train_s = 0.0
+    training = Stopwatch()
     with rec.batch():  # one transaction for the whole run
         base = tuple(base)
         data = subset_ref(store, DIGITS_TRAIN, step_indices(pools, base, (), replay, seed))
         recipe = Recipe(optimizer="adam", lr=lr, epochs=epochs, batch_size=64, seed=seed)
-        t0 = time.perf_counter()
-        base_model = fresh_model(rec.arch_for(base), recipe.seed)
-        fit(base_model, data, recipe, base, capture=not exact_fim)
-        train_s += time.perf_counter() - t0
+        with training:
+            base_model = fresh_model(rec.arch_for(base), recipe.seed)
+            fit(base_model, data, recipe, base, capture=not exact_fim)
         out["base"] = rec.base(base_model, data, classes=base, recipe=recipe).name
         log(f"  {out['base']}: full training on classes {base[0]}-{base[-1]}, {len(data)} samples")
 
         def transfer(parent_model, parent_classes, new, parent_name, k, name=None, keep_old=True):
-            nonlocal train_s
             classes = tuple(sorted(set(parent_classes) | set(new))) if keep_old else tuple(new)
             old = tuple(c for c in classes if c not in new)
             d = subset_ref(store, DIGITS_TRAIN, step_indices(pools, tuple(new), old, replay, seed + 10 + k))
             r = Recipe(optimizer="adam", lr=lr, epochs=head_epochs, batch_size=64, seed=seed + 10 + k,
                        train_only="fc")
-            t0 = time.perf_counter()
-            m = fresh_model(rec.arch_for(classes), r.seed)
-            inherit_weights(m, parent_model, parent_classes, classes)  # body copied, known head rows kept
-            fit(m, d, r, classes, capture=not exact_fim)
-            train_s += time.perf_counter() - t0
+            with training:
+                m = fresh_model(rec.arch_for(classes), r.seed)
+                inherit_weights(m, parent_model, parent_classes, classes)  # body copied, known head rows kept
+                fit(m, d, r, classes, capture=not exact_fim)
             info = rec.head(m, d, classes=classes, parent=parent_name, recipe=r, name=name)
             log(f"  {info.name}: head-only fine-tune from {parent_name} for classes "
                 f"{','.join(map(str, classes))}, {info.data_size} samples")
@@ -84,7 +81,7 @@ def build(store: Store, *, base=BASE, chain=CHAIN, side=SIDE, epochs: int = 5, h
         if side:
             _, _, out["side"] = transfer(base_model, base, tuple(side), out["base"], 99,
                                          name=f"{prefix}/task{''.join(map(str, side))}", keep_old=False)
-    out["train_s"] = train_s
+    out["train_s"] = training.seconds
     return out
 
 
