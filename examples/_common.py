@@ -7,8 +7,9 @@ and recorded) stays in the example itself. Importing this module puts the reposi
 from :mod:`umig.demo` (``DIGITS_TRAIN``, ``DIGITS_TEST``, ``DEFAULT_ARCH``). The training loops share
 their timing (:class:`Stopwatch`), a member's local training (:func:`train_copy`) and FedAvg
 (:func:`averaged`); the recorder calls that make them a lineage stay in each example. The examples
-that forget samples or clients (``backdoor``, ``byzantine_client``) also share a flat FedAvg loop
-over client data they prepare, and unlearning on a copy of the store (end of this module).
+that forget samples or clients (``backdoor``, ``byzantine_client``, ``incident``) also share their
+command line, a flat FedAvg loop over client data they prepare, unlearning on a copy of the store
+and the comparison with ``retrain`` (end of this module).
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
@@ -33,6 +34,7 @@ from umig.api import Store  # noqa: E402
 
 if TYPE_CHECKING:
     from rich.console import Console
+    from rich.table import Table
 
     from umig.arch import ArchSpec
     from umig.data import Data
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
     from umig.unlearning import UnlearnResult
 
 CLASSES = tuple(range(10))  # the digit labels, 0-9
+S = TypeVar("S")  # what an example scores a model with (see against_retrain)
 
 
 def example_parser(doc: str | None, *, quick: str, labels: str | None = None, labels_help: str = "",
@@ -180,14 +183,37 @@ def print_result(con: Console, result: UnlearnResult) -> None:
 
 
 # ------------------------------------------------------------------ forgetting samples and clients
-# What examples/backdoor.py and examples/byzantine_client.py share: a flat FedAvg run over client
-# data the example prepared, unlearning on a copy of the store, and the exported checkpoint.
+# What examples/backdoor.py, examples/byzantine_client.py and examples/incident.py share: their
+# command line, a flat FedAvg run over client data the example prepared, unlearning on a copy of
+# the store, the exported checkpoint and how it compares with retraining.
 
-def method_options(ap: argparse.ArgumentParser) -> None:
-    """``--method`` (compared with ``retrain``, the exact reference) and ``--check``."""
+def forget_parser(doc: str | None, *, copies: str = "unlearned copies") -> argparse.ArgumentParser:
+    """:func:`example_parser` for the examples that forget from a flat FedAvg run, with ``--method`` and ``--check``.
+
+    ``--quick`` means 2 rounds, 3 epochs; ``--store`` is the directory for the data, the recorded
+    store and its ``copies``; ``--method`` is compared with ``retrain`` (the exact reference). Add
+    the example's own options, then call :func:`parse_forget_args`.
+    """
+    ap = example_parser(doc, quick="2 rounds, 3 epochs", store_help=f"directory for the data, the recorded store and "
+                        f"its {copies} (default: a temporary one, removed at exit)")
     ap.add_argument("--method", default="retrain",
                     help="unlearning method to compare with retrain (any installed one, see 'umig methods')")
     ap.add_argument("--check", action="store_true", help="exit 1 when METHOD misses the targets against retrain")
+    return ap
+
+
+def parse_forget_args(ap: argparse.ArgumentParser, argv: list[str] | None, kind: str) -> argparse.Namespace:
+    """Add ``--rounds`` and ``--epochs`` (the FedAvg run), parse (:func:`parse_args`) and check ``--method``.
+
+    Stops unless the method forgets ``kind`` (:func:`check_method`); ``--quick`` trains 3 local epochs.
+    """
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=5, help="local epochs per client and round")
+    args = parse_args(ap, argv)
+    check_method(args.method, kind)
+    if args.quick:
+        args.epochs = 3
+    return args
 
 
 def check_method(name: str, kind: str) -> None:
@@ -279,6 +305,39 @@ def unlearn_copy(original: Path, dest: Path, node: str, **unlearn: object) -> tu
     return model, result
 
 
+def against_retrain(work: Path, node: str, method: str, what: str, scores: Callable[[torch.nn.Module], S],
+                    original: torch.nn.Module, **forget: object) -> tuple[dict[str, S], dict[str, float | None]]:
+    """``scores`` of ``node``'s exported checkpoint as recorded (``original``) and after forgetting, and the wall times.
+
+    ``what`` (e.g. ``"client fl/r1/c3"``, for the progress lines) is forgotten with ``retrain`` (the
+    exact reference) and with ``method``, each by :func:`unlearn_copy` on its own copy of the store at
+    ``work / "original"`` (``work / "retrain"``, ``work / "unlearned"``); ``forget`` goes to
+    ``store.unlearn`` (``forget=`` or ``clients=``). Both dicts are keyed ``"original"``, ``"retrain"``
+    and ``method`` (``"retrain (again)"`` when it is retrain), in that order.
+    """
+    by: dict[str, S] = {"original": scores(original)}
+    wall: dict[str, float | None] = {"original": None}
+    for name, dest in (("retrain", "retrain"), (method, "unlearned")):
+        print(f"forgetting {what} with {name} (copy of the store: {work / dest}) ...", flush=True)
+        model, result = unlearn_copy(work / "original", work / dest, node, method=name, **forget)
+        key = name if name not in by else f"{name} (again)"
+        by[key], wall[key] = scores(model), result.wall_s
+    return by, wall
+
+
+def verdict_line(what: str, method: str, metrics: Sequence[str], scores: Mapping[str, Sequence[float]], ok: bool,
+                 targets: str) -> str:
+    """The result line of a comparison with retrain, one ``metrics`` name per score, the targets after the verdict:
+
+    ``<what>: <metric> before% -> after% with METHOD (retrain x%), <metric> ...: PASS|FAIL (<targets>)``.
+    ``scores`` are :func:`against_retrain`'s: the original's, retrain's and ``method``'s, in that order.
+    """
+    original, retrain, forgotten = scores.values()
+    changes = [f"{name} {100 * o:.1f}% -> {100 * f:.1f}%{f' with {method}' if i == 0 else ''} (retrain {100 * r:.1f}%)"
+               for i, (name, o, r, f) in enumerate(zip(metrics, original, retrain, forgotten))]
+    return f"{what}: {', '.join(changes)}: {'PASS' if ok else 'FAIL'} ({targets})"
+
+
 def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     """Share of ``x`` a digits model (head rows = labels 0-9) predicts as ``y``."""
     from umig.evaluate import predict_labels
@@ -287,13 +346,25 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((pred == true).float().mean()) if len(true) else float("nan")
 
 
-def comparison_table(title: str, columns: list[str], rows: list[list[str]]):
-    """A rich table: first column left-aligned, the others right-aligned."""
+def comparison_table(title: str, columns: list[str], scores: Mapping[str, Sequence[float]],
+                     wall_s: Mapping[str, float | None] | None = None) -> Table:
+    """A rich table, a row per model (left-aligned): its ``scores`` as percentages, then with ``wall_s``
+    the seconds its unlearning took ("-" for none), right-aligned. ``columns`` names them all."""
     from rich.table import Table
 
     t = Table(title=title)
     for i, col in enumerate(columns):
         t.add_column(col, justify="left" if i == 0 else "right")
-    for row in rows:
-        t.add_row(*row)
+    for name, values in scores.items():
+        wall = [] if wall_s is None else ["-" if wall_s[name] is None else f"{wall_s[name]:.2f}"]
+        t.add_row(name, *(f"{100 * v:.1f}" for v in values), *wall)
     return t
+
+
+def check_exit(check: bool, ok: bool, missed: str) -> int:
+    """The example's exit status: 1 when ``--check`` was asked (``check``) and the targets were not met
+    (``ok`` false), saying ``--check: <missed>``; else 0."""
+    if check and not ok:
+        print(f"--check: {missed}", flush=True)
+        return 1
+    return 0

@@ -21,11 +21,12 @@ most 1 point below.
 
 from __future__ import annotations
 
+import argparse
 import time
 
 # shared example plumbing (examples/_common.py); imported first, it puts the repository on sys.path
-from _common import (accuracy, check_method, comparison_table, console, example_parser, exported_model,
-                     fedavg_lineage, method_options, parse_args, recorded_line, unlearn_copy, work_dir)
+from _common import (accuracy, against_retrain, check_exit, comparison_table, console, exported_model,
+                     fedavg_lineage, forget_parser, parse_forget_args, recorded_line, verdict_line, work_dir)
 
 import numpy as np
 import torch
@@ -45,6 +46,15 @@ def trigger(x: torch.Tensor, value: float) -> torch.Tensor:
     out = x.clone()
     out[..., :2, :2] = value
     return out
+
+
+def poison_options(ap: argparse.ArgumentParser) -> None:
+    """``--victim``, ``--victim-share``, ``--target`` and ``--fraction``: which client poisons how much of its
+    data, and towards which label (:func:`poison_data`)."""
+    ap.add_argument("--victim", type=int, default=1, help="the client that poisons its data")
+    ap.add_argument("--victim-share", type=float, default=0.5, help="the victim's share of the training digits")
+    ap.add_argument("--target", type=int, default=0, help="the label triggered images are relabelled to")
+    ap.add_argument("--fraction", type=float, default=1 / 3, help="poisoned copies, as a share of the client's data")
 
 
 def poison_data(work, *, clients: int, victim: int, share: float, target: int, fraction: float, seed: int):
@@ -72,20 +82,10 @@ def poison_data(work, *, clients: int, victim: int, share: float, target: int, f
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = example_parser(__doc__, quick="2 rounds, 3 epochs", store_help="directory for the data, the recorded "
-                        "store and its unlearned copies (default: a temporary one, removed at exit)")
-    method_options(ap)
+    ap = forget_parser(__doc__)
     ap.add_argument("--clients", type=int, default=3)
-    ap.add_argument("--victim", type=int, default=1, help="the client that poisons its data")
-    ap.add_argument("--victim-share", type=float, default=0.5, help="the victim's share of the training digits")
-    ap.add_argument("--target", type=int, default=0, help="the label triggered images are relabelled to")
-    ap.add_argument("--fraction", type=float, default=1 / 3, help="poisoned copies, as a share of the client's data")
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--epochs", type=int, default=5, help="local epochs per client and round")
-    args = parse_args(ap, argv)
-    check_method(args.method, "samples")
-    if args.quick:
-        args.epochs = 3
+    poison_options(ap)
+    args = parse_forget_args(ap, argv, "samples")
     con = console()
     with work_dir(args.store, "umig-backdoor-") as work:
         train_path, parts = poison_data(work, clients=args.clients, victim=args.victim, share=args.victim_share,
@@ -111,32 +111,21 @@ def main(argv: list[str] | None = None) -> int:
             return accuracy(model, triggered, torch.full((len(triggered),), args.target)), accuracy(model, tx, ty)
 
         forget = ForgetSet(samples=(samples(read_indices(work / "poison.npy"), str(train_path)),))
-        rows = {"original": (scores(original), None)}
-        for method, dest in (("retrain", "retrain"), (args.method, "unlearned")):
-            print(f"forgetting the {n_poison} poisoned samples with {method} (copy of the store: {work / dest}) ...",
-                  flush=True)
-            model, result = unlearn_copy(work / "original", work / dest, final, forget=forget, method=method)
-            rows[method if method not in rows else f"{method} (again)"] = (scores(model), result.wall_s)
+        rows, wall = against_retrain(work, final, args.method, f"the {n_poison} poisoned samples", scores, original,
+                                     forget=forget)
         print(f"{final}, exported checkpoint: ASR on {len(triggered)} triggered held-out images of digits other "
               f"than {args.target}, clean accuracy on all {len(tx)} held-out digits; wall s of the unlearning operation")
         con.print(comparison_table("backdoor in federated learning, forgotten", ["model", "ASR %", "clean acc %", "wall s"],
-                                   [[k, f"{100 * a:.1f}", f"{100 * c:.1f}", "-" if s is None else f"{s:.2f}"]
-                                    for k, ((a, c), s) in rows.items()]))
+                                   rows, wall))
         print(f"CLI equivalent: umig unlearn --store {work / 'original'} --samples {work / 'poison.npy'} "
               f"--data {train_path} --method {args.method} --no-eval")
 
-        (asr0, acc0), _ = rows["original"]
-        (asr_r, acc_r), _ = rows["retrain"]
-        (asr_m, acc_m), _ = list(rows.values())[-1]
+        (asr0, _), (asr_r, acc_r), (asr_m, acc_m) = rows.values()  # original, retrain, METHOD
         ok = asr0 >= MIN_ASR_BEFORE and asr_m <= asr_r + MAX_ASR_GAP and acc_m >= acc_r - MAX_ACC_GAP
-        print(f"backdoor: ASR {100 * asr0:.1f}% -> {100 * asr_m:.1f}% with {args.method} (retrain {100 * asr_r:.1f}%), "
-              f"clean accuracy {100 * acc0:.1f}% -> {100 * acc_m:.1f}% (retrain {100 * acc_r:.1f}%): "
-              f"{'PASS' if ok else 'FAIL'} (ASR before >= {100 * MIN_ASR_BEFORE:.0f}%, at most "
-              f"{100 * MAX_ASR_GAP:.0f} points above retrain, clean accuracy at most {100 * MAX_ACC_GAP:.0f} below)")
-    if args.check and not ok:
-        print(f"--check: {args.method} missed the targets", flush=True)
-        return 1
-    return 0
+        print(verdict_line("backdoor", args.method, ("ASR", "clean accuracy"), rows, ok,
+                           f"ASR before >= {100 * MIN_ASR_BEFORE:.0f}%, at most {100 * MAX_ASR_GAP:.0f} points above "
+                           f"retrain, clean accuracy at most {100 * MAX_ACC_GAP:.0f} below"))
+    return check_exit(args.check, ok, f"{args.method} missed the targets")
 
 
 if __name__ == "__main__":

@@ -29,9 +29,9 @@ from __future__ import annotations
 import time
 
 # shared example plumbing (examples/_common.py); imported first, it puts the repository on sys.path
-from _common import (accuracy, check_method, comparison_table, console, example_parser, exported_model,
-                     fedavg_lineage, method_options, parse_args, recorded_line, unlearn_copy, work_dir)
-from backdoor import poison_data, trigger
+from _common import (accuracy, check_exit, comparison_table, console, exported_model, fedavg_lineage, forget_parser,
+                     parse_forget_args, recorded_line, unlearn_copy, work_dir)
+from backdoor import poison_data, poison_options, trigger  # the poisoning of examples/backdoor.py
 
 import numpy as np
 import torch
@@ -50,20 +50,10 @@ MAX_ASR_GAP, MAX_ACC_GAP = 0.02, 0.01
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = example_parser(__doc__, quick="2 rounds, 3 epochs", store_help="directory for the data, the recorded "
-                        "store and its copies (default: a temporary one, removed at exit)")
-    method_options(ap)
+    ap = forget_parser(__doc__, copies="copies")
     ap.add_argument("--attribution", default=DEFAULT_METHOD, help="attribution method (umig attribute --method)")
-    ap.add_argument("--victim", type=int, default=1, help="the client that poisons its data")
-    ap.add_argument("--victim-share", type=float, default=0.5, help="the victim's share of the training digits")
-    ap.add_argument("--target", type=int, default=0, help="the label triggered images are relabelled to")
-    ap.add_argument("--fraction", type=float, default=1 / 3, help="poisoned copies, as a share of the client's data")
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--epochs", type=int, default=5, help="local epochs per client and round")
-    args = parse_args(ap, argv)
-    check_method(args.method, "samples")
-    if args.quick:
-        args.epochs = 3
+    poison_options(ap)
+    args = parse_forget_args(ap, argv, "samples")
     con = console()
     with work_dir(args.store, "umig-incident-") as work:
         train_path, parts = poison_data(work, clients=3, victim=args.victim, share=args.victim_share,
@@ -126,8 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{final}, exported checkpoint: ASR on {len(triggered)} triggered held-out images of digits other than "
               f"{args.target}, clean accuracy on all {len(tx)} held-out digits")
         con.print(comparison_table("incident: before and after forgetting what attribution found",
-                                   ["model", "ASR %", "clean acc %"],
-                                   [[name, f"{100 * a:.1f}", f"{100 * c:.1f}"] for name, (a, c) in rows.items()]))
+                                   ["model", "ASR %", "clean acc %"], rows))
         (asr_m, acc_m), (asr_t, acc_t) = list(rows.values())[1:]
         ok = top_client == victim and asr_m <= asr_t + MAX_ASR_GAP and acc_m >= acc_t - MAX_ACC_GAP
         print(f"incident: {top_client} ranked first (poisoner {victim}); forgot {k} samples ({hits} of "
@@ -136,10 +125,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{100 * acc_t:.1f}%): {'PASS' if ok else 'FAIL'} (poisoner first, ASR at most "
               f"{100 * MAX_ASR_GAP:.0f} points above the true-set retrain, clean accuracy at most "
               f"{100 * MAX_ACC_GAP:.0f} below)")
-    if args.check and not ok:
-        print("--check: the incident was not traced and removed", flush=True)
-        return 1
-    return 0
+    return check_exit(args.check, ok, "the incident was not traced and removed")
 
 
 if __name__ == "__main__":
