@@ -52,7 +52,6 @@ Gap of ``retrain`` (final model and mean over affected nodes) and at least 4x fa
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -80,6 +79,7 @@ from _bench_common import (
     num,
     pct,
     print_rich_table,
+    write_run_json,
 )
 
 from umig import unlearner as U
@@ -539,10 +539,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print()
         print(markdown(rows))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"machine": host, "args": {k: str(v) for k, v in vars(args).items()},
-                                         "default_methods": DEFAULT_METHODS, "rows": rows, "runs": runs,
-                                         "total_s": total}, indent=1, default=float))
+        write_run_json(args.json, host, args, default_methods=DEFAULT_METHODS, rows=rows, runs=runs, total_s=total)
         print(f"every figure written to {args.json}")
     return 0
 

@@ -51,7 +51,6 @@ more than retrain + 5 points at any node); or else the best trade-off it measure
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import shutil
@@ -78,6 +77,7 @@ from _bench_common import (
     mean_of_present,
     num,
     print_rich_table,
+    write_run_json,
 )
 
 from umig import unlearner as U
@@ -442,9 +442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print()
         print(markdown(rows))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"machine": host, "args": {k: str(v) for k, v in vars(args).items()},
-                                         "rows": rows, "total_s": total}, indent=1, default=float))
+        write_run_json(args.json, host, args, rows=rows, total_s=total)
         print(f"every verification written to {args.json}")
     return 0
 
