@@ -62,12 +62,13 @@ def example_parser(doc: str | None, *, quick: str, labels: str | None = None, la
     return ap
 
 
-def parse_args(ap: argparse.ArgumentParser, argv: list[str] | None, *,
-               exact_fim: bool = False) -> argparse.Namespace:
+def parse_args(ap: argparse.ArgumentParser, argv: list[str] | None, *, exact_fim: bool = False,
+               quick: Mapping[str, object] | None = None) -> argparse.Namespace:
     """Add the options every example ends with, parse ``argv`` and set torch's threads.
 
     Those options: ``--exact-fim`` (only with ``exact_fim``: for examples whose models ``fit``
-    trains and a recorder records), ``--threads`` and ``--seed``.
+    trains and a recorder records), ``--threads`` and ``--seed``. With ``--quick`` the options
+    named in ``quick`` (by their ``args`` names) take its values instead.
     """
     if exact_fim:
         ap.add_argument("--exact-fim", action="store_true",
@@ -76,6 +77,8 @@ def parse_args(ap: argparse.ArgumentParser, argv: list[str] | None, *,
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    if args.quick:
+        vars(args).update(quick or {})
     torch.set_num_threads(args.threads)
     return args
 
@@ -209,10 +212,8 @@ def parse_forget_args(ap: argparse.ArgumentParser, argv: list[str] | None, kind:
     """
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=5, help="local epochs per client and round")
-    args = parse_args(ap, argv)
+    args = parse_args(ap, argv, quick={"epochs": 3})
     check_method(args.method, kind)
-    if args.quick:
-        args.epochs = 3
     return args
 
 

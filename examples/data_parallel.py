@@ -63,9 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ranks", type=int, default=3)
     ap.add_argument("--syncs", type=int, default=3)
     ap.add_argument("--local-epochs", type=int, default=2, help="local epochs between two sync points")
-    args = parse_args(ap, argv, exact_fim=True)
-    if args.quick:
-        args.syncs, args.local_epochs = 2, 1
+    args = parse_args(ap, argv, exact_fim=True, quick={"syncs": 2, "local_epochs": 1})
     from umig.cli.render import summary_table
 
     con = console()

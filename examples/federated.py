@@ -97,9 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=5, help="local epochs per client and round")
     ap.add_argument("--alpha", type=float, default=None, help="Dirichlet label skew (default IID)")
-    args = parse_args(ap, argv, exact_fim=True)
-    if args.quick:
-        args.rounds, args.epochs = 1, 1
+    args = parse_args(ap, argv, exact_fim=True, quick={"rounds": 1, "epochs": 1})
     from umig.cli.render import graph_tree
 
     con = console()

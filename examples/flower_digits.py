@@ -118,9 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=3, help="local epochs per client and round")
-    args = parse_args(ap, argv)
-    if args.quick:
-        args.clients, args.rounds, args.epochs = 2, 2, 1
+    args = parse_args(ap, argv, quick={"clients": 2, "rounds": 2, "epochs": 1})
     labels = parse_labels(args.labels)
     why = simulation_available()
     if why:

@@ -96,9 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", default="0-5/6-7/8-9", help="new classes per step, '/'-separated")
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--replay", type=int, default=40, help="replay samples per old class and step")
-    args = parse_args(ap, argv, exact_fim=True)
-    if args.quick:
-        args.epochs = 2
+    args = parse_args(ap, argv, exact_fim=True, quick={"epochs": 2})
     from umig.cli.render import node_table
 
     con = console()

@@ -103,9 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                         labels_help="labels to forget (default 1,7: one per discovery client)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=3)
-    args = parse_args(ap, argv)
-    if args.quick:
-        args.rounds, args.epochs = 1, 2
+    args = parse_args(ap, argv, quick={"rounds": 1, "epochs": 2})
     from rich.table import Table
 
     from umig.cli.render import graph_tree, result_table

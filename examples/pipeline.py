@@ -50,9 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=3)
-    args = parse_args(ap, argv)
-    if args.quick:
-        args.rounds, args.epochs = 1, 1
+    args = parse_args(ap, argv, quick={"rounds": 1, "epochs": 1})
     from umig.cli.render import plan_view, result_table, verify_view
 
     con = console()

@@ -90,9 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                         labels_help="labels to forget (from the base's 0-5), e.g. 3 or 1,3")
     ap.add_argument("--epochs", type=int, default=5, help="base training epochs")
     ap.add_argument("--head-epochs", type=int, default=10, help="head-only fine-tuning epochs")
-    args = parse_args(ap, argv, exact_fim=True)
-    if args.quick:
-        args.epochs, args.head_epochs = 2, 3
+    args = parse_args(ap, argv, exact_fim=True, quick={"epochs": 2, "head_epochs": 3})
     from umig.cli.render import node_table
 
     con = console()
