@@ -50,9 +50,10 @@ def example_parser(doc: str | None, *, quick: str, labels: str | None = None, la
                    ) -> argparse.ArgumentParser:
     """A parser with the options every example starts with: ``--quick``, ``--store``, ``--labels``.
 
-    ``quick`` says what ``--quick`` shrinks the run to (e.g. ``"1 round, 1 epoch"``); ``labels``
-    is the default forget set (``None``: no ``--labels`` option, for examples that forget
-    samples or clients). Add the example's own options, then call :func:`parse_args`.
+    ``quick`` says what ``--quick`` shrinks the run to (e.g. ``"1 round, 1 epoch"``; the values
+    themselves go to :func:`parse_args`); ``labels`` is the default forget set (``None``: no
+    ``--labels`` option, for examples that forget samples or clients). Add the example's own
+    options, then call :func:`parse_args`.
     """
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help=f"{quick} (for tests)")
