@@ -54,6 +54,35 @@ def machine_line(host: Mapping[str, Any]) -> str:
             f"with {host['torch_threads']} thread(s)")
 
 
+def closing_line(host: Mapping[str, Any], seconds: float) -> str:
+    """The last line of a run's output: the cores and how long the whole run took."""
+    return f"{host['cores']} cores, figures from this run ({seconds:.0f} s in all)"
+
+
+# ------------------------------------------------------------------ options
+KINDS = ("labels", "samples", "client")  # the forget-set kinds the lineage benchmarks measure, in this order
+
+
+def add_lineage_options(ap: argparse.ArgumentParser, *, clients: int, rounds: int, epochs: int) -> None:
+    """The options that shape the digits lineages and forget sets (``--clients`` to ``--sample-share``),
+    with this benchmark's defaults for the lineage's size."""
+    ap.add_argument("--clients", type=int, default=clients)
+    ap.add_argument("--rounds", type=int, default=rounds)
+    ap.add_argument("--epochs", type=int, default=epochs, help="local epochs per FL client and round, and per IL step")
+    ap.add_argument("--replay", type=int, default=40, help="IL replay samples per old class and step")
+    ap.add_argument("--label", type=int, default=3, help="the label the 'labels' forget set names")
+    ap.add_argument("--sample-share", type=float, default=0.05, help="share of train rows the sample set names")
+
+
+def parse_kinds(text: str) -> list[str]:
+    """A ``--kinds`` option (comma-separated) as a list; exits naming any kind not in ``KINDS``."""
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        raise SystemExit(f"unknown kind(s) {', '.join(bad)} ({', '.join(KINDS)})")
+    return kinds
+
+
 # ------------------------------------------------------------------ numbers
 def mean_of_present(xs: Iterable[float | None]) -> float | None:
     """The mean of the values that are not ``None``; ``None`` if there are none."""

@@ -68,7 +68,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "examples"))
 # _common: examples/_common.py; _bench_common: this script's own folder, benchmarks/
-from _bench_common import machine, machine_line, pct
+from _bench_common import closing_line, machine, machine_line, pct
 from _common import accuracy, exported_model, fedavg_lineage, unlearn_copy
 
 from umig.api import Store
@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\ntargets (issue 21):")
     for line in verdicts(rows):
         print("  " + line)
-    print(f"\n{host['cores']} cores, figures from this run ({time.perf_counter() - started:.0f} s in all)")
+    print("\n" + closing_line(host, time.perf_counter() - started))
     if args.json is not None:
         args.json.write_text(json.dumps({"machine": host, "args": vars(args) | {"json": str(args.json)},
                                          "rows": rows}, indent=2, default=float))

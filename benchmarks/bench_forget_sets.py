@@ -72,11 +72,15 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "examples"))
 # _bench_common: this script's own folder, benchmarks/ (first on sys.path when it runs)
 from _bench_common import (
+    KINDS,
+    add_lineage_options,
+    closing_line,
     machine,
     machine_line,
     markdown_table,
     mean_of_present,
     num,
+    parse_kinds,
     pct,
     print_rich_table,
     write_run_json,
@@ -95,7 +99,6 @@ from umig.unlearners.fiun import fiun_update
 from umig.unlearning import DEFAULT_METHODS
 from umig.verify import AVG_GAP_METRICS, avg_gap
 
-KINDS = ("labels", "samples", "client")
 GAP_TARGET = 2.0  # points of Avg. Gap to retrain
 SPEEDUP_TARGET = 4.0  # x faster than retrain
 FIUN_RULE = "fiun*"  # the row computed here for kinds FIUn refuses
@@ -396,16 +399,6 @@ def table_rows(rows: Sequence[Mapping[str, Any]]) -> list[list[str]]:
     return out
 
 
-def print_table(rows: Sequence[Mapping[str, Any]], title: str) -> None:
-    """The rows as a rich table."""
-    print_rich_table(HEADERS, table_rows(rows), title, width=200)
-
-
-def markdown(rows: Sequence[Mapping[str, Any]]) -> str:
-    """The rows as a Markdown table."""
-    return markdown_table(HEADERS, table_rows(rows))
-
-
 def verdicts(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     """The targets, per lineage, for the default method of each kind and for every federaser setting."""
     lines = []
@@ -430,12 +423,7 @@ def verdicts(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 # ------------------------------------------------------------------ main
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--clients", type=int, default=5)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--epochs", type=int, default=10, help="local epochs per FL client and round, and per IL step")
-    ap.add_argument("--replay", type=int, default=40, help="IL replay samples per old class and step")
-    ap.add_argument("--label", type=int, default=3, help="the label the 'labels' forget set names")
-    ap.add_argument("--sample-share", type=float, default=0.05, help="share of train rows the sample set names")
+    add_lineage_options(ap, clients=5, rounds=3, epochs=10)
     ap.add_argument("--ratios", default="0.5,0.25,0.2,0.1", help="federaser calibration_ratio values to measure")
     ap.add_argument("--lineages", default="fl,il")
     ap.add_argument("--kinds", default=",".join(KINDS))
@@ -458,10 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.lineages == "fl,il":
             args.lineages = "fl"
     torch.set_num_threads(args.threads)
-    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
-    bad = [k for k in kinds if k not in KINDS]
-    if bad:
-        raise SystemExit(f"unknown kind(s) {', '.join(bad)} ({', '.join(KINDS)})")
+    kinds = parse_kinds(args.kinds)
     ratios = [float(x) for x in args.ratios.split(",") if x.strip()]
     only = {m.strip() for m in args.methods.split(",")} if args.methods else None
     host = machine()
@@ -524,8 +509,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  "params": params, **run})
     total = time.perf_counter() - started
     print()
-    print_table(rows, "forget sets on digits lineages: metrics of the final model (fl: last global, il: last step); "
-                      "Avg. Gap to retrain in points, final model and mean over affected nodes; accuracies in %")
+    print_rich_table(HEADERS, table_rows(rows), "forget sets on digits lineages: metrics of the final model (fl: last "
+                     "global, il: last step); Avg. Gap to retrain in points, final model and mean over affected nodes; "
+                     "accuracies in %", width=200)
     print(f"'(default)': DEFAULT_METHODS in umig/unlearning.py; {FIUN_RULE}: FIUn's head rule computed here "
           "(the method refuses samples and clients); wall: method phases only, warm; CPU: the whole request; "
           "speed-up: retrain CPU / method CPU")
@@ -534,10 +520,10 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{GAP_TARGET:g} points Avg. Gap of retrain, >= {SPEEDUP_TARGET:g}x faster")
     for line in verdicts(rows):
         print("  " + line)
-    print(f"\n{host['cores']} cores, figures from this run ({total:.0f} s in all)")
+    print("\n" + closing_line(host, total))
     if args.markdown:
         print()
-        print(markdown(rows))
+        print(markdown_table(HEADERS, table_rows(rows)))
     if args.json:
         write_run_json(args.json, host, args, default_methods=DEFAULT_METHODS, rows=rows, runs=runs, total_s=total)
         print(f"every figure written to {args.json}")

@@ -71,11 +71,15 @@ sys.path.insert(0, str(REPO / "examples"))
 sys.path.insert(0, str(REPO / "benchmarks"))  # so the engine imports this module's Unchanged by name
 # _bench_common: this script's own folder, benchmarks/ (first on sys.path when it runs)
 from _bench_common import (
+    KINDS,
+    add_lineage_options,
+    closing_line,
     machine,
     machine_line,
     markdown_table,
     mean_of_present,
     num,
+    parse_kinds,
     print_rich_table,
     write_run_json,
 )
@@ -91,7 +95,6 @@ from umig.unlearner import NodeContext, NodeUnlearner, NodeUpdate
 from umig.unlearning import DEFAULT_METHODS
 from umig.verify import verify
 
-KINDS = ("labels", "samples", "client")
 REFERENCE = "retrain"
 ORIGINAL = "(original)"  # the benchmark's do-nothing row (see Unchanged)
 ATTACKS = (("relearn", "relearn_acc"), ("reset", "relearn_reset_acc"), ("probe", "probe_acc"),
@@ -344,16 +347,6 @@ def table_rows(rows: Sequence[Mapping[str, Any]]) -> list[list[str]]:
     return out
 
 
-def print_table(rows: Sequence[Mapping[str, Any]], title: str) -> None:
-    """The rows as a rich table."""
-    print_rich_table(HEADERS, table_rows(rows), title, width=220)
-
-
-def markdown(rows: Sequence[Mapping[str, Any]]) -> str:
-    """The rows as a Markdown table."""
-    return markdown_table(HEADERS, table_rows(rows))
-
-
 def reference_levels(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     """What each attack gets back from the retrained model (mean over nodes), per lineage and kind."""
     lines = []
@@ -370,12 +363,7 @@ def reference_levels(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 # ------------------------------------------------------------------ main
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--clients", type=int, default=3)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--epochs", type=int, default=5, help="local epochs per FL client and round, and per IL step")
-    ap.add_argument("--replay", type=int, default=40, help="IL replay samples per old class and step")
-    ap.add_argument("--label", type=int, default=3, help="the label the 'labels' forget set names")
-    ap.add_argument("--sample-share", type=float, default=0.05, help="share of train rows the sample set names")
+    add_lineage_options(ap, clients=3, rounds=2, epochs=5)
     ap.add_argument("--lineages", default="fl,il")
     ap.add_argument("--kinds", default=",".join(KINDS))
     ap.add_argument("--methods", default=None, help="only these methods (retrain always runs: it is the reference)")
@@ -395,10 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.lineages == "fl,il":
             args.lineages = "fl"
     torch.set_num_threads(args.threads)
-    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
-    bad = [k for k in kinds if k not in KINDS]
-    if bad:
-        raise SystemExit(f"unknown kind(s) {', '.join(bad)} ({', '.join(KINDS)})")
+    kinds = parse_kinds(args.kinds)
     only = {m.strip() for m in args.methods.split(",")} if args.methods else None
     host = machine()
     print(f"{machine_line(host)}; every figure below comes from this run", flush=True)
@@ -424,9 +409,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rows += run_group(*item)
     total = time.perf_counter() - started
     print()
-    print_table(rows, "umig verify of every method x kind on digits lineages: gaps to retrain in points "
-                      "(Avg. Gap: mean over changed nodes, worst node; attacks: mean |gap| (worst node's signed gap)); "
-                      "cost: CPU time over retrain's")
+    print_rich_table(HEADERS, table_rows(rows), "umig verify of every method x kind on digits lineages: gaps to "
+                     "retrain in points (Avg. Gap: mean over changed nodes, worst node; attacks: mean |gap| (worst "
+                     "node's signed gap)); cost: CPU time over retrain's", width=220)
     for line in reference_levels(rows):
         print("  " + line)
     for r in rows:
@@ -437,10 +422,10 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{args.target_gap:g} points of retrain's at <= {args.target_cost:g}x retrain's CPU time")
     for line in verdicts(rows, args.target_gap, args.target_cost):
         print("  " + line)
-    print(f"\n{host['cores']} cores, figures from this run ({total:.0f} s in all)")
+    print("\n" + closing_line(host, total))
     if args.markdown:
         print()
-        print(markdown(rows))
+        print(markdown_table(HEADERS, table_rows(rows)))
     if args.json:
         write_run_json(args.json, host, args, rows=rows, total_s=total)
         print(f"every verification written to {args.json}")
