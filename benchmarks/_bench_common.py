@@ -105,7 +105,7 @@ LEFT_COLUMNS = ("lineage", "kind", "method")  # the label columns; every other c
 
 
 def print_rich_table(headers: Sequence[str], body: Iterable[Sequence[str]], title: str, *, width: int,
-                left: Collection[str] = LEFT_COLUMNS) -> None:
+                     left: Collection[str] = LEFT_COLUMNS) -> None:
     """Print ``body`` (rows of cells) under ``headers`` as a rich table ``width`` characters wide."""
     from rich.console import Console
     from rich.table import Table
