@@ -407,14 +407,17 @@ def purge(
     store: StoreOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Irreversibly delete the weights and FIMs an operation superseded (compliance)."""
+    """Irreversibly delete the weights and FIMs an operation superseded, and its forgotten labels' sums
+    from the model FIMs its nodes keep (compliance)."""
     s = open_store(store)
     s._operation(operation)  # unknown id: clear error before asking
     if not yes and sys.stdin.isatty():
         typer.confirm(f"purge {operation}? this cannot be undone", abort=True)
     R.emit(s.purge(operation), as_json=json_out,
            human=lambda d: f"purged {operation}: {d['versions_purged']} superseded version(s), "
-                           f"{d['blobs_deleted']} blob(s), {d['bytes_freed']} bytes")
+                           f"{d['blobs_deleted']} blob(s), {d['bytes_freed']} bytes; model FIMs without the "
+                           f"forgotten labels: {d['fims_replaced']} version(s)"
+                           + (f", {d['fims_kept']} kept as recorded" if d["fims_kept"] else ""))
 
 
 @app.command()

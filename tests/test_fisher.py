@@ -316,3 +316,25 @@ def test_per_label_sums_give_the_unlearning_fim_without_a_pass(digits):
     again = FIM.from_tensors(full.to_tensors(), full.metadata())
     assert again.has_label_stats and torch.equal(again.label_weight, full.label_weight)
     assert not head_fisher(model, "3", _batches(x[:50], y[:50], 64), CLASSES).has_label_stats
+
+
+def test_without_labels_is_the_fim_of_the_other_samples(digits):
+    """purge's cleaning: the FIM over every sample but those labelled 1 and 7 (a forward pass on them
+    agrees), per-label sums kept for the others and zeroed for 1 and 7."""
+    x, y = digits
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 12), nn.ReLU(), nn.Linear(12, 10))
+    full = head_fisher(model, "3", _batches(x[:200], y[:200], 64), CLASSES, per_label=True)
+    rest = (y[:200] != 1) & (y[:200] != 7)
+    direct = head_fisher(model, "3", _batches(x[:200][rest], y[:200][rest], 64), CLASSES, per_label=True)
+    clean = full.without_labels(iter([1, 7]))  # any iterable, a one-shot one included
+    assert clean.samples == direct.samples == int(rest.sum())
+    _close(clean.weight, direct.weight)
+    _close(clean.bias, direct.bias)
+    _close(clean.label_weight, direct.label_weight)
+    assert clean.label_counts.tolist() == direct.label_counts.tolist()
+    assert full.for_labels(iter([1, 7])).samples == int((~rest).sum())
+    assert full.without_labels([42]) is full  # no such label: nothing to take out
+    assert full.without_labels(CLASSES) is None  # no sample left
+    with pytest.raises(FisherError, match="per-label"):
+        head_fisher(model, "3", _batches(x[:50], y[:50], 64), CLASSES).without_labels([1])

@@ -126,6 +126,11 @@ def test_baselines_serve_a_client_whose_data_is_entirely_forgotten(fl_store, met
     # The forgotten client's own nodes keep no data: they train on their federation peers' data.
     res = fl_store.unlearn(clients=["fl/r1/c1"], method=method, params={"epochs": 1}, evaluate=False)
     assert {"fl/r1/c1", "fl/r2/c1", "fl/r2/global"} <= {n.name for n in res.nodes}
+    if method == "finetune":
+        # purge cannot take a client's samples out of the model FIMs without a pass over data: it says
+        # how many it kept as recorded (README "Versions, safety and the audit log").
+        out = fl_store.purge(res.operation)
+        assert out["fims_replaced"] == 0 and out["fims_kept"] == len(res.nodes)
 
 
 def test_forgotten_il_step_trains_only_on_labels_its_head_predicts(tmp_path):

@@ -17,6 +17,7 @@ from umig.arch import ArchSpec
 from umig.data import resolve
 from umig.errors import UmigError, UnlearningError
 from umig.fisher import FIM, merge_max
+from umig.ingest import mean_parent_fim
 from umig.models import digits_cnn
 from umig.train import Recipe, train
 from umig.unlearning import evaluate_node
@@ -200,14 +201,30 @@ def test_python_api_unlearn_purge_and_revert_rules(fl_store):
     # purge r1 through the CLI: the superseded heads and the unlearning FIMs leave the disk.
     op_fims = [r[0] for r in s.db.execute("SELECT digest FROM operation_blobs WHERE operation=?", (r1.operation,))]
     assert len(op_fims) == len(DISCOVERY) and all(s.blobs.exists(d) for d in op_fims)
+    old_fims = {n: s.fim(n, 0) for n in AFFECTED}
     res = run("purge", r1.operation, "--yes", "--json", store=s.root)
     assert res.exit_code == 0, res.stderr
     out = json.loads(res.stdout)
     assert out["versions_purged"] == len(AFFECTED) and out["bytes_freed"] > 0
-    assert out["blobs_deleted"] == len(AFFECTED) + len(DISCOVERY)
+    # The live versions' model FIMs lose label 3's samples: the old FIM blobs go with the old heads.
+    # Every version that carries a cleaned FIM: the 8 live ones and the 2 the reverted r2 made.
+    assert out["fims_replaced"] == len(AFFECTED) + 2 and out["fims_kept"] == 0
+    assert out["blobs_deleted"] == 2 * len(AFFECTED) + len(DISCOVERY)
     for n in AFFECTED:
         assert not s.blobs.exists(old[n].head_blob), n
-        assert s.blobs.exists(old[n].body_blob) and s.blobs.exists(old[n].fim_blob)  # still used by version 1
+        assert not s.blobs.exists(old[n].fim_blob), n
+        assert s.blobs.exists(old[n].body_blob)  # still used by version 1
+        new = s.fim(n)
+        if old_fims[n].has_label_stats:  # a client: the sums over its other labels' samples
+            retained = [c for c in new.classes if c != 3]
+            row = new.classes.index(3)
+            assert int(new.label_counts[row]) == 0 and not new.label_weight[row].any()
+            assert new.samples == int(old_fims[n].label_counts.sum()) - int(old_fims[n].label_counts[row])
+            assert torch.equal(new.weight, old_fims[n].for_labels(retained).weight)
+        else:  # an aggregate: the mean of its clients' cleaned FIMs, as it was their mean before
+            parents = [(p, w) for p, _, w in s.node(n).parents]
+            assert torch.equal(new.weight, mean_parent_fim(s, parents, new.classes).weight)
+            assert not torch.equal(new.weight, old_fims[n].weight)
         assert s.version(n, 0).purged
         with pytest.raises(UmigError, match="purged"):
             s.state_dict(n, 0)

@@ -2,7 +2,7 @@
 
 ``Store`` is the metadata store (:class:`umig.store.SqlStore`) plus the operations of the
 layers above it: :func:`umig.unlearning.add_node` (:func:`umig.ingest.add_node` with the
-catch-up) and :func:`umig.unlearning.unlearn`. It adds no logic of its own.
+catch-up), :func:`umig.unlearning.unlearn` and :func:`umig.unlearning.purge`. It adds no logic of its own.
 """
 
 from __future__ import annotations
@@ -25,6 +25,11 @@ class Store(SqlStore):
     def plan_unlearning(self, forget: unlearning.Forget = (), **kwargs: Any) -> unlearning.UnlearnResult:
         """The plan of an unlearning request without running it; see :func:`umig.unlearning.plan_unlearning`."""
         return unlearning.plan_unlearning(self, forget, **kwargs)
+
+    def purge(self, op_id: str) -> dict[str, Any]:
+        """Irreversibly delete what an operation superseded, and its forgotten labels' statistics from the
+        model FIMs its nodes keep; see :func:`umig.unlearning.purge`."""
+        return unlearning.purge(self, op_id)
 
     def unlearn(self, forget: unlearning.Forget = (), **kwargs: Any) -> unlearning.UnlearnResult:
         """Forget a forget set (labels, samples, clients) across the lineage as one operation, recording

@@ -158,12 +158,35 @@ class FIM:
         sums: equal to :func:`head_fisher` on those samples with the same weights, no forward pass."""
         if self.label_weight is None:
             raise FisherError("this FIM has no per-label statistics")
-        rows = [r for r, c in enumerate(self.classes) if c in {int(x) for x in labels}]
+        wanted = {int(x) for x in labels}
+        rows = [r for r, c in enumerate(self.classes) if c in wanted]
         n = int(self.label_counts[rows].sum()) if rows else 0
         if n == 0:
             raise FisherDataError("no samples with those labels behind this FIM")
         bias = self.label_bias[rows].sum(0) / n if self.label_bias is not None else None
         return FIM(self.label_weight[rows].sum(0) / n, bias, self.classes, n, self.kind, self.temperature)
+
+    def without_labels(self, labels: Iterable[int]) -> FIM | None:
+        """This FIM with the samples labelled ``labels`` taken out, from the per-label sums: the sums
+        over the other samples only (their per-label sums kept, those of ``labels`` zeroed), no forward
+        pass. ``None`` when no sample is left. What ``purge`` keeps of a model FIM once a label
+        forget set's superseded versions are gone."""
+        if self.label_weight is None or self.label_counts is None:
+            raise FisherError("this FIM has no per-label statistics")
+        dropped = {int(x) for x in labels}
+        gone = torch.tensor([c in dropped for c in self.classes], dtype=torch.bool)
+        if not bool(gone.any()):
+            return self
+        if int(self.label_counts[~gone].sum()) == 0:
+            return None
+        kept = self.for_labels([c for c, g in zip(self.classes, gone.tolist()) if not g])
+        lw, lc = self.label_weight.clone(), self.label_counts.clone()
+        lw[gone], lc[gone] = 0, 0
+        lb = None
+        if self.label_bias is not None:
+            lb = self.label_bias.clone()
+            lb[gone] = 0
+        return replace(kept, label_weight=lw, label_bias=lb, label_counts=lc)
 
     def metadata(self) -> dict[str, str]:
         """String metadata (safetensors only stores str -> str)."""

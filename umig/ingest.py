@@ -209,7 +209,7 @@ def add_node(
                     **store.fisher_settings(), device=device, per_label=per_label,
                 )
         elif parent_list:
-            model_fim = _mean_parent_fim(store, parent_list, cls)
+            model_fim = mean_parent_fim(store, parent_list, cls)
 
     body, head_t = split_head(state, hinfo.name)
     recipe_json = _recipe_json(recipe)
@@ -321,10 +321,13 @@ def _trained_fim(store: SqlStore, model: nn.Module, head: str, classes: tuple[in
     return kept.fim if per_label else F.without_label_stats(kept.fim)
 
 
-def _mean_parent_fim(store: SqlStore, parents: list[tuple[str, float | None]], classes: tuple[int, ...]):
+def mean_parent_fim(store: SqlStore, parents: Sequence[tuple[str, float | None]], classes: Sequence[int],
+                    fim_of: Callable[[str], F.FIM | None] | None = None) -> F.FIM | None:
+    """An aggregate's model FIM: its parents' FIMs (``fim_of(parent)``, default their live ones) averaged
+    with the edge weights, or the parents' data sizes where an edge has none. None if a parent has none."""
     fims, weights = [], []
     for p, w in parents:
-        pf = store.fim(p)
+        pf = store.fim(p) if fim_of is None else fim_of(p)
         if pf is None:
             return None
         fims.append(pf)

@@ -1110,9 +1110,24 @@ class SqlStore:
             self.db.execute("UPDATE operations SET state='reverted', reverted=? WHERE id=?", (time.time(), op_id))
         return [r["name"] for r in rows]
 
-    def purge(self, op_id: str) -> dict[str, Any]:
+    def live_fims(self, op_id: str) -> list[tuple[str, int, str]]:
+        """``(node, version, FIM digest)`` of every version an operation made, or that came after one on
+        the same node, that is not purged and has a model FIM: the FIMs ``purge`` may replace."""
+        rows = self._operation_nodes(op_id) + self._caught_up_rows(op_id)
+        out = []
+        for r in rows:
+            out += [(r["name"], int(v[0]), v[1]) for v in self.db.execute(
+                "SELECT version, fim FROM versions WHERE node=? AND version>=? AND purged=0 AND fim IS NOT NULL "
+                "ORDER BY version", (r["node"], r["version_after"]))]
+        return out
+
+    def purge(self, op_id: str, *, fims: Mapping[str, str | None] | None = None) -> dict[str, Any]:
         """Irreversibly delete what an operation superseded: the previous versions' weights and FIMs,
-        and the operation's unlearning FIMs (they were computed from the forgotten data)."""
+        and the operation's unlearning FIMs (they were computed from the forgotten data).
+
+        ``fims`` maps a model FIM digest of :meth:`live_fims` to the digest (written already) that
+        replaces it on those versions, or to None to drop it: FIMs without the forgotten data
+        (``umig.unlearning.purge`` computes them). A replaced FIM's blob is deleted with the rest."""
         with self.transaction():
             op = self._operation(op_id)
             if op["state"] == "purged":
@@ -1134,6 +1149,14 @@ class SqlStore:
                                        (op_id,)):
                 op_blobs.update(d for d in row if d)  # its retrained reference goes with it
             self.db.executemany("UPDATE versions SET purged=1 WHERE node=? AND version=?", old)
+            replaced = 0
+            if fims:
+                live = [(n, v, d) for n, v, d in self.live_fims(op_id) if d in fims]
+                ids = {n: self._node_id(n) for n, _, _ in live}
+                self.db.executemany("UPDATE versions SET fim=? WHERE node=? AND version=?",
+                                    [(fims[d], ids[n], v) for n, v, d in live])
+                candidates.update(d for _, _, d in live)
+                replaced = len(live)
             self.db.execute("DELETE FROM operation_blobs WHERE operation=?", (op_id,))
             self.db.execute("DELETE FROM operation_references WHERE operation=?", (op_id,))
             self.db.execute("UPDATE operations SET state='purged', purged=? WHERE id=?", (time.time(), op_id))
@@ -1141,7 +1164,8 @@ class SqlStore:
             freed = sum(self.blobs.size(d) for d in doomed if self.blobs.exists(d))
             # Deleted only after the commit: a crash in between leaves orphans for gc, never dangling rows.
             self._txn.released.update(doomed)
-        return {"operation": op_id, "versions_purged": len(old), "blobs_deleted": len(doomed), "bytes_freed": freed}
+        return {"operation": op_id, "versions_purged": len(old), "fims_replaced": replaced,
+                "blobs_deleted": len(doomed), "bytes_freed": freed}
 
     def history(self, *, node: str | None = None, ticket: str | None = None,
                 requester: str | None = None) -> list[dict[str, Any]]:

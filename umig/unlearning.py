@@ -33,6 +33,7 @@ from umig.data import Data, DataRef, parse_ref, resolve, source_positions, verif
 from umig.errors import UnlearningError
 from umig.evaluate import unlearning_accuracy
 from umig.execution import Backend, make_backend
+from umig.fisher import FIM
 from umig.forget import ForgetSet, SampleSet, source_fingerprint
 from umig.store import NewVersion, NodeInfo, Request, SqlStore
 
@@ -401,6 +402,76 @@ def add_node(store: SqlStore, name: str, weights: Any, arch: Any, *, catch_up: b
     operation superseded, or whose data holds what one forgot, is refused; with ``catch_up`` it is
     recorded and those operations are applied to it in the same transaction (:func:`catch_up_node`)."""
     return ingest.add_node(store, name, weights, arch, catch_up=catch_up_node if catch_up else None, **kwargs)
+
+
+def purge(store: SqlStore, operation: str) -> dict[str, Any]:
+    """Purge an operation (:meth:`umig.store.SqlStore.purge`), and take its forgotten labels out of the
+    model FIMs its nodes still carry: a model FIM is a sum over the node's training data, forgotten
+    samples included. For a label forget set, a FIM with per-label sums becomes the sums over the other
+    labels' samples (:meth:`umig.fisher.FIM.without_labels`, no forward pass), and an aggregate's FIM that
+    is its parents' mean becomes the mean of their cleaned FIMs; the old FIM blobs are deleted with the
+    superseded versions. FIMs it cannot clean (neither of those, or a sample or client forget set)
+    are kept and counted in ``fims_kept``."""
+    with store.transaction():
+        entry = store.operation(operation)
+        if entry["state"] != "applied":  # the store says why (purged already, reverted)
+            return SqlStore.purge(store, operation)
+        labels = [int(x) for x in entry["labels"]]
+        label_only = bool(labels) and not (entry["forget"].get("samples") or [])
+        clean: dict[str, FIM | None] = {}  # old FIM digest -> the FIM without the forgotten labels
+        unchanged: set[str] = set()  # FIMs that hold none of them
+        kept = 0
+        # Parents before children (the store lists an operation's nodes in insertion order): an
+        # aggregate's FIM is rebuilt from its parents' cleaned ones.
+        for node, version, digest in store.live_fims(operation):
+            if digest in clean:
+                continue
+            fim = store.fim(node, version)
+            new = _without_labels(store, node, fim, labels, clean) if label_only else fim
+            if new is fim:
+                if label_only and _holds_none(fim, labels):
+                    clean[digest] = fim
+                    unchanged.add(digest)
+                else:
+                    kept += 1
+                continue
+            clean[digest] = new
+        written = {d: None if f is None else store.put_tensors(f.to_tensors(), f.metadata())
+                   for d, f in clean.items() if d not in unchanged}
+        out = SqlStore.purge(store, operation, fims=written)  # the store's own (umig.Store.purge is this)
+    return {**out, "fims_kept": kept}
+
+
+def _holds_none(fim: FIM, labels: Sequence[int]) -> bool:
+    """Whether ``fim`` is known to hold no sample of ``labels`` (per-label sums with zero counts)."""
+    if fim.label_counts is None:
+        return False
+    return all(int(fim.label_counts[fim.classes.index(c)]) == 0 for c in labels if c in fim.classes)
+
+
+def _without_labels(store: SqlStore, node: str, fim: FIM, labels: Sequence[int],
+                    clean: Mapping[str, FIM | None]) -> FIM | None:
+    """``fim`` (the model FIM of ``node``) without the samples of ``labels``; ``fim`` itself when that
+    cannot be computed without the data (see :func:`purge`)."""
+    if fim.has_label_stats:
+        return fim.without_labels(labels)
+    info = store.node(node)
+    if not info.parents or info.data_ref is not None:
+        return fim
+    parent_fims = {}  # parent -> (the FIM the aggregate was recorded from, its cleaned form)
+    for p, _relation, _weight in info.parents:
+        v = info.parent_versions.get(p)
+        d = store.version(p, v).fim_blob if v is not None else None
+        if d is None or d not in clean or clean[d] is None:
+            return fim
+        parent_fims[p] = (store.fim(p, v), clean[d])
+    weights = [(p, w) for p, _relation, w in info.parents]
+    before = ingest.mean_parent_fim(store, weights, fim.classes, lambda p: parent_fims[p][0])
+    if before is None or not torch.equal(before.weight, fim.weight) or (
+            (before.bias is None) != (fim.bias is None)) or (
+            before.bias is not None and not torch.equal(before.bias, fim.bias)):
+        return fim  # not its parents' mean (captured or given): cannot be rebuilt from them
+    return ingest.mean_parent_fim(store, weights, fim.classes, lambda p: parent_fims[p][1])
 
 
 def operation_forget_set(store: SqlStore, operation: str) -> ForgetSet:
