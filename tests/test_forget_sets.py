@@ -127,10 +127,16 @@ def test_baselines_serve_a_client_whose_data_is_entirely_forgotten(fl_store, met
     res = fl_store.unlearn(clients=["fl/r1/c1"], method=method, params={"epochs": 1}, evaluate=False)
     assert {"fl/r1/c1", "fl/r2/c1", "fl/r2/global"} <= {n.name for n in res.nodes}
     if method == "finetune":
-        # purge cannot take a client's samples out of the model FIMs without a pass over data: it says
-        # how many it kept as recorded (README "Versions, safety and the audit log").
+        # purge takes the client's samples out of the model FIMs: the client's own nodes keep none (no
+        # data of their own is left), the other clients' FIMs hold none of it, and an aggregate whose
+        # client has no FIM any more cannot be rebuilt: it is reported as kept as recorded.
+        before = {n.name: fl_store.version(n.name).fim_blob for n in res.nodes}
         out = fl_store.purge(res.operation)
-        assert out["fims_replaced"] == 0 and out["fims_kept"] == len(res.nodes)
+        after = {n: fl_store.version(n).fim_blob for n in before}
+        assert after["fl/r1/c1"] is None and after["fl/r2/c1"] is None
+        assert not fl_store.blobs.exists(before["fl/r1/c1"])
+        assert out["fims_replaced"] >= 2 and out["fims_kept"] == sum(
+            1 for n in before if n.endswith("global") and after[n] == before[n])
 
 
 def test_forgotten_il_step_trains_only_on_labels_its_head_predicts(tmp_path):
@@ -146,3 +152,32 @@ def test_forgotten_il_step_trains_only_on_labels_its_head_predicts(tmp_path):
         build(s, epochs=1, log=lambda *a: None)
         res = s.unlearn(clients=["il/step1"], method="finetune", params={"epochs": 1}, evaluate=False)
         assert [n.name for n in res.nodes] == ["il/step1", "il/step2"]
+
+
+def test_purge_takes_forgotten_samples_out_of_the_model_fims(fl_store):
+    """After purging a sample forget set, each client's model FIM is the FIM of its live weights over its
+    own data minus those samples (a forward pass agrees), and the aggregates are their clients' mean."""
+    from umig.data import DataRef, source_positions
+    from umig.fisher import head_fisher
+    from umig.ingest import mean_parent_fim
+
+    fs = ForgetSet(samples=(samples(np.arange(40), TRAIN),))
+    op = fl_store.unlearn(fs, method="finetune", params={"epochs": 1}, evaluate=False)
+    old = {n.name: fl_store.version(n.name).fim_blob for n in op.nodes}
+    out = fl_store.purge(op.operation)
+    assert out["fims_kept"] == 0 and out["fims_replaced"] == len(op.nodes)
+    holders = [n.name for n in op.nodes if fl_store.node(n.name).data_ref is not None]
+    assert holders
+    forgotten = set(range(40))
+    for n in holders:
+        data = fl_store.node_data(n)
+        _, pos = source_positions(DataRef.from_json(fl_store.node(n).data_ref))
+        keep = np.flatnonzero([int(p) not in forgotten for p in pos])
+        assert len(keep) < len(data)  # this client held some of them
+        expect = head_fisher(fl_store.load_model(n), fl_store.node(n).head, data.select(keep).batches(256),
+                             fl_store.fim(n).classes, per_label=fl_store.fim(n).has_label_stats)
+        assert torch.allclose(fl_store.fim(n).weight, expect.weight) and fl_store.fim(n).samples == len(keep)
+        assert not fl_store.blobs.exists(old[n])
+    for n in (n.name for n in op.nodes if fl_store.node(n.name).data_ref is None):
+        parents = [(p, w) for p, _, w in fl_store.node(n).parents]
+        assert torch.equal(fl_store.fim(n).weight, mean_parent_fim(fl_store, parents, fl_store.fim(n).classes).weight)

@@ -33,7 +33,7 @@ from umig.data import Data, DataRef, parse_ref, resolve, source_positions, verif
 from umig.errors import UnlearningError
 from umig.evaluate import unlearning_accuracy
 from umig.execution import Backend, make_backend
-from umig.fisher import FIM
+from umig.fisher import FIM, head_fisher
 from umig.forget import ForgetSet, SampleSet, source_fingerprint
 from umig.store import NewVersion, NodeInfo, Request, SqlStore
 
@@ -405,21 +405,29 @@ def add_node(store: SqlStore, name: str, weights: Any, arch: Any, *, catch_up: b
 
 
 def purge(store: SqlStore, operation: str) -> dict[str, Any]:
-    """Purge an operation (:meth:`umig.store.SqlStore.purge`), and take its forgotten labels out of the
-    model FIMs its nodes still carry: a model FIM is a sum over the node's training data, forgotten
-    samples included. For a label forget set, a FIM with per-label sums becomes the sums over the other
-    labels' samples (:meth:`umig.fisher.FIM.without_labels`, no forward pass), and an aggregate's FIM that
-    is its parents' mean becomes the mean of their cleaned FIMs; the old FIM blobs are deleted with the
-    superseded versions. FIMs it cannot clean (neither of those, or a sample or client forget set)
-    are kept and counted in ``fims_kept``."""
+    """Purge an operation (:meth:`umig.store.SqlStore.purge`), and take what it forgot out of the model
+    FIMs its nodes still carry: a model FIM is a sum over the node's training data, forgotten samples
+    included, and revert needed it as it was until now. Each FIM becomes (in this order of preference):
+
+    * for a label forget set and a FIM with per-label sums: the sums over the other labels' samples
+      (:meth:`umig.fisher.FIM.without_labels`), no forward pass;
+    * for a node with data of its own: the FIM of its live weights over its data minus the forget set
+      (one forward pass; what a sample or client forget set needs);
+    * for an aggregate whose FIM is provably its parents' mean: the mean of their cleaned FIMs.
+
+    The old FIM blobs are deleted with the superseded versions. A FIM none of these apply to is kept
+    and counted in ``fims_kept``."""
     with store.transaction():
         entry = store.operation(operation)
         if entry["state"] != "applied":  # the store says why (purged already, reverted)
             return SqlStore.purge(store, operation)
-        labels = [int(x) for x in entry["labels"]]
-        label_only = bool(labels) and not (entry["forget"].get("samples") or [])
-        clean: dict[str, FIM | None] = {}  # old FIM digest -> the FIM without the forgotten labels
-        unchanged: set[str] = set()  # FIMs that hold none of them
+        try:
+            forget = operation_forget_set(store, operation)
+        except UnlearningError:  # recorded before umig kept the forgotten indices: no FIM can be cleaned
+            return {**SqlStore.purge(store, operation), "fims_kept": len(store.live_fims(operation))}
+        positions = _holdings(store, forget, store.graph())[0] if forget.samples else {}
+        clean: dict[str, FIM | None] = {}  # old FIM digest -> the FIM without the forgotten data
+        unchanged: set[str] = set()  # FIMs that hold none of it
         kept = 0
         # Parents before children (the store lists an operation's nodes in insertion order): an
         # aggregate's FIM is rebuilt from its parents' cleaned ones.
@@ -427,9 +435,9 @@ def purge(store: SqlStore, operation: str) -> dict[str, Any]:
             if digest in clean:
                 continue
             fim = store.fim(node, version)
-            new = _without_labels(store, node, fim, labels, clean) if label_only else fim
+            new = _clean_fim(store, node, version, fim, forget, positions.get(node), clean)
             if new is fim:
-                if label_only and _holds_none(fim, labels):
+                if _holds_none(store, node, fim, forget, positions.get(node)):
                     clean[digest] = fim
                     unchanged.add(digest)
                 else:
@@ -442,21 +450,42 @@ def purge(store: SqlStore, operation: str) -> dict[str, Any]:
     return {**out, "fims_kept": kept}
 
 
-def _holds_none(fim: FIM, labels: Sequence[int]) -> bool:
-    """Whether ``fim`` is known to hold no sample of ``labels`` (per-label sums with zero counts)."""
-    if fim.label_counts is None:
+def _holds_none(store: SqlStore, node: str, fim: FIM, forget: ForgetSet, positions: np.ndarray | None) -> bool:
+    """Whether ``fim`` is known to hold nothing of ``forget``: no forgotten sample in the node's own data
+    and none of its labels (zero per-label counts, or not among its classes)."""
+    if positions is not None and positions.size:
         return False
-    return all(int(fim.label_counts[fim.classes.index(c)]) == 0 for c in labels if c in fim.classes)
+    if forget.samples and store.node(node).data_ref is None:
+        return False  # an aggregate: its clients' samples are in it
+    labels = [c for c in forget.labels if c in fim.classes]
+    if not labels:
+        return True
+    return fim.label_counts is not None and all(int(fim.label_counts[fim.classes.index(c)]) == 0 for c in labels)
 
 
-def _without_labels(store: SqlStore, node: str, fim: FIM, labels: Sequence[int],
-                    clean: Mapping[str, FIM | None]) -> FIM | None:
-    """``fim`` (the model FIM of ``node``) without the samples of ``labels``; ``fim`` itself when that
-    cannot be computed without the data (see :func:`purge`)."""
-    if fim.has_label_stats:
-        return fim.without_labels(labels)
+def _clean_fim(store: SqlStore, node: str, version: int, fim: FIM, forget: ForgetSet,
+               positions: np.ndarray | None, clean: Mapping[str, FIM | None]) -> FIM | None:
+    """``fim`` (the model FIM of ``node`` at ``version``) without the forgotten data (see :func:`purge`);
+    ``fim`` itself when nothing is to be taken out or it cannot be done."""
+    if _holds_none(store, node, fim, forget, positions):
+        return fim
+    if not forget.samples and fim.has_label_stats:
+        return fim.without_labels(forget.labels)
     info = store.node(node)
-    if not info.parents or info.data_ref is not None:
+    if info.data_ref is not None:
+        data = store.node_data(node)
+        if positions is not None and positions.size:
+            keep = np.ones(len(data), dtype=bool)
+            keep[positions] = False
+            data = data.select(np.flatnonzero(keep))
+        if forget.labels:
+            data = data.filter_labels(drop=forget.labels)
+        if not len(data):
+            return None
+        model = store.load_model(node, version)
+        return head_fisher(model, info.head, data.batches(256), fim.classes, kind=fim.kind,
+                           temperature=fim.temperature, per_label=fim.has_label_stats)
+    if not info.parents:
         return fim
     parent_fims = {}  # parent -> (the FIM the aggregate was recorded from, its cleaned form)
     for p, _relation, _weight in info.parents:
