@@ -102,6 +102,8 @@ def test_request_export_report_and_purge_on_an_fl_lineage(fl_store: Store, tmp_p
     assert rep["state"] == "purged" and rep["purged"] is True and rep["purged_at"] is not None
     assert rep["superseded_blobs_gone"] is True and rep["superseded_blobs_present"] == []
     assert rep["operation_blobs"] == []  # purge deleted the unlearning FIMs with their rows
+    # Every affected node's model FIM was cleaned of the forgotten labels, none kept as recorded.
+    assert rep["model_fims"]["kept"] == 0 and rep["model_fims"]["replaced"] >= len(rep["nodes"])
     for n in rep["nodes"]:
         assert n["before"]["purged"] is True and "head" in n["before"]["missing"]
         assert not fl_store.blobs.exists(n["before"]["head_blob"]) and n["after"]["missing"] == []
@@ -111,6 +113,7 @@ def test_request_export_report_and_purge_on_an_fl_lineage(fl_store: Store, tmp_p
     assert res.exit_code == 0 and res.stdout.strip() == f"wrote {md_file}"
     md = md_file.read_text()
     assert "Purged on" in md and "gone from the store" in md and "Not purged" not in md
+    assert "now hold nothing of the forgotten data" in md and "could not be cleaned" not in md
     json_file = tmp_path / "report.json"
     cli_ok("report", op, "--format", "json", "-o", str(json_file), store=root)
     assert json.loads(json_file.read_text())["purged"] is True

@@ -83,6 +83,9 @@ def deletion_report(store: SqlStore, operation: str) -> dict[str, Any]:
         "reverted_at": entry["reverted"],
         "purged": entry["state"] == "purged",
         "purged_at": entry["purged"],
+        # Model FIMs the purge took the forgotten data out of, and those it kept as recorded.
+        "model_fims": ({"replaced": entry["purge"]["fims_replaced"], "kept": entry["purge"]["fims_kept"]}
+                       if entry.get("purge") else None),
         "superseded_blobs": len(superseded),
         "superseded_blobs_present": remaining,
         "superseded_blobs_gone": not remaining,
@@ -305,14 +308,32 @@ def _verification(r: Mapping[str, Any]) -> str:
 
 def _purge(r: Mapping[str, Any]) -> str:
     if r["purged"]:
-        text = f"Purged on {_when(r['purged_at'])}. "
-        left = r["superseded_blobs_present"]
-        if not left:
-            return text + (f"All {_count(r['superseded_blobs'], 'blob')} that only the superseded versions held "
-                           "are gone from the store, and so are the blobs the method computed from the "
-                           "forgotten data. The operation can no longer be reverted.")
-        return text + (f"{_count(len(left), 'blob')} of the superseded versions are still in the store because "
-                       f"other versions share them: {', '.join(_code(d[:SHORT]) for d in left)}.")
+        return _purged(r) + _model_fims(r.get("model_fims"))
+    return _not_purged(r)
+
+
+def _model_fims(m: Mapping[str, int] | None) -> str:
+    if m is None:
+        return ""  # purged before umig cleaned model FIMs
+    text = f" The model FIMs of {_count(m['replaced'], 'version')} now hold nothing of the forgotten data"
+    if m["kept"]:
+        return text + (f"; {_count(m['kept'], 'model FIM')} could not be cleaned without the data and "
+                       "still hold sums over it (diagonal squared head inputs, no weights, no samples).")
+    return text + "."
+
+
+def _purged(r: Mapping[str, Any]) -> str:
+    text = f"Purged on {_when(r['purged_at'])}. "
+    left = r["superseded_blobs_present"]
+    if not left:
+        return text + (f"All {_count(r['superseded_blobs'], 'blob')} that only the superseded versions held "
+                       "are gone from the store, and so are the blobs the method computed from the "
+                       "forgotten data. The operation can no longer be reverted.")
+    return text + (f"{_count(len(left), 'blob')} of the superseded versions are still in the store because "
+                   f"other versions share them: {', '.join(_code(d[:SHORT]) for d in left)}.")
+
+
+def _not_purged(r: Mapping[str, Any]) -> str:
     kept = r["operation_blobs"]
     text = (f"Not purged. The versions from before the operation ({_count(r['superseded_blobs'], 'blob')} "
             "only they hold) are still in the store")

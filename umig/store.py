@@ -203,6 +203,10 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX caught_up_node ON caught_up(node);
     """,
+    # 6: what a purge did (versions, blobs, and the model FIMs it cleaned or had to keep), for the report.
+    """
+    ALTER TABLE operations ADD COLUMN purge_summary TEXT;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -1121,13 +1125,14 @@ class SqlStore:
                 "ORDER BY version", (r["node"], r["version_after"]))]
         return out
 
-    def purge(self, op_id: str, *, fims: Mapping[str, str | None] | None = None) -> dict[str, Any]:
+    def purge(self, op_id: str, *, fims: Mapping[str, str | None] | None = None, fims_kept: int = 0) -> dict[str, Any]:
         """Irreversibly delete what an operation superseded: the previous versions' weights and FIMs,
         and the operation's unlearning FIMs (they were computed from the forgotten data).
 
         ``fims`` maps a model FIM digest of :meth:`live_fims` to the digest (written already) that
         replaces it on those versions, or to None to drop it: FIMs without the forgotten data
-        (``umig.unlearning.purge`` computes them). A replaced FIM's blob is deleted with the rest."""
+        (``umig.unlearning.purge`` computes them, and counts in ``fims_kept`` those it could not clean).
+        A replaced FIM's blob is deleted with the rest. What it did is kept with the operation."""
         with self.transaction():
             op = self._operation(op_id)
             if op["state"] == "purged":
@@ -1159,13 +1164,15 @@ class SqlStore:
                 replaced = len(live)
             self.db.execute("DELETE FROM operation_blobs WHERE operation=?", (op_id,))
             self.db.execute("DELETE FROM operation_references WHERE operation=?", (op_id,))
-            self.db.execute("UPDATE operations SET state='purged', purged=? WHERE id=?", (time.time(), op_id))
             doomed = (candidates | op_blobs) - self._referenced()
             freed = sum(self.blobs.size(d) for d in doomed if self.blobs.exists(d))
+            summary = {"operation": op_id, "versions_purged": len(old), "fims_replaced": replaced,
+                       "fims_kept": fims_kept, "blobs_deleted": len(doomed), "bytes_freed": freed}
+            self.db.execute("UPDATE operations SET state='purged', purged=?, purge_summary=? WHERE id=?",
+                            (time.time(), json.dumps(summary), op_id))
             # Deleted only after the commit: a crash in between leaves orphans for gc, never dangling rows.
             self._txn.released.update(doomed)
-        return {"operation": op_id, "versions_purged": len(old), "fims_replaced": replaced,
-                "blobs_deleted": len(doomed), "bytes_freed": freed}
+        return summary
 
     def history(self, *, node: str | None = None, ticket: str | None = None,
                 requester: str | None = None) -> list[dict[str, Any]]:
@@ -1229,6 +1236,7 @@ class SqlStore:
             ],
             **json.loads(op["result"]),
             "verification": json.loads(op["verification"]) if op["verification"] else None,
+            "purge": json.loads(op["purge_summary"]) if op["purge_summary"] else None,
             **_request_from_row(op).to_json(),
             "caught_up": [_caught_up_json(r) for r in self._caught_up_rows(op["id"])],
         }

@@ -424,7 +424,7 @@ def purge(store: SqlStore, operation: str) -> dict[str, Any]:
         try:
             forget = operation_forget_set(store, operation)
         except UnlearningError:  # recorded before umig kept the forgotten indices: no FIM can be cleaned
-            return {**SqlStore.purge(store, operation), "fims_kept": len(store.live_fims(operation))}
+            return SqlStore.purge(store, operation, fims_kept=len(store.live_fims(operation)))
         positions = _holdings(store, forget, store.graph())[0] if forget.samples else {}
         clean: dict[str, FIM | None] = {}  # old FIM digest -> the FIM without the forgotten data
         unchanged: set[str] = set()  # FIMs that hold none of it
@@ -446,8 +446,8 @@ def purge(store: SqlStore, operation: str) -> dict[str, Any]:
             clean[digest] = new
         written = {d: None if f is None else store.put_tensors(f.to_tensors(), f.metadata())
                    for d, f in clean.items() if d not in unchanged}
-        out = SqlStore.purge(store, operation, fims=written)  # the store's own (umig.Store.purge is this)
-    return {**out, "fims_kept": kept}
+        # The store's own (umig.Store.purge is this function).
+        return SqlStore.purge(store, operation, fims=written, fims_kept=kept)
 
 
 def _holds_none(store: SqlStore, node: str, fim: FIM, forget: ForgetSet, positions: np.ndarray | None) -> bool:
