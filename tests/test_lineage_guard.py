@@ -274,7 +274,7 @@ def test_older_store_migrates_edges_unknown_and_labels_guarded(fl_store: Store, 
     fl_store.close()
     db = sqlite3.connect(root / "umig.db")  # back to schema 4: no parent versions, nothing kept per label
     db.executescript("DROP TABLE operation_labels; DROP TABLE operation_samples; DROP TABLE caught_up; "
-                     "ALTER TABLE edges DROP COLUMN parent_version; "
+                     "ALTER TABLE edges DROP COLUMN parent_version; ALTER TABLE operations DROP COLUMN purge_summary; "
                      "UPDATE meta SET value='4' WHERE key='schema_version';")
     db.close()
     with Store.open(root) as s:
