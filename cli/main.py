@@ -27,7 +27,7 @@ from umig.requests import forgotten as forgotten_in
 from umig.store import Request
 from umig.ui.server import require_extra as require_ui_extra
 from umig.ui.server import serve as serve_ui
-from umig.unlearner import describe
+from umig.unlearner import describe, parse_params
 from umig.unlearning import evaluate_node
 from umig.verify import verify as verify_operation
 
@@ -79,16 +79,6 @@ def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def open_store(location: Optional[str]):
     return Store.open(location)
-
-
-def parse_kv(items: list[str], what: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for item in items:
-        k, sep, v = item.partition("=")
-        if not sep or not k:
-            raise UmigError(f"{what} expects key=value, got '{item}'")
-        out[k] = v
-    return out
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -165,7 +155,7 @@ def add_node(
         head=head,
         input_shape=shape,
         compute_fim=not no_fim,
-        meta=parse_kv(meta, "--meta"),
+        meta=parse_params(meta, "--meta"),
         recipe=recipe,
         catch_up=catch_up,
     )
@@ -371,7 +361,7 @@ def unlearn(
         raise UmigError("nothing to forget: give --labels, --samples with --data, or --client")
     forget = ForgetSet(labels=parse_label_list(labels) if labels is not None else (),
                        samples=(sample_set(read_indices(samples), data),) if samples is not None else ())
-    params = parse_kv(param, "--param")
+    params = parse_params(param, "--param")
     if dry_run:
         result = s.plan_unlearning(forget, clients=client, method=method, params=params, policy=discovery,
                                    from_nodes=from_node or None, request=request)

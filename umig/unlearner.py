@@ -449,6 +449,19 @@ def get(name: str) -> Unlearner:
     return cls()
 
 
+def parse_params(items: Sequence[str], what: str = "--param") -> dict[str, str]:
+    """``["k=v", ...]`` -> ``{"k": "v"}``, as ``--param`` (or the browser view) gives a method's parameters,
+    untyped: each method types its own (:meth:`Unlearner.resolve_params`). The CLI reads ``--meta`` the
+    same way. ``what`` names the option in errors."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UmigError(f"{what} expects key=value, got '{item}'")
+        out[key] = value
+    return out
+
+
 def describe() -> list[dict[str, Any]]:
     """Every installed method with its parameters and defaults (for ``umig methods``)."""
     out = []

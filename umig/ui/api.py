@@ -29,7 +29,7 @@ from umig.data import parse_labels
 from umig.errors import UmigError
 from umig.forget import ForgetSet
 from umig.store import Request
-from umig.unlearner import describe
+from umig.unlearner import describe, parse_params
 
 # Fields a POST /api/unlearn body may hold (the options of `umig unlearn` the page offers).
 UNLEARN_FIELDS = frozenset({"labels", "clients", "method", "params", "discovery", "from", "eval", "eval_data",
@@ -66,17 +66,6 @@ def operation(store: Store, op_id: str) -> dict[str, Any]:
 def methods() -> list[dict[str, Any]]:
     """Installed unlearning methods with their parameters (``umig methods --json``)."""
     return describe()
-
-
-def parse_params(items: Sequence[str]) -> dict[str, str]:
-    """``["k=v", ...]`` -> ``{"k": "v"}`` (typed later by the method, as ``--param`` is)."""
-    out: dict[str, str] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UmigError(f"param expects key=value, got '{item}'")
-        out[key] = value
-    return out
 
 
 def forget_of(labels: str | Sequence[int] | None) -> ForgetSet:

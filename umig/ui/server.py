@@ -143,7 +143,7 @@ def create_app(store: Store, *, allow_write: bool = False, allowed_hosts: list[s
     def plan(request: Request) -> Response:
         q = request.query_params
         try:
-            params = api.parse_params(query_list(request, "param"))
+            params = api.parse_params(query_list(request, "param"), "param")
         except UmigError as e:
             return error(400, str(e))
         return answer(api.plan, store, labels=q.get("labels") or None, clients=query_list(request, "client"),
