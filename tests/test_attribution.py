@@ -18,12 +18,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import store_state, umig_cli
+from conftest import cli_run as run
 from safetensors.torch import save_file
-from typer.testing import CliRunner
 
 from umig import graph as G
 from umig.attribution import METHODS, _holders, _per_sample_grads, attribute
-from umig.cli.main import app
 from umig.data import DataRef, resolve, source_positions
 from umig.demo import DIGITS_TEST
 from umig.evaluate import (
@@ -36,14 +35,6 @@ from umig.models import digits_cnn
 
 FINAL = "fl/r2/global"
 CLIENTS = ["fl/r1/c0", "fl/r1/c1", "fl/r1/c2"]
-
-
-def run(*args: str, store: Path):
-    """The CLI in-process; a crash (anything but a clean exit) fails the test with its traceback."""
-    res = CliRunner().invoke(app, [*args, "--store", str(store)])
-    if res.exception is not None and not isinstance(res.exception, SystemExit):
-        raise AssertionError(f"umig {' '.join(args)} crashed") from res.exception
-    return res
 
 
 def files(root: Path) -> dict[str, str]:

@@ -20,21 +20,13 @@ from typer.testing import CliRunner
 
 from umig.cli.main import app
 from conftest import store_state, umig_cli
+from conftest import cli_run as run
 from umig.data import digits_client_split, save_subset
 from umig.models import digits_cnn
 from umig.train import fedavg
 
 DIGITS = "sklearn:digits?split=train"
 ARCH = "umig.models:digits_cnn"
-
-
-def run(*args: str, store: Path | None = None):
-    """The CLI in-process; a crash (anything but a clean exit) fails the test with its traceback."""
-    argv = [*args, *(["--store", str(store)] if store is not None else [])]
-    res = CliRunner().invoke(app, argv)
-    if res.exception is not None and not isinstance(res.exception, SystemExit):
-        raise AssertionError(f"umig {' '.join(argv)} crashed") from res.exception
-    return res
 
 
 def assert_one_line_error(code: int, stderr: str, *needles: str) -> None:

@@ -25,12 +25,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from conftest import REPO, store_state
+from conftest import cli_run as cli
 from umig.api import Store
 from umig.cli import render as R
-from umig.cli.main import app
 from umig.ui import api as ui_api
 from umig.ui.server import STATIC, create_app, running
 from umig.verify import AVG_GAP_METRICS, METRICS, REFERENCE_METHOD, avg_gap
@@ -45,14 +44,6 @@ IMG = REPO / "docs" / "img"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 TICKET = "GDPR-2024-017"
-
-
-def cli(*args: str, store: Path):
-    """The CLI in-process (no torch import per call); a crash fails the test with its traceback."""
-    res = CliRunner().invoke(app, [*args, "--store", str(store)])
-    if res.exception is not None and not isinstance(res.exception, SystemExit):
-        raise AssertionError(f"umig {' '.join(args)} crashed") from res.exception
-    return res
 
 
 def verification_of(entry: dict) -> dict:

@@ -9,10 +9,10 @@ import json
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from umig.cli.main import app
 from conftest import store_state, umig_cli
+from conftest import cli_error_line as one_line_error
+from conftest import cli_run as run
 from umig.arch import ArchSpec
 from umig.data import resolve
 from umig.errors import UmigError, UnlearningError
@@ -29,21 +29,6 @@ DISCOVERY = ["fl/r1/c0", "fl/r1/c1", "fl/r1/c2"]
 INHERITED = ["fl/r1/global", "fl/r2/c0", "fl/r2/c1", "fl/r2/c2", "fl/r2/global"]
 AFFECTED = DISCOVERY + INHERITED
 ALL = ["fl/init", *AFFECTED]
-
-
-def run(*args: str, store=None):
-    argv = [*args, *(["--store", str(store)] if store is not None else [])]
-    res = CliRunner().invoke(app, argv)
-    if res.exception is not None and not isinstance(res.exception, SystemExit):
-        raise AssertionError(f"umig {' '.join(argv)} crashed") from res.exception
-    return res
-
-
-def one_line_error(res, *needles):
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert res.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error: "), res.stderr
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
 
 
 def states(store, names=ALL):

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from typer.testing import CliRunner
 
 from conftest import store_state
-from umig.cli.main import app
+from conftest import cli_error_line as one_line_error
+from conftest import cli_run as run
 from umig.errors import UnlearningError
 from umig.evaluate import confidence_threshold, edit_head, mia_efficacy
 from umig.forget import ForgetSet
@@ -26,22 +26,6 @@ from umig.verify import AVG_GAP_METRICS, METRICS, avg_gap, build_edited
 from umig.verify import verify as verify_operation
 
 DIGITS = "sklearn:digits?split=train"
-
-
-def run(*args: str, store: Path):
-    """The CLI in-process; a crash (anything but a clean exit) fails the test with its traceback."""
-    res = CliRunner().invoke(app, [*args, "--store", str(store)])
-    if res.exception is not None and not isinstance(res.exception, SystemExit):
-        raise AssertionError(f"umig {' '.join(args)} crashed") from res.exception
-    return res
-
-
-def one_line_error(res, *needles: str) -> None:
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert res.exit_code == 1, (res.exit_code, res.stdout, res.stderr)
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
 
 
 def blob_names(root: Path) -> set[str]:
