@@ -435,15 +435,15 @@ def purge(store: SqlStore, operation: str) -> dict[str, Any]:
             if digest in clean:
                 continue
             fim = store.fim(node, version)
+            if _holds_none(store, node, fim, forget, positions.get(node)):
+                clean[digest] = fim
+                unchanged.add(digest)
+                continue
             new = _clean_fim(store, node, version, fim, forget, positions.get(node), clean)
             if new is fim:
-                if _holds_none(store, node, fim, forget, positions.get(node)):
-                    clean[digest] = fim
-                    unchanged.add(digest)
-                else:
-                    kept += 1
-                continue
-            clean[digest] = new
+                kept += 1
+            else:
+                clean[digest] = new
         written = {d: None if f is None else store.put_tensors(f.to_tensors(), f.metadata())
                    for d, f in clean.items() if d not in unchanged}
         # The store's own (umig.Store.purge is this function).
@@ -465,10 +465,8 @@ def _holds_none(store: SqlStore, node: str, fim: FIM, forget: ForgetSet, positio
 
 def _clean_fim(store: SqlStore, node: str, version: int, fim: FIM, forget: ForgetSet,
                positions: np.ndarray | None, clean: Mapping[str, FIM | None]) -> FIM | None:
-    """``fim`` (the model FIM of ``node`` at ``version``) without the forgotten data (see :func:`purge`);
-    ``fim`` itself when nothing is to be taken out or it cannot be done."""
-    if _holds_none(store, node, fim, forget, positions):
-        return fim
+    """``fim`` (the model FIM of ``node`` at ``version``, which holds some of the forgotten data) without it
+    (see :func:`purge`); ``fim`` itself when that cannot be done."""
     if not forget.samples and fim.has_label_stats:
         return fim.without_labels(forget.labels)
     info = store.node(node)
