@@ -41,7 +41,7 @@ from torch import nn
 from umig import db as D
 from umig import graph as G
 from umig.arch import build_model
-from umig.blobs import BaseBlobStore, open_blobs
+from umig.blobs import BaseBlobStore, blobs_url, open_blobs
 from umig.data import Data, DataRef, verify
 from umig.delta import apply as apply_delta
 from umig.errors import GraphError, NotFoundError, UmigError
@@ -469,7 +469,7 @@ class SqlStore:
             if blobs is None and root is None:
                 raise UmigError(f"a store in {db.url} needs a blob location: pass --blobs s3://bucket/prefix "
                                 "(or a directory every machine shares)")
-            url = _blob_url(blobs, root)
+            url = blobs_url(blobs if blobs is not None else root / "blobs")
             store = cls(db, open_blobs(url), root)
             store.blobs.ensure()  # a bucket that cannot be written fails here, before any row exists
             store._migrate(blobs=None if blobs is None else url)
@@ -499,7 +499,9 @@ class SqlStore:
         try:
             row = db.execute("SELECT value FROM meta WHERE key='store.blobs'").fetchone() \
                 if db.has_table("meta") else None
-            store = cls(db, open_blobs(row[0] if row else _blob_url(None, root)), root)
+            if row is None and root is None:
+                raise UmigError(f"{db.url} records no blob location; it was not created by 'umig init'")
+            store = cls(db, open_blobs(row[0] if row else root / "blobs"), root)
             store._migrate()
             return store
         except BaseException:
@@ -1460,17 +1462,6 @@ def split_head(state: Mapping[str, torch.Tensor], head: str) -> tuple[dict[str, 
 # Every table, parents before children (foreign keys), for ``copy_to``.
 _COPY_TABLES = ("meta", "nodes", "edges", "versions", "operations", "operation_nodes", "operation_blobs",
                 "operation_references", "operation_labels", "operation_samples", "caught_up", "exports")
-
-
-def _blob_url(blobs: str | Path | None, root: Path | None) -> str:
-    """Where a store's blobs are: an ``s3://`` URL as given, a directory made absolute (default: the
-    store directory's ``blobs/``)."""
-    if blobs is None:
-        if root is None:
-            raise UmigError("this store records no blob location; it was not created by 'umig init'")
-        return str((root / "blobs").resolve())
-    text = str(blobs)
-    return text if "://" in text and not text.startswith("file://") else str(Path(text.removeprefix("file://")).resolve())
 
 
 def _split_sql(script: str) -> list[str]:
