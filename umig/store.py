@@ -1119,13 +1119,13 @@ class SqlStore:
     def live_fims(self, op_id: str) -> list[tuple[str, int, str]]:
         """``(node, version, FIM digest)`` of every version an operation made, or that came after one on
         the same node, that is not purged and has a model FIM: the FIMs ``purge`` may replace."""
-        rows = self._operation_nodes(op_id) + self._caught_up_rows(op_id)
-        out = []
-        for r in rows:
-            out += [(r["name"], int(v[0]), v[1]) for v in self.db.execute(
-                "SELECT version, fim FROM versions WHERE node=? AND version>=? AND purged=0 AND fim IS NOT NULL "
-                "ORDER BY version", (r["node"], r["version_after"]))]
-        return out
+        # In node insertion order: a node's parents come before it.
+        return [(name, int(version), fim) for name, version, fim in self.db.tuples(
+            "SELECT n.name, v.version, v.fim FROM versions v JOIN nodes n ON n.id=v.node "
+            "JOIN (SELECT node, version_after FROM operation_nodes WHERE operation=? "
+            "UNION ALL SELECT node, version_after FROM caught_up WHERE operation=?) o "
+            "ON o.node=v.node AND v.version>=o.version_after "
+            "WHERE v.purged=0 AND v.fim IS NOT NULL ORDER BY n.id, v.version", (op_id, op_id))]
 
     def purge(self, op_id: str, *, fims: Mapping[str, str | None] | None = None, fims_kept: int = 0) -> dict[str, Any]:
         """Irreversibly delete what an operation superseded: the previous versions' weights and FIMs,
@@ -1398,10 +1398,9 @@ class SqlStore:
         blobs are copied. Returns counts of blobs, bytes and rows."""
         if len(dst) or dst.db.execute("SELECT COUNT(*) FROM operations").fetchone()[0]:
             raise UmigError(f"cannot copy into {dst.url}: it is not empty")
-        tables = _COPY_TABLES
         with self.lock(), dst.transaction():
             digests = sorted(self._referenced())
-            copied = nbytes = 0
+            nbytes = 0
             for i, digest in enumerate(digests):
                 data = self.blobs.read_bytes(digest)  # verified against its digest
                 got, created = dst.blobs.put_bytes(data)
@@ -1409,26 +1408,25 @@ class SqlStore:
                     raise UmigError(f"blob {digest[:12]} read back as {got[:12]} while copying")
                 if created:
                     dst.adopt_blobs([digest])
-                copied += 1
                 nbytes += len(data)
                 if progress is not None:
                     progress(i + 1, len(digests))
             rows = 0
-            for table in tables:
+            for table in _COPY_TABLES:
                 cols = [c for c in self._columns(table) if c != "rowid"]
                 # rowid: SQLite's implicit one, the PostgreSQL schema's explicit one; the insertion order
                 # the store reads some tables in, kept by inserting in it.
                 data_rows = self.db.tuples(f"SELECT {', '.join(cols)} FROM {table} ORDER BY rowid")
                 if table == "meta":  # the destination keeps its own schema version and blob location
                     data_rows = [r for r in data_rows if r[0].startswith("config.")]
-                    dst.db.executemany("INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE "
-                                       "SET value=excluded.value", data_rows)
+                    for key, value in data_rows:
+                        dst._set_meta(key, value)
                 else:
                     dst.db.executemany(f"INSERT INTO {table}({', '.join(cols)}) VALUES({', '.join('?' * len(cols))})",
                                        data_rows)
                 rows += len(data_rows)
-            dst.db.reset_sequences(tables)
-        return {"blobs": copied, "bytes": nbytes, "rows": rows}
+            dst.db.reset_sequences(_COPY_TABLES)
+        return {"blobs": len(digests), "bytes": nbytes, "rows": rows}
 
     def _columns(self, table: str) -> list[str]:
         return [d[0] for d in self.db.execute(f"SELECT * FROM {table} LIMIT 0").description]
