@@ -199,13 +199,10 @@ class SQLiteDatabase(Database):
 
 
 # -------------------------------------------------------------- PostgreSQL
-_QMARK = re.compile(r"\?")
-
-
 def _pg_sql(sql: str) -> str:
     """``?`` placeholders -> ``%s`` (and a literal ``%`` doubled). No query of the store has a ``?``
     inside a string literal."""
-    return _QMARK.sub("%s", sql.replace("%", "%%"))
+    return sql.replace("%", "%%").replace("?", "%s")
 
 
 def _pg_schema(statement: str) -> str | None:
@@ -232,28 +229,24 @@ class PostgresDatabase(Database):
         self._psycopg = psycopg
         self.url = redact(url)
         dsn = url.replace("postgresql+psycopg://", "postgresql://", 1)
-        try:
-            self.conn = psycopg.connect(dsn, autocommit=True, row_factory=_pg_row_factory, connect_timeout=10)
-        except psycopg.OperationalError as e:
-            if not (create and "does not exist" in str(e)):
-                raise UmigError(f"cannot connect to {self.url}: {_first_line(e)}") from None
-            _create_database(psycopg, dsn, self.url)
-            try:
-                self.conn = psycopg.connect(dsn, autocommit=True, row_factory=_pg_row_factory, connect_timeout=10)
-            except psycopg.OperationalError as e2:
-                raise UmigError(f"cannot connect to {self.url}: {_first_line(e2)}") from None
-        self._sql: dict[str, str] = {}
-        self._locked = False
 
-    def _q(self, sql: str) -> str:
-        q = self._sql.get(sql)
-        if q is None:
-            q = self._sql[sql] = _pg_sql(sql)
-        return q
+        def connect() -> Any:
+            return psycopg.connect(dsn, autocommit=True, row_factory=_pg_row_factory, connect_timeout=10)
+
+        try:
+            try:
+                self.conn = connect()
+            except psycopg.OperationalError as e:
+                if not (create and "does not exist" in str(e)):
+                    raise
+                _create_database(psycopg, dsn, self.url)
+                self.conn = connect()
+        except psycopg.OperationalError as e:
+            raise UmigError(f"cannot connect to {self.url}: {_first_line(e)}") from None
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
         try:
-            return self.conn.execute(self._q(sql), tuple(params) or None)
+            return self.conn.execute(_pg_sql(sql), tuple(params) or None)
         except self._psycopg.OperationalError as e:
             raise UmigError(f"database {self.url}: {_first_line(e)}") from None
 
@@ -261,11 +254,11 @@ class PostgresDatabase(Database):
         rows = [tuple(r) for r in rows]
         if rows:
             with self.conn.cursor() as cur:
-                cur.executemany(self._q(sql), rows)
+                cur.executemany(_pg_sql(sql), rows)
 
     def tuples(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
         with self.conn.cursor(row_factory=self._psycopg.rows.tuple_row) as cur:
-            return cur.execute(self._q(sql), tuple(params) or None).fetchall()
+            return cur.execute(_pg_sql(sql), tuple(params) or None).fetchall()
 
     def begin(self) -> None:
         self.conn.execute("BEGIN")
