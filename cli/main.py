@@ -612,14 +612,9 @@ def store_copy(
     json_out: JsonOpt = False,
 ) -> None:
     """Copy a whole store to another backend (local <-> PostgreSQL/S3), every blob verified by digest."""
-    with open_store(src) as s:
-        d = Store.init(dst, blobs=blobs, exist_ok=True)
-        try:
-            with R.phase_progress(enabled=not json_out) as progress:
-                out = s.copy_to(d, progress=(lambda done, total: progress("blobs", done, total)) if progress else None)
-            out = {"source": s.url, "destination": d.url, "blobs_at": d.blobs.url, **out}
-        finally:
-            d.close()
+    with open_store(src) as s, R.phase_progress(enabled=not json_out) as progress:
+        out = s.copy_into(dst, blobs=blobs,
+                          progress=(lambda done, total: progress("blobs", done, total)) if progress else None)
     R.emit(out, as_json=json_out,
            human=lambda o: f"copied {o['rows']} rows and {o['blobs']} blobs ({o['bytes'] / 1e6:.1f} MB) "
                            f"from {o['source']} to [bold]{o['destination']}[/]")

@@ -299,6 +299,11 @@ def test_corrupted_blob_fails_naming_the_node(copy, tmp_path):
     assert store_state(copy) == before
     # Other nodes are unaffected.
     assert run("export", "c0", "-o", str(tmp_path / "c0.safetensors"), store=copy).exit_code == 0
+    # Copying the store fails on the corrupted blob and leaves no new (empty) store behind.
+    dst, before = tmp_path / "copied", store_state(copy)
+    res = run("store", "copy", str(copy), str(dst))
+    assert_one_line_error(res.exit_code, res.stderr, "corrupted")
+    assert not dst.exists() and store_state(copy) == before
 
 
 def test_remove_recursive_and_link(copy, lineage):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -1427,6 +1428,24 @@ class SqlStore:
                 rows += len(data_rows)
             dst.db.reset_sequences(_COPY_TABLES)
         return {"blobs": len(digests), "bytes": nbytes, "rows": rows}
+
+    def copy_into(self, location: str | Path, *, blobs: str | Path | None = None,
+                  progress: Any = None) -> dict[str, Any]:
+        """:meth:`copy_to` a store created at ``location`` (or an empty one already there; ``blobs`` as for
+        :meth:`init`). A new local directory is removed again when the copy fails, so a failure leaves
+        the destination as it was. Returns :meth:`copy_to`'s counts and the destination's URLs."""
+        fresh = None if D.is_database_url(location) or Path(location).exists() else Path(location)
+        try:
+            dst = type(self).init(location, blobs=blobs, exist_ok=True)
+            try:
+                out = self.copy_to(dst, progress=progress)
+                return {"source": self.url, "destination": dst.url, "blobs_at": dst.blobs.url, **out}
+            finally:
+                dst.close()
+        except BaseException:
+            if fresh is not None:
+                shutil.rmtree(fresh, ignore_errors=True)
+            raise
 
     def _columns(self, table: str) -> list[str]:
         return [d[0] for d in self.db.execute(f"SELECT * FROM {table} LIMIT 0").description]
