@@ -93,6 +93,12 @@ class BaseBlobStore(ABC):
     def _sync(self, key: str) -> None:
         """Make the names written under ``key`` durable."""
 
+    @contextlib.contextmanager
+    def grouped(self) -> Iterator[None]:
+        """Deferred writes made inside go to the writers together at the end (:class:`_Buffering`); a
+        store without deferred writes has nothing to group."""
+        yield
+
     @abstractmethod
     def read_bytes(self, digest: str, *, owner: str | None = None) -> bytes:
         """Read a blob and verify its hash. ``owner`` names the node in error messages."""
@@ -628,6 +634,7 @@ class _Buffering(BaseBlobStore):
     per blob), and returns the blobs that were created. Reads see pending blobs. Whoever
     commits metadata naming a deferred blob must :meth:`flush` first: that keeps "metadata
     only after durable blobs" true while thousands of tiny head blobs share each journal commit.
+    Inside :meth:`grouped`, the blobs put are handed to one writer as one task when the block ends.
     """
 
     def __init__(self, *args: Any, threads: int = 4, max_pending_bytes: int = 256 << 20,
@@ -644,6 +651,7 @@ class _Buffering(BaseBlobStore):
         self._created: list[tuple[Any, str]] = []
         self._error: BaseException | None = None
         self._lock = threading.Lock()
+        self._groups = threading.local()  # per thread: grouped() depth and the writes it holds
 
     def put_deferred(self, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None,
                      tag: Any = None) -> str:
@@ -659,18 +667,55 @@ class _Buffering(BaseBlobStore):
             if digest in self._data:
                 return digest
         # Whether it is stored already is checked by the writer thread (the write is then skipped).
-        if self._pool is None:
-            self._pool = _writer_pool(self.threads)
         with self._lock:
             self._data[digest] = data
-        fut = self._pool.submit(self._write_deferred, digest, data)
-        self._queue.append((fut, digest, tag, len(data)))
-        self._pending_bytes += len(data)
-        while self._queue and (len(self._queue) > self.max_pending or self._pending_bytes > self.max_pending_bytes):
-            self._settle_one()
+        held = getattr(self._groups, "items", None)
+        if held is not None:
+            held.append((digest, data, tag))
+        else:
+            self._submit([(digest, data, tag)])
         return digest
 
-    def _write_deferred(self, digest: str, data: bytes) -> tuple[str, bool]:
+    @contextlib.contextmanager
+    def grouped(self) -> Iterator[None]:
+        """Hold this thread's deferred writes until the block ends, then hand them to one writer as one
+        task (also when the block raises: a flush then reports them for clean-up). A recorded node's body,
+        head and FIM blobs wake one writer once, after the node's rows are written, instead of three writers
+        that take turns with the recording thread for the interpreter mid-record. Nested blocks join the outer."""
+        if getattr(self._groups, "items", None) is not None or self.threads < 1:
+            yield
+            return
+        self._groups.items = []
+        try:
+            yield
+        finally:
+            items, self._groups.items = self._groups.items, None
+            if items:
+                self._submit(items)
+
+    def _submit(self, items: list[tuple[str, bytes, Any]]) -> None:
+        """Queue one writer task for ``items`` (digest, bytes, tag); settle the oldest while over the limits."""
+        if self._pool is None:
+            self._pool = _writer_pool(self.threads)
+        fut = self._pool.submit(self._write_group, [(d, data) for d, data, _ in items])
+        for digest, data, tag in items:
+            self._queue.append((fut, digest, tag, len(data)))
+            self._pending_bytes += len(data)
+        while self._queue and (len(self._queue) > self.max_pending or self._pending_bytes > self.max_pending_bytes):
+            self._settle_one()
+
+    def _write_group(self, items: list[tuple[str, bytes]]) -> dict[str, bool | BaseException]:
+        """:meth:`_write_deferred` for each item; a failed write is returned as its exception (the others
+        are still written, so that a flush can report every blob created)."""
+        out: dict[str, bool | BaseException] = {}
+        for digest, data in items:
+            try:
+                out[digest] = self._write_deferred(digest, data)
+            except Exception as e:  # noqa: BLE001 - raised for its digest by _settle_one
+                out[digest] = e
+        return out
+
+    def _write_deferred(self, digest: str, data: bytes) -> bool:
         """The store's write without its per-blob sync (done once per key by :meth:`flush`)."""
         created = self._write(digest, data)
         if created:
@@ -678,7 +723,7 @@ class _Buffering(BaseBlobStore):
             if key is not None:
                 with self._lock:
                     self._unsynced.add(key)
-        return digest, created
+        return created
 
     def _sync_written(self) -> None:
         with self._lock:
@@ -694,7 +739,9 @@ class _Buffering(BaseBlobStore):
     def _settle_one(self) -> None:
         fut, digest, tag, size = self._queue.popleft()
         try:
-            _, created = fut.result()
+            created = fut.result()[digest]
+            if isinstance(created, BaseException):
+                raise created
             if created:
                 self._created.append((tag, digest))
         except BaseException as e:  # noqa: BLE001 - reported by flush, after every write has finished

@@ -816,7 +816,8 @@ class SqlStore:
                  "data_ref": json.dumps(data_ref) if data_ref else None,
                  "label_counts": json.dumps({str(k): v for k, v in sorted(label_counts.items())}),
                  "meta": json.dumps(dict(meta or {}), default=str), "recipe": json.dumps(recipe) if recipe else None}
-        with self.transaction():
+        # grouped: the node's blobs go to one writer together once its rows are written (umig.blobs._Buffering.grouped).
+        with self.transaction(), self.blobs.grouped():
             # One query for the name check and every parent's id and live version (recorders add
             # thousands of nodes: each round trip counts against the training loop).
             known = {r[0]: (r[1], r[2]) for r in self.db.execute(
