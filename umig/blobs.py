@@ -634,14 +634,17 @@ class _Buffering(BaseBlobStore):
     per blob), and returns the blobs that were created. Reads see pending blobs. Whoever
     commits metadata naming a deferred blob must :meth:`flush` first: that keeps "metadata
     only after durable blobs" true while thousands of tiny head blobs share each journal commit.
-    Inside :meth:`grouped`, the blobs put are handed to one writer as one task when the block ends.
+    Inside :meth:`grouped`, the blobs put are handed to one writer as one task when the block ends, which
+    also syncs their directories.
     """
 
     def __init__(self, *args: Any, threads: int = 4, max_pending_bytes: int = 256 << 20,
                  max_pending: int = 1024, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.threads = threads
-        self._unsynced: set[str] = set()  # sync keys (directories) whose new entries still need a sync
+        # Sync keys (directories) whose new entries still need a sync -> the tick of the latest such entry.
+        self._unsynced: dict[str, int] = {}
+        self._tick = 0
         self.max_pending_bytes = max_pending_bytes
         self.max_pending = max_pending
         self._pool: ThreadPoolExecutor | None = None
@@ -705,14 +708,34 @@ class _Buffering(BaseBlobStore):
             self._settle_one()
 
     def _write_group(self, items: list[tuple[str, bytes]]) -> dict[str, bool | BaseException]:
-        """:meth:`_write_deferred` for each item; a failed write is returned as its exception (the others
-        are still written, so that a flush can report every blob created)."""
+        """:meth:`_write_deferred` for each item, then the sync of what they left to sync; a failed write is
+        returned as its exception (the others are still written, so that a flush can report every blob
+        created). The group's syncs run here, on the writer, while the caller goes on (a recorder: training
+        the next model), so the flush that ends the transaction has only the last group's and the
+        ungrouped writes' left to do; a key written again since is left to the flush."""
         out: dict[str, bool | BaseException] = {}
+        keys = []
         for digest, data in items:
             try:
-                out[digest] = self._write_deferred(digest, data)
+                out[digest] = created = self._write_deferred(digest, data)
             except Exception as e:  # noqa: BLE001 - raised for its digest by _settle_one
                 out[digest] = e
+                continue
+            key = self._sync_key(digest) if created else None
+            if key is not None and key not in keys:
+                keys.append(key)
+        for key in keys:
+            with self._lock:
+                tick = self._unsynced.get(key)
+            if tick is None:  # a flush took it
+                continue
+            try:
+                self._sync(key)
+            except OSError:  # the flush syncs it again and reports the error
+                continue
+            with self._lock:
+                if self._unsynced.get(key) == tick:
+                    del self._unsynced[key]
         return out
 
     def _write_deferred(self, digest: str, data: bytes) -> bool:
@@ -722,12 +745,13 @@ class _Buffering(BaseBlobStore):
             key = self._sync_key(digest)
             if key is not None:
                 with self._lock:
-                    self._unsynced.add(key)
+                    self._tick += 1
+                    self._unsynced[key] = self._tick
         return created
 
     def _sync_written(self) -> None:
         with self._lock:
-            keys, self._unsynced = sorted(self._unsynced), set()
+            keys, self._unsynced = sorted(self._unsynced), {}
         if not keys:
             return
         if self._pool is None or len(keys) == 1:
