@@ -143,6 +143,66 @@ def test_blobs_deferred_writes_are_readable_at_once_and_stored_by_flush(blob_sto
     assert blob_store.put_deferred({"x": torch.arange(1.0)}, {"i": "0"}) == digests[0] and blob_store.flush() == []
 
 
+def test_blobs_grouped_writes_wait_for_the_block_then_go_as_one_task(blob_store):
+    with blob_store.grouped():
+        digests = [blob_store.put_deferred({"x": torch.arange(i + 1.0)}, tag=i) for i in range(3)]
+        with blob_store.grouped():  # nested: joins the outer group
+            digests.append(blob_store.put_deferred({"x": torch.arange(9.0)}, tag=3))
+        assert not blob_store._queue  # nothing handed to a writer yet...
+        assert torch.equal(blob_store.load(digests[1])["x"], torch.arange(2.0))  # ...but readable
+    assert len({id(fut) for fut, *_ in blob_store._queue}) == 1 and len(blob_store._queue) == 4
+    blob_store._queue[0][0].result()
+    assert not blob_store._unsynced  # the group synced its directories itself, before the flush
+    assert sorted(blob_store.flush()) == sorted(enumerate(digests))
+    assert open_blobs(blob_store.url).all_digests() >= set(digests)
+
+
+def test_blobs_grouped_write_error_surfaces_at_flush_with_the_others_written(tmp_path):
+    b = BufferedBlobStore(tmp_path / "blobs")
+    b.ensure()
+    real = b._write
+
+    def failing(digest, data):
+        if data == bad:
+            raise OSError("disk full")
+        return real(digest, data)
+
+    bad = serialise({"x": torch.ones(2)})
+    b._write = failing  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError), b.grouped():  # an error inside the block still hands its writes over
+        good = [b.put_deferred({"x": torch.zeros(2)}), b.put_deferred({"x": torch.ones(2)}),
+                b.put_deferred({"x": torch.full((2,), 2.0)})]
+        raise RuntimeError("insert failed")
+    with pytest.raises(OSError, match="disk full") as err:
+        b.flush()
+    assert sorted(err.value.created_blobs) == sorted([good[0], good[2]])
+    assert BlobStore(tmp_path / "blobs").all_digests() == {good[0], good[2]}
+    b.close()
+
+
+def test_blobs_group_leaves_a_directory_written_again_meanwhile_to_the_flush(tmp_path):
+    b = BufferedBlobStore(tmp_path / "blobs")
+    b.ensure()
+    synced, real_sync = [], b._sync
+
+    def sync(key):  # another writer renames a blob into the same directory while the group syncs it
+        with b._lock:
+            b._tick += 1
+            b._unsynced[key] = b._tick
+        synced.append(key)
+        real_sync(key)
+
+    b._sync = sync  # type: ignore[method-assign]
+    with b.grouped():
+        d = b.put_deferred({"x": torch.ones(3)})
+    b._queue[0][0].result()
+    key = b._sync_key(d)
+    assert synced == [key] and key in b._unsynced  # not counted as synced: the flush syncs it
+    b._sync = real_sync  # type: ignore[method-assign]
+    assert [x for _, x in b.flush()] == [d] and not b._unsynced
+    b.close()
+
+
 def test_blobs_remove_what_interrupted_writes_left(blob_store):
     blob_store.put_tensors({"kept": torch.ones(2)})
     left = leave_partial(blob_store)

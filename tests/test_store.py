@@ -243,6 +243,23 @@ def test_failed_batch_rolls_back_rows_and_blobs(small):
     assert not small.has_node("b1")
 
 
+def test_config_read_inside_a_batch_follows_its_changes_and_its_rollback(small):
+    with small.batch():
+        assert small.fisher_settings()["temperature"] == 1.0  # read once here, then served from memory
+        small.set_config("fisher.temperature", 2.0)
+        assert small.fisher_settings()["temperature"] == 2.0
+        small.config()["fisher.kind"] = "true"  # a caller's copy: not the store's
+        assert small.fisher_settings()["kind"] == "empirical"
+    with pytest.raises(RuntimeError, match="undo"):
+        with small.batch():
+            small.set_config("fisher.temperature", 3.0)
+            assert small.config()["fisher.temperature"] == "3.0"
+            raise RuntimeError("undo")
+    assert small.config()["fisher.temperature"] == "2.0"
+    with small.batch():
+        assert small.config()["fisher.temperature"] == "2.0"
+
+
 def test_remove_inside_a_rolled_back_batch_keeps_the_blobs(small):
     small.add_node("b", digits_cnn(), CNN, parents=["a"])
     before = store_state(small)

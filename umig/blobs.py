@@ -93,6 +93,12 @@ class BaseBlobStore(ABC):
     def _sync(self, key: str) -> None:
         """Make the names written under ``key`` durable."""
 
+    @contextlib.contextmanager
+    def grouped(self) -> Iterator[None]:
+        """Deferred writes made inside go to the writers together at the end (:class:`_Buffering`); a
+        store without deferred writes has nothing to group."""
+        yield
+
     @abstractmethod
     def read_bytes(self, digest: str, *, owner: str | None = None) -> bytes:
         """Read a blob and verify its hash. ``owner`` names the node in error messages."""
@@ -628,13 +634,17 @@ class _Buffering(BaseBlobStore):
     per blob), and returns the blobs that were created. Reads see pending blobs. Whoever
     commits metadata naming a deferred blob must :meth:`flush` first: that keeps "metadata
     only after durable blobs" true while thousands of tiny head blobs share each journal commit.
+    Inside :meth:`grouped`, the blobs put are handed to one writer as one task when the block ends, which
+    also syncs their directories.
     """
 
     def __init__(self, *args: Any, threads: int = 4, max_pending_bytes: int = 256 << 20,
                  max_pending: int = 1024, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.threads = threads
-        self._unsynced: set[str] = set()  # sync keys (directories) whose new entries still need a sync
+        # Sync keys (directories) whose new entries still need a sync -> the tick of the latest such entry.
+        self._unsynced: dict[str, int] = {}
+        self._tick = 0
         self.max_pending_bytes = max_pending_bytes
         self.max_pending = max_pending
         self._pool: ThreadPoolExecutor | None = None
@@ -644,6 +654,7 @@ class _Buffering(BaseBlobStore):
         self._created: list[tuple[Any, str]] = []
         self._error: BaseException | None = None
         self._lock = threading.Lock()
+        self._groups = threading.local()  # per thread: grouped() depth and the writes it holds
 
     def put_deferred(self, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None,
                      tag: Any = None) -> str:
@@ -659,30 +670,88 @@ class _Buffering(BaseBlobStore):
             if digest in self._data:
                 return digest
         # Whether it is stored already is checked by the writer thread (the write is then skipped).
-        if self._pool is None:
-            self._pool = _writer_pool(self.threads)
         with self._lock:
             self._data[digest] = data
-        fut = self._pool.submit(self._write_deferred, digest, data)
-        self._queue.append((fut, digest, tag, len(data)))
-        self._pending_bytes += len(data)
-        while self._queue and (len(self._queue) > self.max_pending or self._pending_bytes > self.max_pending_bytes):
-            self._settle_one()
+        held = getattr(self._groups, "items", None)
+        if held is not None:
+            held.append((digest, data, tag))
+        else:
+            self._submit([(digest, data, tag)])
         return digest
 
-    def _write_deferred(self, digest: str, data: bytes) -> tuple[str, bool]:
+    @contextlib.contextmanager
+    def grouped(self) -> Iterator[None]:
+        """Hold this thread's deferred writes until the block ends, then hand them to one writer as one
+        task (also when the block raises: a flush then reports them for clean-up). A recorded node's body,
+        head and FIM blobs wake one writer once, after the node's rows are written, instead of three writers
+        that take turns with the recording thread for the interpreter mid-record. Nested blocks join the outer."""
+        if getattr(self._groups, "items", None) is not None or self.threads < 1:
+            yield
+            return
+        self._groups.items = []
+        try:
+            yield
+        finally:
+            items, self._groups.items = self._groups.items, None
+            if items:
+                self._submit(items)
+
+    def _submit(self, items: list[tuple[str, bytes, Any]]) -> None:
+        """Queue one writer task for ``items`` (digest, bytes, tag); settle the oldest while over the limits."""
+        if self._pool is None:
+            self._pool = _writer_pool(self.threads)
+        fut = self._pool.submit(self._write_group, [(d, data) for d, data, _ in items])
+        for digest, data, tag in items:
+            self._queue.append((fut, digest, tag, len(data)))
+            self._pending_bytes += len(data)
+        while self._queue and (len(self._queue) > self.max_pending or self._pending_bytes > self.max_pending_bytes):
+            self._settle_one()
+
+    def _write_group(self, items: list[tuple[str, bytes]]) -> dict[str, bool | BaseException]:
+        """:meth:`_write_deferred` for each item, then the sync of what they left to sync; a failed write is
+        returned as its exception (the others are still written, so that a flush can report every blob
+        created). The group's syncs run here, on the writer, while the caller goes on (a recorder: training
+        the next model), so the flush that ends the transaction has only the last group's and the
+        ungrouped writes' left to do; a key written again since is left to the flush."""
+        out: dict[str, bool | BaseException] = {}
+        keys = []
+        for digest, data in items:
+            try:
+                out[digest] = created = self._write_deferred(digest, data)
+            except Exception as e:  # noqa: BLE001 - raised for its digest by _settle_one
+                out[digest] = e
+                continue
+            key = self._sync_key(digest) if created else None
+            if key is not None and key not in keys:
+                keys.append(key)
+        for key in keys:
+            with self._lock:
+                tick = self._unsynced.get(key)
+            if tick is None:  # a flush took it
+                continue
+            try:
+                self._sync(key)
+            except OSError:  # the flush syncs it again and reports the error
+                continue
+            with self._lock:
+                if self._unsynced.get(key) == tick:
+                    del self._unsynced[key]
+        return out
+
+    def _write_deferred(self, digest: str, data: bytes) -> bool:
         """The store's write without its per-blob sync (done once per key by :meth:`flush`)."""
         created = self._write(digest, data)
         if created:
             key = self._sync_key(digest)
             if key is not None:
                 with self._lock:
-                    self._unsynced.add(key)
-        return digest, created
+                    self._tick += 1
+                    self._unsynced[key] = self._tick
+        return created
 
     def _sync_written(self) -> None:
         with self._lock:
-            keys, self._unsynced = sorted(self._unsynced), set()
+            keys, self._unsynced = sorted(self._unsynced), {}
         if not keys:
             return
         if self._pool is None or len(keys) == 1:
@@ -694,7 +763,9 @@ class _Buffering(BaseBlobStore):
     def _settle_one(self) -> None:
         fut, digest, tag, size = self._queue.popleft()
         try:
-            _, created = fut.result()
+            created = fut.result()[digest]
+            if isinstance(created, BaseException):
+                raise created
             if created:
                 self._created.append((tag, digest))
         except BaseException as e:  # noqa: BLE001 - reported by flush, after every write has finished

@@ -589,7 +589,13 @@ def _weights_token(model: nn.Module) -> tuple[Any, Tensor | None]:
     storage and in-place version counter, plus the float64 sum of the floating ones per device (which also
     sees writes through ``.data``, whose version counter is separate). One reduction per device: a sum
     per tensor would be a dozen small ops per record on a small model."""
-    tensors = [*model.parameters(), *model.buffers()]
+    # Every parameter and buffer once, in one walk over the modules (parameters() and buffers() walk twice).
+    tensors, seen = [], set()
+    for mod in model.modules():
+        for t in (*mod._parameters.values(), *mod._buffers.values()):
+            if t is not None and id(t) not in seen:
+                seen.add(id(t))
+                tensors.append(t)
     ids = tuple((id(t), t.data_ptr(), t._version, t.device) for t in tensors)
     by_device: dict[torch.device, list[Tensor]] = {}
     with torch.no_grad():

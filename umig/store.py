@@ -425,6 +425,9 @@ class SqlStore:
         self._txn = _Txn()
         self._locked = False
         self._fims: dict[str, FIM] = {}  # digest -> parsed model FIM, most recently used last
+        # The config as read inside the current transaction (under the write lock no one else changes it;
+        # _set_meta and the transaction's end drop it): a recorder reads the Fisher settings for every node.
+        self._config: dict[str, str] | None = None
         self.lock_timeout = float(os.environ.get("UMIG_LOCK_TIMEOUT", "60"))
         # The version of each node this object last handed out (state_dict, load_model, export):
         # ``add_node`` takes a parent named without a version to be derived from it (see ``ingest``).
@@ -548,6 +551,7 @@ class SqlStore:
                 self._set_meta("store.blobs", blobs)
 
     def _set_meta(self, key: str, value: str) -> None:
+        self._config = None
         self.db.execute("INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
                         (key, value))
 
@@ -608,6 +612,7 @@ class SqlStore:
             finally:
                 self._txn = _Txn()
                 self._fims.clear()
+                self._config = None
 
     batch = transaction  # user-facing name: record many nodes in one transaction
 
@@ -817,7 +822,8 @@ class SqlStore:
                  "data_ref": json.dumps(data_ref) if data_ref else None,
                  "label_counts": json.dumps({str(k): v for k, v in sorted(label_counts.items())}),
                  "meta": json.dumps(dict(meta or {}), default=str), "recipe": json.dumps(recipe) if recipe else None}
-        with self.transaction():
+        # grouped: the node's blobs go to one writer together once its rows are written (umig.blobs._Buffering.grouped).
+        with self.transaction(), self.blobs.grouped():
             # One query for the name check and every parent's id and live version (recorders add
             # thousands of nodes: each round trip counts against the training loop).
             known = {r[0]: (r[1], r[2]) for r in self.db.execute(
@@ -830,8 +836,9 @@ class SqlStore:
             body_d = self.put_tensors(body, {"part": "body"})
             head_d = self.put_tensors(head_tensors, {"part": "head"})
             fim_d = self.put_tensors(fim.to_tensors(), fim.metadata()) if fim else None
-            if fim_d is not None:  # as fim() would read it back (the children's aggregate averages it)
-                self._remember_fim(fim_d, FIM.from_tensors(fim.to_tensors(), fim.metadata()))
+            if fim_d is not None:  # the children's aggregate averages it; a FIM is read-only and its
+                # tensors already the CPU float32 ones fim() would read back
+                self._remember_fim(fim_d, fim if type(fim) is FIM else FIM.from_tensors(fim.to_tensors(), fim.metadata()))
             now = time.time()
             cur = self.db.execute(
                 "INSERT INTO nodes(name, arch, head, classes, input_shape, data_ref, data_fingerprint, data_size, "
@@ -861,10 +868,17 @@ class SqlStore:
         return {"kind": cfg.get("fisher.kind", "empirical"), "temperature": float(cfg.get("fisher.temperature", 1.0))}
 
     def config(self) -> dict[str, str]:
-        return {
+        """The store's settings (``umig config``), without their ``config.`` prefix."""
+        if self._config is not None and self._txn.depth:
+            return dict(self._config)
+        cfg = {
             r[0][len("config.") :]: r[1]
             for r in self.db.execute("SELECT key, value FROM meta WHERE key LIKE 'config.%'")
         }
+        if self._txn.depth:
+            self._config = cfg
+            return dict(cfg)
+        return cfg
 
     def set_config(self, key: str, value: Any) -> None:
         with self.transaction():
