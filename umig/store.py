@@ -998,7 +998,9 @@ class SqlStore:
                  counts, recipe, framework) in self.db.tuples(
                 "SELECT n.name, n.version, n.arch, n.head, n.classes, v.body, v.head, v.delta, v.fim, n.data_ref, "
                 "n.data_fingerprint, n.data_size, n.label_counts, n.recipe, n.framework FROM nodes n "
-                "JOIN versions v ON v.node=n.id AND v.version=n.version" + where.format("n"), part):
+                # +n.id: nodes drive the join (each current version found by its key), not a scan of every
+                # version ever recorded, which grows with each operation and revert.
+                "JOIN versions v ON v.node=+n.id AND v.version=n.version" + where.format("n"), part):
                 if name not in parents:
                     continue
                 out[name] = NodeSnapshot(  # name, version, arch, head, classes, body/head/delta/fim blobs,
@@ -1042,7 +1044,9 @@ class SqlStore:
                     for sset in samples]
             now = time.time()
             ids = dict(self.db.execute("SELECT name, id FROM nodes").fetchall())
-            latest = dict(self.db.execute("SELECT node, MAX(version) FROM versions GROUP BY node").fetchall())
+            # Per node, one look-up of its highest version in the versions key (not a scan of all versions).
+            latest = dict(self.db.execute(
+                "SELECT n.id, (SELECT MAX(v.version) FROM versions v WHERE v.node=n.id) FROM nodes n").fetchall())
             after = {v.node: latest[ids[v.node]] + 1 for v in versions}
             self.db.execute(
                 "INSERT INTO operations(id, created, labels, forget, method, params, plan, result, wall_s, state, "
