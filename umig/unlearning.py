@@ -136,11 +136,13 @@ def _holdings(store: SqlStore, fs: ForgetSet, g: Any) -> tuple[dict[str, np.ndar
     labels = set(fs.labels)
     # Labels alone need no data reference parsed: only which nodes have data.
     refs = store.data_refs() if datasets else dict.fromkeys(store.data_nodes(), (None, None))
+    attrs = g._node  # node -> attributes, without networkx's view per look-up
     for name, (ref_json, _fp) in refs.items():
-        if name not in g:
+        node = attrs.get(name)
+        if node is None:
             continue
-        size = int(g.nodes[name].get("data_size", 0))
-        by_label = sum(c for lab, c in g.nodes[name].get("label_counts", {}).items() if lab in labels)
+        size = int(node.get("data_size", 0))
+        by_label = sum(c for lab, c in node.get("label_counts", {}).items() if lab in labels)
         ref = DataRef.from_json(ref_json) if datasets else None
         if ref is not None and source_fingerprint(ref.source) in datasets:
             base, pos = source_positions(ref)
@@ -194,8 +196,9 @@ def _build_job(store: SqlStore, forget: ForgetSet, params: Mapping[str, Any], po
     # a long lineage, whose nodes share most of their ancestors).
     names = set(plan.affected)
     stack = list(names)
+    pred = g._pred  # networkx's adjacency dict: its views cost more than this walk
     while stack:
-        for p in g.predecessors(stack.pop()):
+        for p in pred[stack.pop()]:
             if p not in names:
                 names.add(p)
                 stack.append(p)
