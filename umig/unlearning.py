@@ -137,12 +137,14 @@ def _holdings(store: SqlStore, fs: ForgetSet, g: Any) -> tuple[dict[str, np.ndar
     # Labels alone need no data reference parsed: only which nodes have data.
     refs = store.data_refs() if datasets else dict.fromkeys(store.data_nodes(), (None, None))
     attrs = g._node  # node -> attributes, without networkx's view per look-up
+    empty: dict[int, int] = {}
     for name, (ref_json, _fp) in refs.items():
         node = attrs.get(name)
         if node is None:
             continue
         size = int(node.get("data_size", 0))
-        by_label = sum(c for lab, c in node.get("label_counts", {}).items() if lab in labels)
+        label_counts = node.get("label_counts", empty)
+        by_label = sum(label_counts.get(lab, 0) for lab in labels) if labels else 0  # a few labels, not every count
         ref = DataRef.from_json(ref_json) if datasets else None
         if ref is not None and source_fingerprint(ref.source) in datasets:
             base, pos = source_positions(ref)
