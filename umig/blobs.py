@@ -212,6 +212,7 @@ class BlobStore(BaseBlobStore):
         # Plain strings on the hot path (pathlib costs more than the read of a small head).
         self._root_s = os.fspath(self.root)
         self._tmp_s = os.fspath(self.tmp)
+        self._url: str | None = None
         self._dirs: set[str] = set()  # blob directories (and tmp) known to exist: no mkdir per write
         # Temp names unique without a random draw per write: this store's random prefix, the process, a counter.
         self._tmp_names = (f"{uuid.uuid4().hex[:12]}-%d-%d", itertools.count())
@@ -219,7 +220,11 @@ class BlobStore(BaseBlobStore):
     @property
     def url(self) -> str:  # type: ignore[override]
         """The absolute directory: a worker on this machine (or one that mounts it there) opens it from this."""
-        return str(self.root.resolve())
+        if not self.root.is_absolute():  # follows the working directory, as the store's own paths do
+            return str(self.root.resolve())
+        if self._url is None:  # a system call per path component: once per store, not once per request
+            self._url = str(self.root.resolve())
+        return self._url
 
     def ensure(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)

@@ -346,6 +346,20 @@ def _idle_cores() -> float:
     return max(0.0, _cores() - others)
 
 
+_SIZES: dict[str, int] = {}  # blob digest -> bytes: content-addressed, so one digest has one size
+
+
+def _blob_size(blobs: Any, digest: str) -> int:
+    """A blob's size for the thread policy, asked of the store once per digest (a stat, or an S3 round trip)."""
+    size = _SIZES.get(digest)
+    if size is None:
+        size = blobs.size(digest)
+        if len(_SIZES) >= 1 << 16:
+            _SIZES.clear()
+        _SIZES[digest] = size
+    return size
+
+
 def intra_op_threads(tasks: Sequence[Any], blobs: Any, device: torch.device | str = "cpu") -> tuple[int | None, str]:
     """The torch threads in-process CPU work on ``tasks`` should use, and why (None: leave torch as it is).
 
@@ -375,7 +389,7 @@ def intra_op_threads(tasks: Sequence[Any], blobs: Any, device: torch.device | st
         if snap is None:
             continue
         try:
-            size = sum(blobs.size(d) for d in (snap.body_blob, snap.head_blob, snap.delta_blob) if d)
+            size = sum(_blob_size(blobs, d) for d in (snap.body_blob, snap.head_blob, snap.delta_blob) if d)
         except (OSError, NotFoundError):  # a missing blob: the task itself will say so
             continue
         biggest = max(biggest, size)
