@@ -38,6 +38,21 @@ def seen_labels(g: nx.DiGraph) -> set[int]:
     return out
 
 
+def _unseen(g: nx.DiGraph, labels: Iterable[int]) -> set[int]:
+    """The labels no node was trained on; stops at the first nodes that hold them all (usually the roots).
+
+    >>> _unseen(nx.DiGraph([("a", "b")]), [1]), _unseen(nx.DiGraph(), [])
+    ({1}, set())
+    """
+    missing = set(labels)
+    for _, own in g.nodes(data="labels"):
+        if not missing:
+            break
+        if own:
+            missing.difference_update(own)
+    return missing
+
+
 def bfs_order(g: nx.DiGraph) -> list[str]:
     """Breadth-first order from the roots (in-degree 0), each node after all of its parents.
 
@@ -197,7 +212,7 @@ def plan(
     holders = [n for n in holders]
     if not forget and not holders:
         raise UnlearningError("the forget set is empty: no labels, samples or clients were given")
-    unseen = sorted(set(forget) - seen_labels(g))
+    unseen = sorted(_unseen(g, forget))
     if unseen:
         raise UnlearningError(
             f"label(s) {','.join(map(str, unseen))} were never in any node's training data"

@@ -144,7 +144,9 @@ def _holdings(store: SqlStore, fs: ForgetSet, g: Any) -> tuple[dict[str, np.ndar
             continue
         size = int(node.get("data_size", 0))
         label_counts = node.get("label_counts", empty)
-        by_label = sum(label_counts.get(lab, 0) for lab in labels) if labels else 0  # a few labels, not every count
+        by_label = 0
+        for lab in labels:  # a few labels, not every count the node holds
+            by_label += label_counts.get(lab, 0)
         ref = DataRef.from_json(ref_json) if datasets else None
         if ref is not None and source_fingerprint(ref.source) in datasets:
             base, pos = source_positions(ref)
@@ -225,11 +227,12 @@ def plan_unlearning(store: SqlStore, forget: Forget = (), *, clients: Sequence[s
     with _no_cycle_collection():
         job = _build_job(store, fs, resolved, policy, from_nodes, 0)
         m.check(job)
+        discovery = set(job.plan.discovery)  # Plan.role's rule, without a call per node
         return UnlearnResult(
             operation=None, labels=job.labels, method=method, params=resolved, plan=job.plan,
             phases=m.describe_phases(job), nodes=[
-                NodeOutcome(n, job.plan.role(n), job.nodes[n].version, job.nodes[n].version, 0.0)
-                for n in job.plan.affected
+                NodeOutcome(n, "discovery" if n in discovery else "inherited", v, v, 0.0)
+                for n, v in ((n, job.nodes[n].version) for n in job.plan.affected)
             ], wall_s=0.0, eval_s=0.0, backend={}, dry_run=True, request=req,
         )
 
