@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import random
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load as st_load
@@ -18,6 +19,7 @@ from umig.blobs import (
     blobs_url,
     open_blobs,
     serialise,
+    serialise_arrays,
 )
 from umig.errors import IntegrityError, NotFoundError
 
@@ -241,3 +243,37 @@ def test_buffered_stores_share_one_writer_pool(tmp_path):
     dc = b.put_deferred({"x": torch.full((2,), 3.0)})
     assert [d for _, d in b.flush()] == [dc] and BlobStore(tmp_path / "b").exists(dc)
     b.close()
+
+
+def test_array_writer_matches_the_tensor_writer():
+    rng = random.Random(1)
+    numeric = [d for d in DTYPES if d != torch.bool] + [torch.bool]
+    for _ in range(500):
+        tensors = {}
+        for _ in range(rng.randint(1, 5)):
+            shape = tuple(rng.randint(0, 4) for _ in range(rng.randint(0, 3)))
+            tensors[rng.choice(["a", "fc.weight", "fc.bias", "é", "_"]) + str(rng.randint(0, 3))] = (
+                torch.rand(shape) * 10).to(rng.choice(numeric))
+        meta = rng.choice([None, {}, {"part": "head"}])
+        assert serialise_arrays({k: v.numpy() for k, v in tensors.items()}, meta) == serialise(tensors, meta)
+    a = torch.arange(12, dtype=torch.float32).reshape(3, 4).numpy()
+    assert serialise_arrays({"t": a.T}) == serialise({"t": torch.from_numpy(a.T.copy())})  # not contiguous
+    assert serialise_arrays({"c": np.zeros(2, dtype=np.complex64)}) is None  # serialise judges the rest
+    assert serialise_arrays({"a": a}, {"k": 1}) is None  # type: ignore[dict-item]
+
+
+def test_load_arrays_reads_views_over_checked_bytes(blob_store):
+    blobs = blob_store
+    tensors = {"weight": torch.randn(3, 4), "bias": torch.randn(3), "classes": torch.arange(3),
+               "half": torch.ones(2, dtype=torch.bfloat16)}
+    digest, _ = blobs.put_tensors(tensors, {"kind": "empirical"})
+    got, meta = blobs.load_arrays(digest, ("weight", "bias", "classes", "missing"))
+    assert set(got) == {"weight", "bias", "classes"} and meta == {"kind": "empirical"}
+    assert all(np.array_equal(got[k], tensors[k].numpy()) and got[k].dtype == tensors[k].numpy().dtype for k in got)
+    assert not got["weight"].flags.writeable  # views over the blob's bytes
+    assert blobs.load_arrays(digest) is None  # a bfloat16 tensor: numpy has no such dtype
+    raw = bytearray(blobs.read_bytes(digest))
+    raw[-1] ^= 0xFF
+    overwrite(blobs, digest, bytes(raw))
+    with pytest.raises(IntegrityError, match="corrupted"):
+        blobs.load_arrays(digest, ("weight",))

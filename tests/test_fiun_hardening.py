@@ -8,15 +8,20 @@ on ``fl_store`` (3 clients x 2 rounds FedAvg on digits) with held-out digits.
 
 from __future__ import annotations
 
+import hashlib
+from types import SimpleNamespace
+
 import torch
 
 from umig.arch import build_model
+from umig.blobs import serialise
 from umig.data import Data, resolve
 from umig.evaluate import edit_head, unlearning_accuracy
+from umig.execution import WorkerEnv
 from umig.fisher import FIM
 from umig.lineage import retrain_reference
 from umig.store import SqlStore
-from umig.unlearners.fiun import erase_rows
+from umig.unlearners.fiun import erase_rows, update_task
 
 FORGET = (1, 2)
 HELDOUT = "sklearn:digits?split=test"
@@ -108,3 +113,31 @@ def test_erase_edge_cases():
     assert none_b is None and torch.equal(no_bias_w[[0, 2]], w[[0, 2]])
     half_w, half_b, _ = erase_rows(w.half(), b.half(), fim, (1,))
     assert half_w.dtype == torch.float16 and half_b.dtype == torch.float16
+
+
+def test_update_task_writes_the_head_erase_rows_gives(tmp_path):
+    """The update task's array path (float32 head and FIM in the node's class order) and the tensor path
+    it leaves everything else to write the blob that erase_rows' tensors serialise to."""
+    env = WorkerEnv(str(tmp_path / "blobs"))
+    env.blobs.ensure()
+    classes, d = (3, 0, 7, 1, 9), 6
+    g = torch.Generator().manual_seed(2)
+    fim = _fim(classes, d, 3)
+    reordered = FIM(fim.weight[[1, 0, 2, 3, 4]], fim.bias[[1, 0, 2, 3, 4]], (0, 3, 7, 1, 9), 100)
+    params = {"gamma": 1.0, "tau": 1.0, "eta": 0.1, "eps": 1e-12, "mode": "erase"}
+    cases = [(dtype, bias, stored, forget) for dtype in (torch.float32, torch.float16, torch.float64)
+             for bias in (True, False) for stored in (fim, reordered) for forget in ((7, 9), (8,), classes)]
+    for dtype, bias, stored, forget in cases:
+        head = {"fc.weight": torch.randn(len(classes), d, generator=g).to(dtype)}
+        if bias:
+            head["fc.bias"] = torch.randn(len(classes), generator=g).to(dtype)
+        snap = SimpleNamespace(name="n", head="fc", classes=classes,
+                               head_blob=env.blobs.put_tensors(head)[0],
+                               fim_blob=env.blobs.put_tensors(stored.to_tensors(), stored.metadata())[0])
+        got = update_task({"snap": snap, "labels": forget, "params": params}, env)
+        w, b, stats = erase_rows(head["fc.weight"], head.get("fc.bias"), stored.aligned(classes), forget)
+        want = hashlib.sha256(serialise({"fc.weight": w} if b is None else {"fc.weight": w, "fc.bias": b},
+                                        {"part": "head"})).hexdigest()
+        assert got.head_blob == want and got.metrics == stats, (dtype, bias, stored.classes, forget)
+    env.blobs.flush()
+    assert sum(1 for _ in (tmp_path / "blobs").glob("??/*.safetensors")) > len(cases)

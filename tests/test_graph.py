@@ -245,3 +245,29 @@ def test_plan_scales_to_large_fl_lineage():
     assert len(p.affected) == g.number_of_nodes() - 81  # all but init and round 0's other 80 clients
     assert len(p.groups) == 21
     assert elapsed < 10, elapsed
+
+
+def test_planning_walks_agree_with_ancestor_searches_on_random_dags():
+    """bfs_order, discovery_nodes and upstream_discovery (one pass over networkx's adjacency dicts) against
+    their definitions by ancestor search, on random DAGs with shared and diamond-shaped ancestry."""
+    import random
+
+    rng = random.Random(7)
+    for _ in range(60):
+        n = rng.randint(1, 25)
+        g = nx.DiGraph()
+        g.add_nodes_from((f"n{i}", {"labels": frozenset(rng.sample(range(5), rng.randint(0, 2)))}) for i in range(n))
+        g.add_edges_from((f"n{i}", f"n{j}") for j in range(n) for i in range(j) if rng.random() < 0.15)
+        order = G.bfs_order(g)
+        assert sorted(order) == sorted(g) and all(order.index(p) < order.index(c) for p, c in g.edges)
+        forget = {rng.randint(0, 4)}
+        holds = {v for v in g if g.nodes[v]["labels"] & forget}
+        for policy in G.POLICIES:
+            found = G.discovery_nodes(g, forget, policy, order)
+            want = [v for v in order if v in holds and (policy == "all" or not (nx.ancestors(g, v) & holds))]
+            assert found == want
+            up = G.upstream_discovery(g, found, order)
+            for v in g:
+                traced = (nx.ancestors(g, v) | {v}) & set(found)
+                assert up.get(v, frozenset()) == traced
+            assert len({id(s) for s in up.values()}) == len(set(up.values()))  # equal sets are one object

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 
 import pytest
@@ -394,3 +395,17 @@ def test_gc_removes_half_written_temp_files(fl_store):
     assert fl_store.gc() >= 100
     assert not part.exists()
     assert fl_store.blobs.all_digests() == before  # every referenced blob survives
+
+
+def test_snapshots_are_the_dataclass_they_claim_to_be(tmp_path):
+    import pickle
+
+    from umig.store import NodeSnapshot, _snapshot
+
+    values = ("a", 1, {"k": 1}, "fc", (0, 1), "b", "h", None, "f", None, None, 0, frozenset({1}), None, "torch", ())
+    snap = _snapshot(*values)
+    assert snap == NodeSnapshot(*values) and pickle.loads(pickle.dumps(snap)) == snap
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        snap.version = 2  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        _snapshot(*values[:-1])

@@ -331,3 +331,16 @@ def test_forgetting_labels_with_stored_statistics_runs_no_forward_pass(fl_store,
     monkeypatch.setattr(fiun, "head_fisher", no_pass)
     res = fl_store.unlearn([3], evaluate=False)
     assert res.nodes and all(n.version_after == n.version_before + 1 for n in res.nodes)
+
+
+def test_versions_after_a_revert_are_numbered_above_every_recorded_one(fl_store):
+    """A new operation's versions come after the reverted ones (kept for re-application), and snapshots
+    read each node's current version, whichever versions the store holds."""
+    first = fl_store.unlearn([3], method="fiun", evaluate=False)
+    fl_store.revert(first.operation)
+    before = fl_store.snapshots([n.name for n in first.nodes])
+    assert all(s.version == 0 for s in before.values())
+    second = fl_store.unlearn([4], method="fiun", evaluate=False)
+    assert all(n.version_before == 0 and n.version_after == 2 for n in second.nodes)
+    after = fl_store.snapshots([n.name for n in second.nodes])
+    assert all(s.version == 2 and s.head_blob != before[s.name].head_blob for s in after.values())

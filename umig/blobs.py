@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -50,6 +51,22 @@ def _fsync_dir(path: str | Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+_READ = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+
+
+def _read_all(fd: int) -> bytes:
+    """The whole file: its size, then one read (a file object's read() makes twice the system calls)."""
+    size = os.fstat(fd).st_size
+    data = os.read(fd, size) if size else b""
+    if len(data) < size:  # a short read (a huge file, a signal): read on until the end
+        chunks = [data]
+        while chunk := os.read(fd, max(size - sum(map(len, chunks)), 1 << 20)):
+            chunks.append(chunk)
+        data = b"".join(chunks)
+    return data
 
 
 def _where(owner: str | None) -> str:
@@ -171,6 +188,27 @@ class BaseBlobStore(ABC):
         return out, dict(header.get("__metadata__") or {})
 
 
+    def load_arrays(self, digest: str, keys: Iterable[str] | None = None, *, owner: str | None = None
+                    ) -> tuple[dict[str, np.ndarray], dict[str, str]] | None:
+        """The tensors named ``keys`` (default all; those the blob has) as read-only numpy arrays over the
+        hash-verified bytes, and the metadata: no tensor is made (on a 10x64 head, making and freeing them
+        costs more than the update). None when one of them has a dtype numpy lacks (load it as tensors)."""
+        data = self.read_bytes(digest, owner=owner)
+        start, header, meta = _parse_header(data)
+        out: dict[str, np.ndarray] = {}
+        for key in (header if keys is None else keys):
+            spec = header.get(key)
+            if spec is None:
+                continue
+            dtype = _NUMPY.get(spec["dtype"])
+            if dtype is None:
+                return None
+            begin, end = spec["data_offsets"]
+            out[key] = np.frombuffer(data, dtype=dtype, count=(end - begin) // dtype.itemsize,
+                                     offset=start + begin).reshape(spec["shape"])
+        return out, dict(meta)
+
+
 class BlobStore(BaseBlobStore):
     """A directory of immutable safetensors blobs keyed by sha256."""
 
@@ -180,11 +218,19 @@ class BlobStore(BaseBlobStore):
         # Plain strings on the hot path (pathlib costs more than the read of a small head).
         self._root_s = os.fspath(self.root)
         self._tmp_s = os.fspath(self.tmp)
+        self._url: str | None = None
+        self._dirs: set[str] = set()  # blob directories (and tmp) known to exist: no mkdir per write
+        # Temp names unique without a random draw per write: this store's random prefix, the process, a counter.
+        self._tmp_names = (f"{uuid.uuid4().hex[:12]}-%d-%d", itertools.count())
 
     @property
     def url(self) -> str:  # type: ignore[override]
         """The absolute directory: a worker on this machine (or one that mounts it there) opens it from this."""
-        return str(self.root.resolve())
+        if not self.root.is_absolute():  # follows the working directory, as the store's own paths do
+            return str(self.root.resolve())
+        if self._url is None:  # a system call per path component: once per store, not once per request
+            self._url = str(self.root.resolve())
+        return self._url
 
     def ensure(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -213,14 +259,30 @@ class BlobStore(BaseBlobStore):
         final = self._file(digest)
         if os.path.exists(final):
             return False
-        self._makedirs(os.path.dirname(final))
-        self._makedirs(self._tmp_s)
-        tmp = f"{self._tmp_s}/{digest}.{uuid.uuid4().hex}.part"
+        folder = final[: final.rindex("/")]
+        if folder not in self._dirs:
+            self._makedirs(folder)
+            self._makedirs(self._tmp_s)
+            self._dirs.add(folder)
+        name, count = self._tmp_names
+        tmp = f"{self._tmp_s}/{digest}.{name % (os.getpid(), next(count))}.part"
         try:
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())  # the content is durable before the blob gets its name
+            try:
+                fd = os.open(tmp, _CREATE, 0o666)
+            except FileNotFoundError:  # the tmp directory went away since this store made it
+                self._dirs.clear()
+                self._makedirs(self._tmp_s)
+                self._makedirs(folder)
+                fd = os.open(tmp, _CREATE, 0o666)
+            # Plain system calls: each one lets another thread take the interpreter, and a file object
+            # makes twice as many as the write needs.
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)  # the content is durable before the blob gets its name
+            finally:
+                os.close(fd)
             # os.replace is atomic; two workers writing the same content race harmlessly.
             os.replace(tmp, final)
         except BaseException:
@@ -238,10 +300,13 @@ class BlobStore(BaseBlobStore):
     def read_bytes(self, digest: str, *, owner: str | None = None) -> bytes:
         path = self._file(digest)
         try:
-            with open(path, "rb") as fh:
-                data = fh.read()
+            fd = os.open(path, _READ)
         except FileNotFoundError:
             raise _missing(digest, owner, path) from None
+        try:
+            data = _read_all(fd)
+        finally:
+            os.close(fd)
         actual = hashlib.sha256(data).hexdigest()
         if actual != digest:
             raise _corrupted(digest, actual, owner, path)
@@ -331,16 +396,21 @@ def _serialise_direct(cpu: dict[str, torch.Tensor], metadata: dict[str, str] | N
             ptrs.add(ptr)
         items.append((spec[0], name, spec[1], t))
     items.sort(key=lambda it: (it[0], it[1]))
-    chunks = [t.numpy().tobytes() if t.numel() else b"" for _, _, _, t in items]
+    return _canonical([(name, code, tuple(t.shape), t.numpy().tobytes() if t.numel() else b"")
+                       for _, name, code, t in items], metadata)
+
+
+def _canonical(items: list[tuple[str, str, tuple[int, ...], bytes]], metadata: dict[str, str] | None) -> bytes:
+    """Length, header and data of ``(name, dtype code, shape, raw bytes)`` items already in safetensors' order."""
     # The header depends only on names, dtypes, shapes and metadata: thousands of heads share one.
-    key = (tuple((name, code, tuple(t.shape)) for _, name, code, t in items),
+    key = (tuple((name, code, shape) for name, code, shape, _ in items),
            None if metadata is None else tuple(sorted(metadata.items())))
     prefix = _HEADERS.get(key)
     if prefix is None:
         header: dict[str, object] = {} if metadata is None else {"__metadata__": metadata}
         offset = 0
-        for (_, name, code, t), raw in zip(items, chunks):
-            header[name] = {"dtype": code, "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        for name, code, shape, raw in items:
+            header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + len(raw)]}
             offset += len(raw)
         text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
         text += b" " * (-len(text) % 8)
@@ -348,10 +418,55 @@ def _serialise_direct(cpu: dict[str, torch.Tensor], metadata: dict[str, str] | N
         if len(_HEADERS) >= 4096:
             _HEADERS.clear()
         _HEADERS[key] = prefix
-    return b"".join([prefix, *chunks])
+    return b"".join([prefix, *(raw for *_, raw in items)])
 
 
 _HEADERS: dict[tuple, bytes] = {}  # (tensor names/dtypes/shapes, metadata) -> length + header bytes
+# numpy dtype -> (safetensors' order, code) for the arrays serialise_arrays writes directly.
+_ARRAY_DTYPES = {_NUMPY[code]: (order, code) for order, code in _DTYPES.values()}
+
+
+def serialise_arrays(arrays: Mapping[str, np.ndarray], metadata: dict[str, str] | None = None) -> bytes | None:
+    """:func:`serialise` of numpy arrays (the same bytes as of the tensors they would become), without
+    making tensors of them; None for what :func:`serialise` must judge (another dtype, metadata that is
+    not str -> str, a big-endian machine), to be passed to it as tensors instead.
+
+    >>> a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    >>> serialise_arrays({"w": a, "b": a[0]}, {"part": "head"}) == serialise({"w": torch.from_numpy(a),
+    ...     "b": torch.from_numpy(a[0].copy())}, {"part": "head"})
+    True
+    """
+    if sys.byteorder != "little":
+        return None
+    if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        return None
+    items = []
+    for name, a in arrays.items():
+        spec = _ARRAY_DTYPES.get(a.dtype)
+        if spec is None or not isinstance(name, str):
+            return None
+        items.append((spec[0], name, spec[1], a))
+    items.sort(key=lambda it: (it[0], it[1]))
+    return _canonical([(name, code, a.shape, a.tobytes()) for _, name, code, a in items], metadata)
+
+
+_PARSED: dict[bytes, tuple[dict[str, Any], dict[str, str]]] = {}  # header bytes -> (tensor specs, metadata)
+
+
+def _parse_header(data: bytes) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """Where the data starts, the tensor specs and the metadata of safetensors bytes; a lineage's heads
+    share one header, parsed once."""
+    (n,) = struct.unpack_from("<Q", data)
+    text = data[8 : 8 + n]
+    parsed = _PARSED.get(text)
+    if parsed is None:
+        header = json.loads(text)
+        meta = dict(header.pop("__metadata__", None) or {})
+        parsed = (header, meta)
+        if len(_PARSED) >= 4096:
+            _PARSED.clear()
+        _PARSED[text] = parsed
+    return 8 + n, parsed[0], parsed[1]
 
 
 def _serialise_safetensors(cpu: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
@@ -659,7 +774,10 @@ class _Buffering(BaseBlobStore):
     def put_deferred(self, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None,
                      tag: Any = None) -> str:
         """Queue a blob write; return its digest now. ``tag`` comes back with it from :meth:`flush`."""
-        data = serialise(dict(tensors), metadata)
+        return self.put_serialised(serialise(dict(tensors), metadata), tag)
+
+    def put_serialised(self, data: bytes, tag: Any = None) -> str:
+        """:meth:`put_deferred` of bytes :func:`serialise` (or :func:`serialise_arrays`) made."""
         if self.threads < 1:
             digest, created = self.put_bytes(data)
             if created:

@@ -53,12 +53,13 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from umig.arch import build_model
 from umig.blobs import blobs_url as canonical_blobs_url
-from umig.blobs import open_blobs
+from umig.blobs import open_blobs, serialise_arrays
 from umig.data import Data, DataRef, verify
 from umig.errors import NotFoundError, UmigError, UnlearningError
 from umig.store import NodeSnapshot, load_state
@@ -157,6 +158,13 @@ class WorkerEnv:
     def put(self, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
         """Write a blob; durable before the task's result is handed back (see :func:`run_tasks`)."""
         return self.blobs.put_deferred(dict(tensors), metadata, tag=self.tag)
+
+    def put_arrays(self, arrays: Mapping[str, np.ndarray], metadata: dict[str, str] | None = None) -> str:
+        """:meth:`put` of numpy arrays (the same blob as of the tensors they would become)."""
+        data = serialise_arrays(arrays, metadata)
+        if data is None:
+            return self.put({k: torch.from_numpy(np.ascontiguousarray(a)) for k, a in arrays.items()}, metadata)
+        return self.blobs.put_serialised(data, tag=self.tag)
 
     def head_tensors(self, snap: Any) -> dict[str, torch.Tensor]:
         """Only the head blob: a head-only update never reads the rest of the checkpoint."""
@@ -338,6 +346,20 @@ def _idle_cores() -> float:
     return max(0.0, _cores() - others)
 
 
+_SIZES: dict[str, int] = {}  # blob digest -> bytes: content-addressed, so one digest has one size
+
+
+def _blob_size(blobs: Any, digest: str) -> int:
+    """A blob's size for the thread policy, asked of the store once per digest (a stat, or an S3 round trip)."""
+    size = _SIZES.get(digest)
+    if size is None:
+        size = blobs.size(digest)
+        if len(_SIZES) >= 1 << 16:
+            _SIZES.clear()
+        _SIZES[digest] = size
+    return size
+
+
 def intra_op_threads(tasks: Sequence[Any], blobs: Any, device: torch.device | str = "cpu") -> tuple[int | None, str]:
     """The torch threads in-process CPU work on ``tasks`` should use, and why (None: leave torch as it is).
 
@@ -367,7 +389,7 @@ def intra_op_threads(tasks: Sequence[Any], blobs: Any, device: torch.device | st
         if snap is None:
             continue
         try:
-            size = sum(blobs.size(d) for d in (snap.body_blob, snap.head_blob, snap.delta_blob) if d)
+            size = sum(_blob_size(blobs, d) for d in (snap.body_blob, snap.head_blob, snap.delta_blob) if d)
         except (OSError, NotFoundError):  # a missing blob: the task itself will say so
             continue
         biggest = max(biggest, size)

@@ -136,11 +136,17 @@ def _holdings(store: SqlStore, fs: ForgetSet, g: Any) -> tuple[dict[str, np.ndar
     labels = set(fs.labels)
     # Labels alone need no data reference parsed: only which nodes have data.
     refs = store.data_refs() if datasets else dict.fromkeys(store.data_nodes(), (None, None))
+    attrs = g._node  # node -> attributes, without networkx's view per look-up
+    empty: dict[int, int] = {}
     for name, (ref_json, _fp) in refs.items():
-        if name not in g:
+        node = attrs.get(name)
+        if node is None:
             continue
-        size = int(g.nodes[name].get("data_size", 0))
-        by_label = sum(c for lab, c in g.nodes[name].get("label_counts", {}).items() if lab in labels)
+        size = int(node.get("data_size", 0))
+        label_counts = node.get("label_counts", empty)
+        by_label = 0
+        for lab in labels:  # a few labels, not every count the node holds
+            by_label += label_counts.get(lab, 0)
         ref = DataRef.from_json(ref_json) if datasets else None
         if ref is not None and source_fingerprint(ref.source) in datasets:
             base, pos = source_positions(ref)
@@ -194,8 +200,9 @@ def _build_job(store: SqlStore, forget: ForgetSet, params: Mapping[str, Any], po
     # a long lineage, whose nodes share most of their ancestors).
     names = set(plan.affected)
     stack = list(names)
+    pred = g._pred  # networkx's adjacency dict: its views cost more than this walk
     while stack:
-        for p in g.predecessors(stack.pop()):
+        for p in pred[stack.pop()]:
             if p not in names:
                 names.add(p)
                 stack.append(p)
@@ -220,11 +227,12 @@ def plan_unlearning(store: SqlStore, forget: Forget = (), *, clients: Sequence[s
     with _no_cycle_collection():
         job = _build_job(store, fs, resolved, policy, from_nodes, 0)
         m.check(job)
+        discovery = set(job.plan.discovery)  # Plan.role's rule, without a call per node
         return UnlearnResult(
             operation=None, labels=job.labels, method=method, params=resolved, plan=job.plan,
             phases=m.describe_phases(job), nodes=[
-                NodeOutcome(n, job.plan.role(n), job.nodes[n].version, job.nodes[n].version, 0.0)
-                for n in job.plan.affected
+                NodeOutcome(n, "discovery" if n in discovery else "inherited", v, v, 0.0)
+                for n, v in ((n, job.nodes[n].version) for n in job.plan.affected)
             ], wall_s=0.0, eval_s=0.0, backend={}, dry_run=True, request=req,
         )
 

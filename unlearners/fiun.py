@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from umig.errors import UnlearningError
-from umig.fisher import FIM, FisherShapeError, head_fisher, merge_max
+from umig.fisher import FIM, KINDS, FisherShapeError, head_fisher, merge_max
 from umig.unlearner import Job, NodeResult, Param, Task, Unlearner
 
 MODES = ("erase", "rows", "paper")
@@ -129,54 +129,69 @@ def erase_rows(
     mean bias and wins where all retained logits are negative; ``-v`` built from the forgotten
     labels' own statistics would give them back when negated.
     """
-    fs = {int(c) for c in forget}
-    rows = np.array([c in fs for c in model_fim.classes], dtype=bool)
-    keep = ~rows
-    n_rows = int(rows.sum())
-    stats = {"params_changed": n_rows * (weight.shape[1] + (1 if bias is not None else 0)),
-             "params_total": weight.numel() + (bias.numel() if bias is not None else 0)}
-    if n_rows == 0:
+    rows = _forget_rows(model_fim.classes, forget)
+    stats = _erase_stats(rows, weight.shape[1], weight.numel(), bias.numel() if bias is not None else None)
+    if not rows.any():
         return weight.detach().clone(), (bias.detach().clone() if bias is not None else None), stats
     # One float32-or-wider CPU copy, then numpy: on a 10x64 head torch's per-op dispatch costs ~5x the math.
     # (Half precision would lose the norm match; the result is cast back to the head's dtype and device.)
     dt = torch.promote_types(weight.dtype, torch.float32)
     w, b = _numpy_copy(weight, dt), (_numpy_copy(bias, dt) if bias is not None else None)
+    _erase_in_place(w, b, rows, model_fim.weight.numpy(),
+                    model_fim.bias.numpy() if model_fim.bias is not None else None)
+    out_w = torch.from_numpy(w).to(device=weight.device, dtype=weight.dtype)
+    out_b = torch.from_numpy(b).to(device=bias.device, dtype=bias.dtype) if bias is not None else None
+    return out_w, out_b, stats
+
+
+def _forget_rows(classes: Sequence[int], forget: Sequence[int]) -> np.ndarray:
+    fs = {int(c) for c in forget}
+    return np.array([c in fs for c in classes], dtype=bool)
+
+
+def _erase_stats(rows: np.ndarray, width: int, n_weight: int, n_bias: int | None) -> dict[str, Any]:
+    n_rows = int(rows.sum())
+    return {"params_changed": n_rows * (width + (1 if n_bias is not None else 0)),
+            "params_total": n_weight + (n_bias or 0)}
+
+
+def _erase_in_place(w: np.ndarray, b: np.ndarray | None, rows: np.ndarray, fim_w: np.ndarray,
+                    fim_b: np.ndarray | None) -> None:
+    """:func:`erase_rows`' arithmetic on writable copies ``w``/``b`` of the head (``rows``: the forgotten
+    ones, at least one), given the model FIM's weight and bias as float32 arrays aligned to the rows."""
+    keep = ~rows
     if not keep.any():
         # Every label forgotten: no retained row to build from; an all-zero head carries nothing.
         w[:] = 0
         if b is not None:
             b[:] = 0
+        return
+    # The reductions spelt out (the same float operations as kept.mean(0), np.linalg.norm(...).mean()
+    # and np.linalg.norm(v)): numpy's wrappers cost more than the arithmetic on a 10x64 head.
+    kept = w[keep]
+    n_kept = kept.shape[0]
+    mean_row = kept.sum(0) / n_kept
+    target = np.sqrt((kept * kept).sum(1)).sum() / n_kept
+    v = np.sqrt(np.maximum(fim_w[keep].sum(0), 0)).astype(w.dtype)
+    v_norm = np.sqrt(v @ v)
+    if v_norm > 0:
+        v /= v_norm
+        c = mean_row @ v
+        # Positive root of |mean_row - lam v|^2 = target^2; target >= |mean_row| (triangle inequality).
+        lam = c + np.sqrt(c * c + max(target * target - mean_row @ mean_row, 0))
+        w[rows] = mean_row - lam * v
     else:
-        # The reductions spelt out (the same float operations as kept.mean(0), np.linalg.norm(...).mean()
-        # and np.linalg.norm(v)): numpy's wrappers cost more than the arithmetic on a 10x64 head.
-        kept = w[keep]
-        n_kept = kept.shape[0]
-        mean_row = kept.sum(0) / n_kept
-        target = np.sqrt((kept * kept).sum(1)).sum() / n_kept
-        fim_w = model_fim.weight.numpy()
-        v = np.sqrt(np.maximum(fim_w[keep].sum(0), 0)).astype(w.dtype)
-        v_norm = np.sqrt(v @ v)
-        if v_norm > 0:
-            v /= v_norm
-            c = mean_row @ v
-            # Positive root of |mean_row - lam v|^2 = target^2; target >= |mean_row| (triangle inequality).
-            lam = c + np.sqrt(c * c + max(target * target - mean_row @ mean_row, 0))
-            w[rows] = mean_row - lam * v
-        else:
-            w[rows] = mean_row  # no feature statistics: the retained mean row is still label-free
-        if b is not None:
-            # Bias below every retained row's reachable logit (as in ``rows`` mode), so the unlearned model
-            # itself never predicts the label; it depends only on retained rows and the feature scale.
-            w_abs = np.abs(w).sum(1)
-            feat = 1.0  # |h| estimate as _feature_scale, from the retained rows only
-            if model_fim.bias is not None:
-                ratio = fim_w[keep] / (model_fim.bias.numpy()[keep, None] + np.float32(1e-12))
-                feat = float(np.sqrt(max(ratio.max(), 0)))
-            margin = (w_abs[rows].max() + w_abs[keep].max()) * feat
-            b[rows] = b[keep].min() - margin - 1.0
-    out_w = torch.from_numpy(w).to(device=weight.device, dtype=weight.dtype)
-    out_b = torch.from_numpy(b).to(device=bias.device, dtype=bias.dtype) if bias is not None else None
-    return out_w, out_b, stats
+        w[rows] = mean_row  # no feature statistics: the retained mean row is still label-free
+    if b is not None:
+        # Bias below every retained row's reachable logit (as in ``rows`` mode), so the unlearned model
+        # itself never predicts the label; it depends only on retained rows and the feature scale.
+        w_abs = np.abs(w).sum(1)
+        feat = 1.0  # |h| estimate as _feature_scale, from the retained rows only
+        if fim_b is not None:
+            ratio = fim_w[keep] / (fim_b[keep, None] + np.float32(1e-12))
+            feat = float(np.sqrt(max(ratio.max(), 0)))
+        margin = (w_abs[rows].max() + w_abs[keep].max()) * feat
+        b[rows] = b[keep].min() - margin - 1.0
 
 
 def _numpy_copy(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
@@ -330,6 +345,11 @@ def update_task(payload: dict[str, Any], env: Any) -> NodeResult:
     ``erase`` reads only the node's head and model FIM: its update does not use the merged FIM."""
     t0 = time.perf_counter()
     snap, p = payload["snap"], payload["params"]
+    if p["mode"] == "erase":
+        done = _erase_arrays(snap, payload["labels"], env)
+        if done is not None:
+            digest, stats = done
+            return NodeResult(node=snap.name, head_blob=digest, metrics=stats, seconds=time.perf_counter() - t0)
     model_fim = _load_fim(env, snap.fim_blob, snap.name, stats=False)
     merged = None
     if p["mode"] != "erase":
@@ -344,3 +364,49 @@ def update_task(payload: dict[str, Any], env: Any) -> NodeResult:
         new_head[bkey] = b
     digest = env.put(new_head, {"part": "head"})
     return NodeResult(node=snap.name, head_blob=digest, metrics=stats, seconds=time.perf_counter() - t0)
+
+
+_F32 = np.dtype(np.float32)
+_I64 = np.dtype(np.int64)
+
+
+def _erase_arrays(snap: Any, labels: Sequence[int], env: Any) -> tuple[str, dict[str, Any]] | None:
+    """``erase`` on numpy arrays over the node's head and model-FIM blobs: the same reads, arithmetic
+    (:func:`_erase_in_place`) and blob as the tensor path, without the dozen tensors it makes and frees per
+    node (most of a 10x64 head's update). None, with nothing written, for anything but a float32 head and FIM
+    whose rows are the node's classes and which :class:`~umig.fisher.FIM` accepts as it is: the tensor
+    path then runs (and says what is wrong)."""
+    fim = env.blobs.load_arrays(snap.fim_blob, _FIM_KEYS, owner=snap.name)
+    if fim is None:
+        return None
+    (f, meta), classes = fim, snap.classes
+    fw, fb, fc = f.get("weight"), f.get("bias"), f.get("classes")
+    if (fw is None or fc is None or fw.dtype != _F32 or fc.dtype != _I64 or fw.ndim != 2
+            or fw.shape[0] != len(classes) or (fb is not None and (fb.dtype != _F32 or fb.shape != (len(classes),)))
+            or fc.reshape(-1).tolist() != list(classes) or len(set(classes)) != len(classes)
+            or not _plain_fim_metadata(meta)):
+        return None
+    head = env.blobs.load_arrays(snap.head_blob, owner=snap.name)
+    if head is None:
+        return None
+    wkey, bkey = f"{snap.head}.weight", f"{snap.head}.bias"
+    w, b = head[0].get(wkey), head[0].get(bkey)
+    if (w is None or w.dtype != _F32 or w.ndim != 2 or w.shape[0] != len(classes)
+            or (b is not None and (b.dtype != _F32 or b.shape != (len(classes),)))):
+        return None
+    rows = _forget_rows(classes, labels)
+    stats = _erase_stats(rows, w.shape[1], w.size, b.size if b is not None else None)
+    w, b = w.copy(), (b.copy() if b is not None else None)
+    if rows.any():
+        _erase_in_place(w, b, rows, fw, fb)
+    digest = env.put_arrays({wkey: w} if b is None else {wkey: w, bkey: b}, {"part": "head"})
+    return digest, stats
+
+
+def _plain_fim_metadata(meta: Mapping[str, str]) -> bool:
+    """Whether :meth:`FIM.from_tensors` takes this metadata without complaint."""
+    try:
+        return (int(meta.get("samples", "0")) >= 0 and float(meta.get("temperature", "1.0")) > 0
+                and meta.get("kind", "empirical") in KINDS)
+    except ValueError:
+        return False
