@@ -6,8 +6,10 @@ same durability as umig:
 
 1. one query for the nodes' current head and model-FIM digests;
 2. per node: read its head blob and its model-FIM blob (whole files, no hash check), parse them;
-3. one element-wise pass: ``umig.unlearners.fiun.erase_rows``, the very function FIUn calls, so
-   the floor's new heads are bit for bit FIUn's (``Floor.run`` returns their digests to compare);
+3. one element-wise pass on numpy views of the blobs: ``umig.unlearners.fiun._erase_in_place``, the
+   arithmetic FIUn's ``erase`` runs (its tensor path ``erase_rows`` too), so the floor's new heads are bit
+   for bit FIUn's (``Floor.run`` returns their digests to compare) at the least cost umig has found
+   for that pass (no tensors made per node);
 4. write each new head as a content-addressed safetensors blob: temp file, write, fsync,
    rename, then one fsync per blob directory (the fsyncs overlap on a few threads, as umig's);
 5. one metadata commit (``BEGIN IMMEDIATE`` ... ``COMMIT``, WAL, ``synchronous=FULL``) of a row
@@ -30,14 +32,12 @@ import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import SimpleNamespace
 
-import torch
+import numpy as np
 from safetensors.numpy import load as np_load
-from safetensors.torch import load as st_load
 
-from umig.blobs import serialise
-from umig.unlearners.fiun import erase_rows
+from umig.blobs import serialise_arrays
+from umig.unlearners.fiun import _erase_in_place
 
 
 class Floor:
@@ -94,15 +94,14 @@ class Floor:
         dirs: set[str] = set()
         pending = []
         for name, head, head_blob, fim_blob in rows:
-            tensors = st_load(self._read(self._path(head_blob)))
+            arrays = np_load(self._read(self._path(head_blob)))
             fim = np_load(self._read(self._path(fim_blob)))
-            model_fim = SimpleNamespace(classes=tuple(int(c) for c in fim["classes"]),
-                                        weight=torch.from_numpy(fim["weight"]),
-                                        bias=torch.from_numpy(fim["bias"]) if "bias" in fim else None)
             wkey, bkey = f"{head}.weight", f"{head}.bias"
-            w, b, _ = erase_rows(tensors[wkey], tensors.get(bkey), model_fim, labels)
-            new = {wkey: w} if b is None else {wkey: w, bkey: b}
-            data = serialise(new, {"part": "head"})
+            w, b = arrays[wkey].copy(), (arrays[bkey].copy() if bkey in arrays else None)
+            rows = np.isin(fim["classes"].reshape(-1), np.asarray(labels, dtype=np.int64))
+            if rows.any():
+                _erase_in_place(w, b, rows, fim["weight"], fim.get("bias"))
+            data = serialise_arrays({wkey: w} if b is None else {wkey: w, bkey: b}, {"part": "head"})
             digest = hashlib.sha256(data).hexdigest()
             out[name] = digest
             if self.pool is None:
