@@ -336,6 +336,24 @@ def test_registry_lists_every_method_with_params():
     assert described["retrain"]["per_node"] and U.get("retrain").sequential
 
 
+def test_builtin_methods_load_without_scanning_every_distribution_and_win_over_plugins(monkeypatch):
+    from umig.unlearners.fiun import FIUn
+
+    def no_scan(**_kw):
+        raise AssertionError("scanned every installed distribution for a built-in method")
+
+    monkeypatch.setattr(U, "_INSTALLED", None)
+    monkeypatch.setattr(U, "entry_points", no_scan)
+    assert isinstance(U.get("fiun"), FIUn)
+    # A plugin that claims a built-in name neither replaces it nor hides it from the listing.
+    monkeypatch.setattr(U, "_installed", lambda: {"fiun": "elsewhere:Impostor", "extra": "elsewhere:Extra"})
+    listed = U.available()
+    assert listed["fiun"] == "umig.unlearners.fiun:FIUn" and listed["extra"] == "elsewhere:Extra"
+    assert isinstance(U.get("fiun"), FIUn)
+    with pytest.raises(UnlearningError, match="'extra'.*cannot be loaded"):
+        U.get("extra")
+
+
 class _StateAndDelta(U.NodeUnlearner):
     """New full weights and a delta on top of them (test of the NodeUpdate plumbing)."""
 

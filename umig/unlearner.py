@@ -26,7 +26,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
+from importlib.metadata import PackageNotFoundError, distribution, entry_points
 from typing import Any, ClassVar
 
 import networkx as nx
@@ -416,10 +416,28 @@ def _installed() -> dict[str, str]:
     return _INSTALLED[1]
 
 
+_OWN: dict[str, str] | None = None  # umig's own entry points (its methods), read once per process
+
+
+def _own() -> dict[str, str]:
+    """The methods umig itself installs: its own distribution's entry points (a fraction of a millisecond,
+    where a scan of every installed distribution takes 5-25 ms)."""
+    global _OWN
+    if _OWN is None:
+        try:
+            eps = distribution("umig").entry_points
+        except PackageNotFoundError:  # run from a source tree without an install: the full scan decides
+            eps = ()
+        _OWN = {ep.name: ep.value for ep in eps if ep.group == ENTRY_POINT_GROUP}
+    return _OWN
+
+
 def available() -> dict[str, str]:
-    """Installed methods: name -> ``module:Class`` (entry points, then :func:`register` calls).
-    A plugin installed into this process's ``sys.path`` after the first call shows up in a new process."""
+    """Installed methods: name -> ``module:Class`` (entry points, umig's own over a plugin's of the same
+    name, then :func:`register` calls). A plugin installed into this process's ``sys.path`` after the first
+    call shows up in a new process."""
     found = dict(_installed())
+    found.update(_own())
     found.update(_REGISTERED)
     return found
 
@@ -436,8 +454,10 @@ def unregister(name: str) -> None:
 
 
 def get(name: str) -> Unlearner:
-    """Instantiate the method registered under ``name``."""
-    methods = available()
+    """Instantiate the method registered under ``name``: one added by :func:`register`, else umig's own
+    (a plugin cannot replace a built-in name), else any installed plugin's."""
+    target = _REGISTERED.get(name) or _own().get(name)
+    methods = {name: target} if target is not None else available()
     if name not in methods:
         raise UnlearningError(f"unknown method '{name}' (installed: {', '.join(sorted(methods))})")
     try:
