@@ -171,42 +171,18 @@ class BaseBlobStore(ABC):
         are ten times its size and an update that does not use them should not pay for them)."""
         keys = tuple(keys)
         data = self.read_bytes(digest, owner=owner)
-        (n,) = struct.unpack("<Q", data[:8])
-        header = json.loads(data[8 : 8 + n])
-        out: dict[str, torch.Tensor] = {}
-        for key in keys:
-            spec = header.get(key)
-            if spec is None:
-                continue
-            dtype = _NUMPY.get(spec["dtype"])
-            if dtype is None:  # a dtype numpy lacks (bfloat16...): safetensors reads it
-                return {k: v for k, v in st_load(data).items() if k in keys}, dict(
-                    header.get("__metadata__") or {})
-            start, end = spec["data_offsets"]
-            arr = np.frombuffer(data, dtype=dtype, count=(end - start) // dtype.itemsize, offset=8 + n + start)
-            out[key] = torch.from_numpy(arr.copy()).reshape(spec["shape"])
-        return out, dict(header.get("__metadata__") or {})
-
+        got = _arrays_of(data, keys)
+        if got is None:  # a dtype numpy lacks (bfloat16...): safetensors reads it
+            return {k: v for k, v in st_load(data).items() if k in keys}, _metadata_of(data)
+        arrays, meta = got
+        return {k: torch.from_numpy(a.copy()) for k, a in arrays.items()}, meta
 
     def load_arrays(self, digest: str, keys: Iterable[str] | None = None, *, owner: str | None = None
                     ) -> tuple[dict[str, np.ndarray], dict[str, str]] | None:
         """The tensors named ``keys`` (default all; those the blob has) as read-only numpy arrays over the
         hash-verified bytes, and the metadata: no tensor is made (on a 10x64 head, making and freeing them
         costs more than the update). None when one of them has a dtype numpy lacks (load it as tensors)."""
-        data = self.read_bytes(digest, owner=owner)
-        start, header, meta = _parse_header(data)
-        out: dict[str, np.ndarray] = {}
-        for key in (header if keys is None else keys):
-            spec = header.get(key)
-            if spec is None:
-                continue
-            dtype = _NUMPY.get(spec["dtype"])
-            if dtype is None:
-                return None
-            begin, end = spec["data_offsets"]
-            out[key] = np.frombuffer(data, dtype=dtype, count=(end - begin) // dtype.itemsize,
-                                     offset=start + begin).reshape(spec["shape"])
-        return out, dict(meta)
+        return _arrays_of(self.read_bytes(digest, owner=owner), keys)
 
 
 class BlobStore(BaseBlobStore):
@@ -450,6 +426,25 @@ def serialise_arrays(arrays: Mapping[str, np.ndarray], metadata: dict[str, str] 
     return _canonical([(name, code, a.shape, a.tobytes()) for _, name, code, a in items], metadata)
 
 
+def _arrays_of(data: bytes, keys: Iterable[str] | None = None
+               ) -> tuple[dict[str, np.ndarray], dict[str, str]] | None:
+    """The tensors named ``keys`` (default all; those present) of safetensors bytes as read-only numpy views,
+    and the metadata; None when one of them has a dtype numpy lacks."""
+    start, header, meta = _parse_header(data)
+    out: dict[str, np.ndarray] = {}
+    for key in (header if keys is None else keys):
+        spec = header.get(key)
+        if spec is None:
+            continue
+        dtype = _NUMPY.get(spec["dtype"])
+        if dtype is None:
+            return None
+        begin, end = spec["data_offsets"]
+        out[key] = np.frombuffer(data, dtype=dtype, count=(end - begin) // dtype.itemsize,
+                                 offset=start + begin).reshape(spec["shape"])
+    return out, dict(meta)
+
+
 _PARSED: dict[bytes, tuple[dict[str, Any], dict[str, str]]] = {}  # header bytes -> (tensor specs, metadata)
 
 
@@ -479,9 +474,7 @@ def _serialise_safetensors(cpu: dict[str, torch.Tensor], metadata: dict[str, str
 
 
 def _metadata_of(data: bytes) -> dict[str, str]:
-    (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8 : 8 + n])
-    return dict(header.get("__metadata__", {}) or {})
+    return dict(_parse_header(data)[2])
 
 
 _WRITERS: dict[int, tuple[int, ThreadPoolExecutor]] = {}  # threads -> (pid, pool): one per process
