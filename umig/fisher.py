@@ -47,6 +47,7 @@ __all__ = [
     "logit_grad_sq",
     "merge_max",
     "move_input",
+    "parse_metadata",
     "resolve_head",
     "weighted_mean",
     "without_label_stats",
@@ -106,12 +107,7 @@ class FIM:
             bias = bias.detach().to(device="cpu", dtype=torch.float32)
             if tuple(bias.shape) != (len(classes),):
                 raise FisherShapeError(f"FIM bias has shape {tuple(bias.shape)}; expected ({len(classes)},)")
-        if self.kind not in KINDS:
-            raise FisherError(f"FIM kind must be one of {KINDS}, got {self.kind!r}")
-        if not self.temperature > 0:
-            raise FisherError(f"FIM temperature must be > 0, got {self.temperature}")
-        if int(self.samples) < 0:
-            raise FisherError(f"FIM samples must be >= 0, got {self.samples}")
+        _check_settings(self.kind, self.temperature, self.samples)
         if self.label_weight is not None:
             k = len(classes)
             if (tuple(self.label_weight.shape) != (k, k, weight.shape[1]) or self.label_counts is None
@@ -197,18 +193,13 @@ class FIM:
         """Inverse of ``to_tensors`` / ``metadata``; missing metadata means 0 samples, empirical, T=1."""
         if "weight" not in tensors or "classes" not in tensors:
             raise FisherError(f"FIM tensors need 'weight' and 'classes', got {sorted(tensors)}")
-        meta = metadata or {}
-        try:
-            samples = int(meta.get("samples", "0"))
-            temperature = float(meta.get("temperature", "1.0"))
-        except ValueError as exc:
-            raise FisherError(f"FIM metadata is malformed: {meta}") from exc
+        samples, kind, temperature = parse_metadata(metadata or {})
         return cls(
             weight=tensors["weight"],
             bias=tensors.get("bias"),
             classes=tuple(int(c) for c in tensors["classes"].reshape(-1).tolist()),
             samples=samples,
-            kind=meta.get("kind", "empirical"),
+            kind=kind,
             temperature=temperature,
             label_weight=tensors.get("label_weight"),
             label_bias=tensors.get("label_bias"),
@@ -342,6 +333,28 @@ def logit_grad_sq(z: Tensor, rows: Tensor, kind: str, temperature: float) -> Ten
     # which cancels catastrophically where p is near 1).
     r = rows.unsqueeze(1)
     return p.square().scatter_(1, r, (1.0 - p.gather(1, r)).square())
+
+
+def _check_settings(kind: str, temperature: float, samples: int) -> None:
+    if kind not in KINDS:
+        raise FisherError(f"FIM kind must be one of {KINDS}, got {kind!r}")
+    if not temperature > 0:
+        raise FisherError(f"FIM temperature must be > 0, got {temperature}")
+    if int(samples) < 0:
+        raise FisherError(f"FIM samples must be >= 0, got {samples}")
+
+
+def parse_metadata(meta: dict[str, str]) -> tuple[int, str, float]:
+    """``(samples, kind, temperature)`` of a stored FIM's metadata (missing: 0 samples, empirical, T=1),
+    validated as :class:`FIM` validates them; :class:`FisherError` otherwise."""
+    try:
+        samples = int(meta.get("samples", "0"))
+        temperature = float(meta.get("temperature", "1.0"))
+    except ValueError as exc:
+        raise FisherError(f"FIM metadata is malformed: {meta}") from exc
+    kind = meta.get("kind", "empirical")
+    _check_settings(kind, temperature, samples)
+    return samples, kind, temperature
 
 
 class _Sums:

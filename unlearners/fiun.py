@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from umig.errors import UnlearningError
-from umig.fisher import FIM, KINDS, FisherShapeError, head_fisher, merge_max
+from umig.fisher import FIM, FisherError, FisherShapeError, head_fisher, merge_max, parse_metadata
 from umig.unlearner import Job, NodeResult, Param, Task, Unlearner
 
 MODES = ("erase", "rows", "paper")
@@ -403,10 +403,10 @@ def _erase_arrays(snap: Any, labels: Sequence[int], env: Any) -> tuple[str, dict
     return digest, stats
 
 
-def _plain_fim_metadata(meta: Mapping[str, str]) -> bool:
+def _plain_fim_metadata(meta: dict[str, str]) -> bool:
     """Whether :meth:`FIM.from_tensors` takes this metadata without complaint."""
     try:
-        return (int(meta.get("samples", "0")) >= 0 and float(meta.get("temperature", "1.0")) > 0
-                and meta.get("kind", "empirical") in KINDS)
-    except ValueError:
+        parse_metadata(meta)
+    except FisherError:
         return False
+    return True
