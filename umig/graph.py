@@ -126,27 +126,22 @@ def upstream_discovery(
     up: dict[str, frozenset[str]] = {}
     pred = g._pred
     for n in order:
-        # Most nodes inherit one parent's set as it is (or nothing): no new set to build and intern.
-        acc: frozenset[str] | None = None
-        merged = False
-        for p in pred[n]:
-            s = up.get(p)
-            if s is None or s is acc:
-                continue
-            if acc is None:
-                acc = s
-            else:
-                acc = (set(acc) if not merged else acc) | s  # type: ignore[assignment]
-                merged = True
-        if n in disc:
-            acc = (set(acc) if acc is not None and not merged else acc or set()) | {n}  # type: ignore[assignment]
-            merged = True
-        if acc is None:
+        parents = pred[n]
+        if len(parents) == 1 and n not in disc:  # one parent (most nodes): its set as it is
+            s = up.get(next(iter(parents)))
+            if s is not None:
+                up[n] = s
             continue
-        if merged:
-            key = frozenset(acc)
-            acc = interned.setdefault(key, key)
-        up[n] = acc
+        sets = [s for p in parents if (s := up.get(p)) is not None]
+        if n in disc:
+            sets.append(frozenset((n,)))
+        elif not sets:
+            continue
+        elif all(s is sets[0] for s in sets):  # parents that share one set: no new set to build and intern
+            up[n] = sets[0]
+            continue
+        key = frozenset().union(*sets)
+        up[n] = interned.setdefault(key, key)
     return up
 
 

@@ -227,12 +227,11 @@ def plan_unlearning(store: SqlStore, forget: Forget = (), *, clients: Sequence[s
     with _no_cycle_collection():
         job = _build_job(store, fs, resolved, policy, from_nodes, 0)
         m.check(job)
-        discovery = set(job.plan.discovery)  # Plan.role's rule, without a call per node
         return UnlearnResult(
             operation=None, labels=job.labels, method=method, params=resolved, plan=job.plan,
             phases=m.describe_phases(job), nodes=[
-                NodeOutcome(n, "discovery" if n in discovery else "inherited", v, v, 0.0)
-                for n, v in ((n, job.nodes[n].version) for n in job.plan.affected)
+                NodeOutcome(n, job.plan.role(n), job.nodes[n].version, job.nodes[n].version, 0.0)
+                for n in job.plan.affected
             ], wall_s=0.0, eval_s=0.0, backend={}, dry_run=True, request=req,
         )
 
