@@ -298,6 +298,14 @@ def test_label_rows():
     assert label_rows(torch.tensor([-5, 8]), (100, 3, 7), strict=False).tolist() == [-1, -1]
     with pytest.raises(LabelError, match="label 8"):
         label_rows(torch.tensor([3, 8]), (100, 3, 7))
+    # A head over 0..K-1 maps labels to themselves (the fast path) with the same checks.
+    y = torch.tensor([2, 0, 2, 1])
+    rows = label_rows(y, (0, 1, 2))
+    assert rows.tolist() == [2, 0, 2, 1] and rows.data_ptr() != y.data_ptr()
+    assert label_rows(torch.tensor([-1, 3, 1]), range(3), strict=False).tolist() == [-1, -1, 1]
+    for bad in (-1, 3):
+        with pytest.raises(LabelError, match=f"label {bad} is not"):
+            label_rows(torch.tensor([0, bad]), (0, 1, 2))
 
 
 def test_per_label_sums_give_the_unlearning_fim_without_a_pass(digits):

@@ -385,6 +385,40 @@ def test_a_captured_fim_is_used_only_for_the_weights_and_data_it_was_taken_on(st
     assert len(passes) == 1
 
 
+def test_a_capture_whose_logits_change_in_place_is_refused_and_recording_runs_the_pass(store, labels_of, monkeypatch):
+    """The capture holds each batch's head inputs and logits without copying them; a forward pass that
+    changes them in place afterwards spoils it: fim() says so, fit keeps no FIM, recording runs the pass."""
+    from umig.fisher import FisherCapture, FisherDataError, _held, kept_fim
+    from umig.lineage import fit
+
+    class Scaled(torch.nn.Module):  # logits doubled in place after the head ran
+        def __init__(self):
+            super().__init__()
+            self.inner = model()
+
+        def forward(self, x):
+            return self.inner(x).mul_(2.0)
+
+    passes = _fim_passes(monkeypatch)
+    data = shard(store, labels_of, 3)
+    m = Scaled()
+    with FisherCapture(m, range(10)) as cap, torch.no_grad():
+        for x, _ in cap.wrap(data.batches(16)):
+            m(x)
+    with pytest.raises(FisherDataError, match="changed in place"):
+        cap.fim()
+    m = Scaled()
+    fit(m, data, TINY, range(10))  # trains to the end all the same
+    assert kept_fim(m) is None
+    store.add_node("scaled", m.inner, MLP, data=data)
+    assert len(passes) == 1
+    # A view into a larger tensor is copied (not to hold the whole batch); a tensor of its own is not.
+    big = torch.randn(8, 5, 4)
+    assert _held(big[:, 0]).data_ptr() != big.data_ptr()
+    own = torch.randn(8, 4)
+    assert _held(own).data_ptr() == own.data_ptr()
+
+
 def test_recorder_stores_a_captured_fim(store, labels_of):
     from umig.errors import UmigError
     from umig.lineage import FisherCapture, fit

@@ -320,13 +320,22 @@ def _check_width(head: nn.Linear, classes: Sequence[int]) -> None:
 # --------------------------------------------------------------------------- closed form
 
 
+def _softmax_rows(z: Tensor) -> Tensor:
+    """``softmax(z, dim=1)``. On the CPU, torch's kernel over rows of a few classes (fewer than 16) measured
+    3-4x slower than max, exp, sum and divide for a few hundred rows (torch 2.x): that path there."""
+    if z.device.type == "cpu" and z.shape[1] < 16:
+        e = (z - z.amax(1, keepdim=True)).exp_()
+        return e.div_(e.sum(1, keepdim=True))
+    return torch.softmax(z, dim=1)
+
+
 def logit_grad_sq(z: Tensor, rows: Tensor, kind: str, temperature: float) -> Tensor:
     """Per-sample squared gradient of the cross-entropy w.r.t. the logits: the closed form's core.
 
     Empirical Fisher: ``(e - p)^2`` (``e`` the one-hot target); true Fisher: ``p (1 - p)``. The
     head's diagonal Fisher is then ``g.T @ h^2`` (weight) and ``g.sum(0)`` (bias), over N samples.
     """
-    p = torch.softmax(z if temperature == 1.0 else z / temperature, dim=1)
+    p = _softmax_rows(z if temperature == 1.0 else z / temperature)
     if kind != "empirical":
         return p * (1.0 - p)
     # (e - p)^2 without materialising e: p^2 everywhere, (1 - p)^2 at the target (not p^2 + 1 - 2p,
@@ -384,9 +393,12 @@ class _Sums:
         h2 = h.square()
         if self.per_label:
             # One scatter per chunk instead of a Python loop over the labels present.
-            for i in range(0, len(rows), self._chunk):
-                r, gi, hi = rows[i:i + self._chunk], g[i:i + self._chunk], h2[i:i + self._chunk]
-                self.l_w.index_add_(0, r, gi.unsqueeze(2) * hi.unsqueeze(1))
+            if len(rows) <= self._chunk:
+                self.l_w.index_add_(0, rows, g.unsqueeze(2) * h2.unsqueeze(1))
+            else:
+                for i in range(0, len(rows), self._chunk):
+                    r, gi, hi = rows[i:i + self._chunk], g[i:i + self._chunk], h2[i:i + self._chunk]
+                    self.l_w.index_add_(0, r, gi.unsqueeze(2) * hi.unsqueeze(1))
             self.l_b.index_add_(0, rows, g)
             self.l_n += torch.bincount(rows, minlength=len(self.classes))
         else:
@@ -469,6 +481,12 @@ def head_fisher(
     return sums.fim()
 
 
+def _held(t: Tensor) -> Tensor:
+    """``t`` detached, copied only where it is a view into a larger storage."""
+    t = t.detach()
+    return t if t.untyped_storage().nbytes() <= t.numel() * t.element_size() else t.clone()
+
+
 class FisherCapture:
     """The model FIM accumulated from a training epoch's own forward passes (no extra pass).
 
@@ -507,15 +525,17 @@ class FisherCapture:
         _check_width(self.lin, self.classes)
         self._y: Tensor | None = None
         self._sums: _Sums | None = None
-        self._pending: list[tuple[Tensor, Tensor, Tensor]] = []  # (h, z, y) of batches not summed yet
+        # (h, z, y, h's and z's version counters) of batches not summed yet
+        self._pending: list[tuple[Tensor, Tensor, Tensor, int, int]] = []
         self._pending_size = 0
+        self._spoiled: str | None = None  # why the batches seen cannot give the FIM (see _flush)
         self._handle = self.lin.register_forward_hook(self._hook)
         self.seconds = time.perf_counter() - t0
 
     @property
     def samples(self) -> int:
         """Samples captured so far."""
-        return (self._sums.n if self._sums is not None else 0) + sum(len(y) for _, _, y in self._pending)
+        return (self._sums.n if self._sums is not None else 0) + sum(len(p[2]) for p in self._pending)
 
     def wrap(self, batches):
         """Yield ``batches`` unchanged, telling the hook each batch's labels."""
@@ -532,10 +552,12 @@ class FisherCapture:
         t0 = time.perf_counter()
         y, self._y = self._y, None  # one head call per batch
         if y.numel() == output.numel() // self.lin.out_features and y.numel():
-            # Copies (the loop may change them in place later), summed in one go every FLUSH_ELEMENTS:
-            # per batch the closed form's dozen small ops would cost more than the math.
-            h, z = inputs[0].detach().clone(), output.detach().clone()
-            self._pending.append((h, z, y if y.device == z.device else y.to(z.device)))
+            # Summed in one go every FLUSH_ELEMENTS: per batch the closed form's dozen small ops would cost
+            # more than the math. Held as they are, with their in-place version counters (which detach()
+            # shares), not copied: a copy per batch cost more than the sums. A view of a larger tensor (a
+            # transformer's first token) is copied, so as not to hold the whole batch's activations.
+            h, z = _held(inputs[0]), _held(output)
+            self._pending.append((h, z, y if y.device == z.device else y.to(z.device), h._version, z._version))
             self._pending_size += h.numel() + z.numel()
             if self._pending_size >= self.FLUSH_ELEMENTS:
                 self._flush()
@@ -546,11 +568,17 @@ class FisherCapture:
         if not self._pending:
             return
         d, k = self.lin.in_features, self.lin.out_features
-        h = torch.cat([t.reshape(-1, d) for t, _, _ in self._pending])
-        z = torch.cat([t.reshape(-1, k) for _, t, _ in self._pending])
-        y = torch.cat([t.reshape(-1) for _, _, t in self._pending])
-        self._pending.clear()
-        self._pending_size = 0
+        pending, self._pending, self._pending_size = self._pending, [], 0
+        if self._spoiled is not None:
+            return
+        if any(h._version != hv or z._version != zv for h, z, _, hv, zv in pending):
+            # Raised by fim(), not here: this may run inside the training loop's forward pass.
+            self._spoiled = (f"the inputs or outputs of head '{self.head}' were changed in place after it ran "
+                             "(e.g. logits scaled by an in-place op): FisherCapture cannot capture this loop's FIM")
+            return
+        h = torch.cat([t.reshape(-1, d) for t, _, _, _, _ in pending])
+        z = torch.cat([t.reshape(-1, k) for _, t, _, _, _ in pending])
+        y = torch.cat([t.reshape(-1) for _, _, t, _, _ in pending])
         if self._sums is None:
             self._sums = _Sums(self.lin, self.classes, self.kind, self.temperature, self.per_label,
                                torch.float32, z.device)
@@ -573,6 +601,8 @@ class FisherCapture:
             raise FisherDataError("FisherCapture saw no labelled batch: wrap the last epoch's batches with wrap()")
         t0 = time.perf_counter()
         self._flush()
+        if self._spoiled is not None:
+            raise FisherDataError(self._spoiled)
         out = self._sums.fim()
         self.seconds += time.perf_counter() - t0
         return out
@@ -610,13 +640,16 @@ def _weights_token(model: nn.Module) -> tuple[Any, Tensor | None]:
                 seen.add(id(t))
                 tensors.append(t)
     ids = tuple((id(t), t.data_ptr(), t._version, t.device) for t in tensors)
-    by_device: dict[torch.device, list[Tensor]] = {}
+    floats = [t.reshape(-1) for t in tensors if t.is_floating_point()]
+    if not floats:
+        return ids, None
     with torch.no_grad():
-        for t in tensors:
-            if t.is_floating_point():
-                by_device.setdefault(t.device, []).append(t.reshape(-1))
-        if not by_device:
-            return ids, None
+        devices = {t.device for t in floats}
+        if len(devices) == 1:
+            return ids, torch.cat(floats).sum(dtype=torch.float64).reshape(1).cpu()
+        by_device: dict[torch.device, list[Tensor]] = {}
+        for t in floats:
+            by_device.setdefault(t.device, []).append(t)
         return ids, torch.stack([torch.cat(ts).sum(dtype=torch.float64).cpu() for ts in by_device.values()])
 
 

@@ -7,6 +7,8 @@ are matched by label id, never by index.
 >>> import torch
 >>> label_rows(torch.tensor([7, 3]), (100, 3, 7)).tolist()
 [2, 1]
+>>> label_rows(torch.tensor([2, 0, 5]), range(3), strict=False).tolist()
+[2, 0, -1]
 >>> [t.tolist() for t in shared_rows((1, 2, 3), (3, 1))]
 [[0, 2], [1, 0]]
 >>> rows_of((5, 6, 7), {7, 5})
@@ -38,8 +40,16 @@ def label_rows(labels: Tensor, classes: Sequence[int], *, strict: bool = True) -
     otherwise its row is -1.
     """
     labels = labels.reshape(-1).to(torch.int64)
-    if len(classes) == 0:
+    k = len(classes)
+    if k == 0:
         rows = torch.full_like(labels, -1)
+    elif classes[0] == 0 and classes[-1] == k - 1 and (isinstance(classes, range) or tuple(classes) == tuple(range(k))):
+        # Rows are the labels themselves (the common head over 0..K-1): a range check, not a search;
+        # training and the FIM capture map every batch.
+        valid = (labels >= 0) & (labels < k)
+        if strict and bool(valid.all()):
+            return labels.clone()
+        rows = torch.where(valid, labels, -1)
     else:
         table = torch.as_tensor(list(classes), dtype=torch.int64, device=labels.device)
         sorted_cls, order = torch.sort(table)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from umig.arch import ArchSpec, eval_mode
 from umig.errors import ArchError, NotFoundError, UmigError
-from umig.fisher import LABEL_STATS_MAX, FisherCapture, keep_fim, last_linear
+from umig.fisher import LABEL_STATS_MAX, FisherCapture, FisherDataError, keep_fim, last_linear
 from umig.heads import check_unique, label_rows, shared_rows
 
 __all__ = ["Recipe", "accuracy", "fedavg", "train"]
@@ -76,7 +76,8 @@ class Recipe:
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict of all fields."""
-        return asdict(self)
+        # Every field is a scalar: no deep copy (asdict's) needed, and this runs once per recorded node.
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any] | str) -> Recipe:
@@ -317,7 +318,12 @@ def fit(model: nn.Module, data: Any, recipe: Recipe | Mapping[str, Any], classes
         if own and cap is not None:
             cap.close()
     if own and cap is not None and cap.samples:
-        keep_fim(model, cap.fim(), head=cap.head, data=data, seconds=cap.seconds)
+        try:
+            fim = cap.fim()
+        except FisherDataError:  # the loop changed the head's outputs in place: recording runs the FIM pass
+            fim = None
+        if fim is not None:
+            keep_fim(model, fim, head=cap.head, data=data, seconds=cap.seconds)
     return out
 
 
