@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,15 +109,22 @@ def add_node(
         raise UmigError(f"unknown framework '{framework}' (choose from {', '.join(FRAMEWORKS)})")
     if relation is not None and relation not in RELATIONS:
         raise UmigError(f"unknown relation '{relation}' (choose from {', '.join(RELATIONS)})")
-    if store.has_node(name):
+    # One query for the name and every parent as written (recorders add nodes inside training loops).
+    written = [p for p in parents if isinstance(p, str)]
+    written += [p[0] for p in parents if isinstance(p, tuple) and p and isinstance(p[0], str)]
+    live = store.live_versions([name, *written])
+    if name in live:
         raise GraphError(f"node '{name}' already exists")
     # An existing node's full name wins over NAME@VERSION and NAME:WEIGHT (names may contain '@' and
     # ':', e.g. 'ckpt:3').
-    parent_specs = [_parse_parent(store, p) for p in parents]
+    parent_specs = [_parse_parent(store, p, known=live) for p in parents]
+    split = [p for p, _, _ in parent_specs if p not in live]
+    if split:
+        live.update(store.live_versions(split))
     for p, _, v in parent_specs:
         if p == name:
             raise GraphError(f"node '{name}' cannot be its own parent (cycle)")
-        if not store.has_node(p):
+        if p not in live:
             raise NotFoundError(f"unknown parent node '{p}'")
         if v is not None:
             store.version(p, v)  # NotFoundError: node 'p' has no version v
@@ -214,9 +221,12 @@ def add_node(
     body, head_t = split_head(state, hinfo.name)
     recipe_json = _recipe_json(recipe)
     with store.transaction():  # the guard reads the live lineage under the lock that the write holds
-        derived = [(p, w, v if v is not None else store.loaded.get(p, store.live_version(p)))
-                   for p, w, v in parent_specs]
-        found = superseded(store, [(p, v) for p, _, v in derived], dataset, counts)
+        live = store.live_versions(p for p, _, _ in parent_specs)
+        gone = [p for p, _, _ in parent_specs if p not in live]  # removed by a concurrent writer
+        if gone:
+            raise NotFoundError(f"unknown parent node '{gone[0]}'")
+        derived = [(p, w, v if v is not None else store.loaded.get(p, live[p])) for p, w, v in parent_specs]
+        found = superseded(store, [(p, v) for p, _, v in derived], dataset, counts, live=live)
         if found and catch_up is None:
             raise SupersededError(refusal(name, found, dataset))
         info = store.insert_node(
@@ -232,12 +242,15 @@ def add_node(
 
 
 def superseded(store: SqlStore, parents: Sequence[tuple[str, int]], data: D.Data | None,
-               label_counts: Mapping[int, int]) -> list[Superseded]:
+               label_counts: Mapping[int, int], *, live: Mapping[str, int] | None = None) -> list[Superseded]:
     """What a live unlearning operation forgot that a node would hold: ``parents`` (name, version
     derived from) at superseded versions, and (``data``, with its ``label_counts``) forgotten labels
-    and forgotten samples of its dataset; oldest operation first."""
+    and forgotten samples of its dataset; oldest operation first. ``live`` (the parents' live versions,
+    when the caller read them already) spares a query for each parent derived from its live version."""
     found: list[Superseded] = []
     for p, v in parents:
+        if live is not None and live.get(p) == v:
+            continue  # a live version was superseded by nothing
         found += [Superseded(op, "parent", f"derived from {p} v{v}", hint=f"derive it from {p}@{store.live_version(p)}")
                   for op in store.superseded_by(p, v)]
     if data is not None and label_counts:
@@ -335,9 +348,10 @@ def mean_parent_fim(store: SqlStore, parents: Sequence[tuple[str, float | None]]
     return F.weighted_mean(fims, weights, classes=classes)
 
 
-def _parse_parent(store: SqlStore, p: ParentSpec) -> tuple[str, float | None, int | None]:
+def _parse_parent(store: SqlStore, p: ParentSpec, known: Container[str] = ()) -> tuple[str, float | None, int | None]:
     """``(name, weight, version)`` of a parent: an existing node's full name wins, then ``:WEIGHT``
-    (a number) and ``@VERSION`` (digits) are split off, in that order."""
+    (a number) and ``@VERSION`` (digits) are split off, in that order. ``known`` names nodes the caller
+    has just looked up."""
     if isinstance(p, tuple):
         if len(p) not in (2, 3) or not isinstance(p[0], str):
             raise UmigError(f"a parent is NAME, (name, weight) or (name, weight, version), got {p!r}")
@@ -349,7 +363,7 @@ def _parse_parent(store: SqlStore, p: ParentSpec) -> tuple[str, float | None, in
         return p[0], weight, version
     if not isinstance(p, str):
         raise UmigError(f"a parent is a node name or a tuple, got {type(p).__name__}")
-    if store.has_node(p):
+    if p in known or store.has_node(p):
         return p, None, None
     name, weight = p, None
     head, sep, tail = p.rpartition(":")

@@ -728,11 +728,12 @@ class SqlStore:
 
     # --------------------------------------------------------------- versions
     def version(self, name: str, version: int | None = None) -> Version:
-        nid = self._node_id(name)
-        if version is None:
-            version = int(self.db.execute("SELECT version FROM nodes WHERE id=?", (nid,)).fetchone()[0])
-        row = self.db.execute("SELECT * FROM versions WHERE node=? AND version=?", (nid, version)).fetchone()
+        # One round trip (aggregates read each parent's FIM while a recorder adds nodes).
+        row = self.db.execute(
+            "SELECT v.* FROM nodes n JOIN versions v ON v.node=n.id WHERE n.name=? AND v.version=COALESCE(?, n.version)",
+            (name, version)).fetchone()
         if row is None:
+            self._node_id(name)  # NotFoundError: unknown node
             raise NotFoundError(f"node '{name}' has no version {version}")
         return _version_from_row(name, row)
 
@@ -742,6 +743,16 @@ class SqlStore:
         if row is None:
             raise NotFoundError(f"unknown node '{name}'")
         return int(row[0])
+
+    def live_versions(self, names: Iterable[str]) -> dict[str, int]:
+        """``{name: live version}`` for those of ``names`` that are nodes, in one query per 500 names."""
+        wanted = list(dict.fromkeys(names))
+        out: dict[str, int] = {}
+        for i in range(0, len(wanted), 500):
+            part = wanted[i : i + 500]
+            out.update((r[0], int(r[1])) for r in self.db.execute(
+                f"SELECT name, version FROM nodes WHERE name IN ({','.join('?' * len(part))})", part))
+        return out
 
     def versions(self, name: str) -> list[Version]:
         nid = self._node_id(name)
