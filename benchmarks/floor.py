@@ -52,6 +52,7 @@ class Floor:
         self.db.execute("CREATE TABLE IF NOT EXISTS bench_floor(run TEXT, node TEXT, head TEXT, created REAL)")
         self.pool = ThreadPoolExecutor(threads) if threads > 1 else None
         self.created: list[str] = []
+        self.node_seconds: dict[str, float] = {}  # the last run's own work per node (the rest is shared)
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -93,7 +94,9 @@ class Floor:
         out: dict[str, str] = {}
         dirs: set[str] = set()
         pending = []
+        self.node_seconds = {}
         for name, head, head_blob, fim_blob in rows:
+            t0 = time.perf_counter()
             arrays = np_load(self._read(self._path(head_blob)))
             fim = np_load(self._read(self._path(fim_blob)))
             wkey, bkey = f"{head}.weight", f"{head}.bias"
@@ -108,6 +111,7 @@ class Floor:
                 dirs.add(self._write(digest, data))
             else:  # written while the next head is computed, as umig does
                 pending.append(self.pool.submit(self._write, digest, data))
+            self.node_seconds[name] = time.perf_counter() - t0
         dirs.update(f.result() for f in pending)
         for d in sorted(dirs):
             fd = os.open(d, os.O_RDONLY)

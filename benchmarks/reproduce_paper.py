@@ -13,10 +13,13 @@ example builders (examples/*.py); then for every forget-set size #C_f in {1, 2, 
 all in one run, on each node's training data (as the paper) and on held-out digits.
 Cumulative unlearning time of a node = time until that node is unlearned when the nodes
 it inherits from must be done first: for retraining the sum over the retrained
-ancestors and itself; for FIUn the operation's shared phase (unlearning FIMs) plus the
-head updates of the affected ancestors and itself; for the floor (``benchmarks/floor.py``, the least
-any implementation's update of those nodes can cost: reads, one element-wise pass, durable writes,
-one commit) the same nodes, so ``1 - floor / retraining`` bounds the time saving at that node.
+ancestors and itself; for FIUn the head updates of the affected ancestors and itself, each with
+its share of the operation's shared part (planning, unlearning FIMs, waiting for the durable
+writes, the commit: the whole call less the head updates, split evenly over the affected nodes, so
+the deepest node pays for the whole operation); for the floor (``benchmarks/floor.py``, the least
+any implementation's operation on the same nodes can cost: reads, one element-wise pass, durable
+writes, one commit) the same accounting, so ``1 - floor / retraining`` bounds the time saving at
+that node. The stricter accounting (each node charged the whole shared part) is reported beside it.
 Retraining grows with the training length (``--epochs``; the paper trains 100), FIUn does not.
 
 Depth study (Fig. 8): an FL binary tree of depth 5 (every model fine-tunes its parent on one
@@ -118,38 +121,46 @@ def build_lineage(fw: str, store: Store, cfg: dict, arch: ArchSpec) -> tuple[lis
     return nodes, out
 
 
-def fiun_cumulative(result, g, nodes, total_s: float) -> dict[str, float]:
-    """Per node: the operation's shared part (planning, unlearning FIMs, commit: ``total_s``, the whole
-    call without evaluation, less the head updates) + head updates of its affected ancestors and itself."""
-    secs = {n.name: n.seconds for n in result.nodes}
-    shared = max(total_s - sum(secs.values()), 0.0)
+def cumulative(g, nodes, per_node: dict[str, float], total_s: float) -> dict[str, float]:
+    """Per node of ``nodes``: the updates (``per_node``: seconds of each affected node's own update) of its
+    affected ancestors and itself, each with its share of the operation's shared part (``total_s`` less the
+    updates, split evenly over the affected nodes: planning, unlearning FIMs, waiting for durable writes,
+    the commit). The deepest node is charged the whole operation; FIUn and the floor are accounted alike."""
+    shared = max(total_s - sum(per_node.values()), 0.0) / max(len(per_node), 1)
     out = {}
     for n in nodes:
         members = set(G.effective_ancestors(g, n))
-        out[n] = shared + sum(s for m, s in secs.items() if m in members)
+        out[n] = sum(s + shared for m, s in per_node.items() if m in members)
+    return out
+
+
+def whole_shared(g, nodes, per_node: dict[str, float], total_s: float) -> dict[str, float]:
+    """The stricter accounting: each node charged the operation's whole shared part plus the updates of its
+    affected ancestors and itself (a one-node ancestry still pays for every other node's durable write)."""
+    shared = max(total_s - sum(per_node.values()), 0.0)
+    out = {}
+    for n in nodes:
+        members = set(G.effective_ancestors(g, n))
+        out[n] = shared + sum(s for m, s in per_node.items() if m in members)
     return out
 
 
 def floor_cumulative(store: Store, g, nodes, affected: list[str], labels, repeats: int = 3) -> dict[str, float]:
-    """Per node: the floor (``benchmarks/floor.py``: the least any implementation's operation can cost) of
-    updating its affected ancestors and itself, median of ``repeats`` runs; so ``1 - floor / retraining``
-    is the best time saving any implementation could show at that node."""
+    """Per node: :func:`cumulative` of the floor (``benchmarks/floor.py``: the least any implementation's
+    operation can cost) of the same operation on every affected node, median of ``repeats`` runs; so
+    ``1 - floor / retraining`` is the best time saving any implementation could show at that node."""
     from floor import Floor
 
     floor = Floor(store.local_dir)
     try:
-        out = {}
-        for n in nodes:
-            mine = set(G.effective_ancestors(g, n))
-            members = [m for m in affected if m in mine]
-            runs = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                floor.run(members, labels)
-                runs.append(time.perf_counter() - t0)
-                floor.undo()
-            out[n] = statistics.median(runs)
-        return out
+        runs = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            floor.run(affected, labels)
+            total = time.perf_counter() - t0
+            runs.append(cumulative(g, nodes, dict(floor.node_seconds), total))
+            floor.undo()
+        return {n: statistics.median(r[n] for r in runs) for n in nodes}
     finally:
         floor.close()
 
@@ -188,7 +199,8 @@ def run_framework(fw: str, cfg: dict, arch: ArchSpec, retrain: str, log=print) -
                                                               "AD_f_heldout")} for n in nodes}
             fiun = {n: {s: by[n].get(f"{s}_after") for s in ("AD_r_train", "AD_f_train", "AD_r_heldout",
                                                              "AD_f_heldout")} for n in nodes}
-            fiun_t = fiun_cumulative(res, g, nodes, fiun_s)
+            secs = {n.name: n.seconds for n in res.nodes}
+            fiun_t, fiun_whole = cumulative(g, nodes, secs, fiun_s), whole_shared(g, nodes, secs, fiun_s)
             store.revert(res.operation)
             floor_t = floor_cumulative(store, g, nodes, list(res.plan.affected), labels)
             if retrain == "method":
@@ -199,7 +211,8 @@ def run_framework(fw: str, cfg: dict, arch: ArchSpec, retrain: str, log=print) -
                 ret_t = {n: ref.cumulative(n) for n in nodes}
                 ret_wall = ref.wall_s
             rows[k] = {"labels": list(labels), "original": orig, "retrain": ret, "fiun": fiun,
-                       "time_retrain": ret_t, "time_fiun": fiun_t, "time_floor": floor_t, "fiun_wall_s": fiun_s,
+                       "time_retrain": ret_t, "time_fiun": fiun_t, "time_fiun_whole": fiun_whole,
+                       "time_floor": floor_t, "fiun_wall_s": fiun_s,
                        "retrain_wall_s": ret_wall, "affected": len(res.nodes), "discovery": res.plan.discovery}
             log(f"[{NAMES[fw]}] #C_f={k} {labels}: FIUn {fiun_s:.3f} s on {len(res.nodes)} nodes "
                 f"(AD_f w_b {_pct(fiun[nodes[2]]['AD_f_train'])}), retraining {ret_wall:.1f} s "
@@ -332,6 +345,10 @@ def claims(results: list[dict]) -> tuple[list[str], dict]:
              for r in results for row in r["rows"].values() for n in r["nodes"] if row["time_retrain"][n] > 0]
     s["speedup_every_min"] = min(every) if every else None
     s["speedup_every_mean"] = statistics.fmean(every) if every else None
+    strict = [1 - row["time_fiun_whole"][n] / row["time_retrain"][n]
+              for r in results for row in r["rows"].values() for n in r["nodes"]
+              if row["time_retrain"][n] > 0 and "time_fiun_whole" in row]
+    s["speedup_every_whole_min"] = min(strict) if strict else None
     # What the floor allows: the saving at that node if FIUn cost exactly its floor (no implementation can
     # save more), so a figure under 99% here means this lineage trains too briefly for the paper's claim.
     bound = [1 - row["time_floor"][n] / row["time_retrain"][n]
@@ -361,6 +378,8 @@ def claims(results: list[dict]) -> tuple[list[str], dict]:
         f"{_pct(s['speedup_every_min'])}% / {_pct(s['speedup_every_mean'])}% | (same) |",
         f"| the most any implementation could save at every node (1 - floor / retraining; min) | - | "
         f"{_pct(s['bound_every_min'])}% | (same) |",
+        f"| stricter: every node charged the operation's whole shared part (min) | - | "
+        f"{_pct(s['speedup_every_whole_min'])}% | (same) |",
     ]
     return lines, s
 
