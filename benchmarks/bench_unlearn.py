@@ -336,7 +336,8 @@ def main() -> None:
     ap.add_argument("--synthetic-repeats", type=int, default=5, help="the same on the synthetic lineage")
     ap.add_argument("--cold-repeats", type=int, default=3, help="cold runs, each in a fresh process")
     ap.add_argument("--retrain-repeats", type=int, default=1)
-    ap.add_argument("--worker-repeats", type=int, default=3)
+    ap.add_argument("--worker-repeats", type=int, default=5,
+                    help="interleaved runs of each --workers setting (the median is reported)")
     ap.add_argument("--no-thread-check", dest="thread_check", action="store_false",
                     help="skip retraining once more with torch's default thread count")
     ap.add_argument("--synthetic-nodes", type=int, default=1000)
