@@ -121,27 +121,20 @@ def build_lineage(fw: str, store: Store, cfg: dict, arch: ArchSpec) -> tuple[lis
     return nodes, out
 
 
-def cumulative(g, nodes, per_node: dict[str, float], total_s: float) -> dict[str, float]:
+def cumulative(g, nodes, per_node: dict[str, float], total_s: float, *, split: bool = True) -> dict[str, float]:
     """Per node of ``nodes``: the updates (``per_node``: seconds of each affected node's own update) of its
-    affected ancestors and itself, each with its share of the operation's shared part (``total_s`` less the
-    updates, split evenly over the affected nodes: planning, unlearning FIMs, waiting for durable writes,
-    the commit). The deepest node is charged the whole operation; FIUn and the floor are accounted alike."""
-    shared = max(total_s - sum(per_node.values()), 0.0) / max(len(per_node), 1)
-    out = {}
-    for n in nodes:
-        members = set(G.effective_ancestors(g, n))
-        out[n] = sum(s + shared for m, s in per_node.items() if m in members)
-    return out
-
-
-def whole_shared(g, nodes, per_node: dict[str, float], total_s: float) -> dict[str, float]:
-    """The stricter accounting: each node charged the operation's whole shared part plus the updates of its
-    affected ancestors and itself (a one-node ancestry still pays for every other node's durable write)."""
+    affected ancestors and itself, plus the operation's shared part (``total_s`` less the updates: planning,
+    unlearning FIMs, waiting for durable writes, the commit). With ``split`` each of those updates carries
+    an even share of it, so the deepest node is charged the whole operation (FIUn and the floor are
+    accounted alike); without, every node is charged all of it, the stricter accounting (a one-node
+    ancestry still pays for every other node's durable write)."""
     shared = max(total_s - sum(per_node.values()), 0.0)
+    share = shared / max(len(per_node), 1)
     out = {}
     for n in nodes:
         members = set(G.effective_ancestors(g, n))
-        out[n] = shared + sum(s for m, s in per_node.items() if m in members)
+        own = [s for m, s in per_node.items() if m in members]
+        out[n] = sum(own) + (share * len(own) if split else shared)
     return out
 
 
@@ -200,7 +193,7 @@ def run_framework(fw: str, cfg: dict, arch: ArchSpec, retrain: str, log=print) -
             fiun = {n: {s: by[n].get(f"{s}_after") for s in ("AD_r_train", "AD_f_train", "AD_r_heldout",
                                                              "AD_f_heldout")} for n in nodes}
             secs = {n.name: n.seconds for n in res.nodes}
-            fiun_t, fiun_whole = cumulative(g, nodes, secs, fiun_s), whole_shared(g, nodes, secs, fiun_s)
+            fiun_t, fiun_whole = cumulative(g, nodes, secs, fiun_s), cumulative(g, nodes, secs, fiun_s, split=False)
             store.revert(res.operation)
             floor_t = floor_cumulative(store, g, nodes, list(res.plan.affected), labels)
             if retrain == "method":

@@ -393,12 +393,9 @@ class _Sums:
         h2 = h.square()
         if self.per_label:
             # One scatter per chunk instead of a Python loop over the labels present.
-            if len(rows) <= self._chunk:
-                self.l_w.index_add_(0, rows, g.unsqueeze(2) * h2.unsqueeze(1))
-            else:
-                for i in range(0, len(rows), self._chunk):
-                    r, gi, hi = rows[i:i + self._chunk], g[i:i + self._chunk], h2[i:i + self._chunk]
-                    self.l_w.index_add_(0, r, gi.unsqueeze(2) * hi.unsqueeze(1))
+            for i in range(0, len(rows), self._chunk):
+                r, gi, hi = rows[i:i + self._chunk], g[i:i + self._chunk], h2[i:i + self._chunk]
+                self.l_w.index_add_(0, r, gi.unsqueeze(2) * hi.unsqueeze(1))
             self.l_b.index_add_(0, rows, g)
             self.l_n += torch.bincount(rows, minlength=len(self.classes))
         else:
@@ -640,16 +637,13 @@ def _weights_token(model: nn.Module) -> tuple[Any, Tensor | None]:
                 seen.add(id(t))
                 tensors.append(t)
     ids = tuple((id(t), t.data_ptr(), t._version, t.device) for t in tensors)
-    floats = [t.reshape(-1) for t in tensors if t.is_floating_point()]
-    if not floats:
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for t in tensors:
+        if t.is_floating_point():
+            by_device.setdefault(t.device, []).append(t.reshape(-1))
+    if not by_device:
         return ids, None
     with torch.no_grad():
-        devices = {t.device for t in floats}
-        if len(devices) == 1:
-            return ids, torch.cat(floats).sum(dtype=torch.float64).reshape(1).cpu()
-        by_device: dict[torch.device, list[Tensor]] = {}
-        for t in floats:
-            by_device.setdefault(t.device, []).append(t)
         return ids, torch.stack([torch.cat(ts).sum(dtype=torch.float64).cpu() for ts in by_device.values()])
 
 

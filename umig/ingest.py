@@ -249,10 +249,8 @@ def superseded(store: SqlStore, parents: Sequence[tuple[str, int]], data: D.Data
     when the caller read them already) spares a query for each parent derived from its live version."""
     found: list[Superseded] = []
     for p, v in parents:
-        if live is not None and live.get(p) == v:
-            continue  # a live version was superseded by nothing
         found += [Superseded(op, "parent", f"derived from {p} v{v}", hint=f"derive it from {p}@{store.live_version(p)}")
-                  for op in store.superseded_by(p, v)]
+                  for op in store.superseded_by(p, v, current=None if live is None else live.get(p))]
     if data is not None and label_counts:
         by_op: dict[OperationRef, list[int]] = {}
         for op, label in store.label_forgets(label_counts):

@@ -1297,12 +1297,14 @@ class SqlStore:
         op = self.db.execute("SELECT id, ticket, created FROM operations WHERE id=?", (op_id,)).fetchone()
         return OperationRef(id=op["id"], ticket=op["ticket"], created=op["created"])
 
-    def superseded_by(self, name: str, version: int) -> list[OperationRef]:
+    def superseded_by(self, name: str, version: int, *, current: int | None = None) -> list[OperationRef]:
         """The live operations that superseded ``version`` of node ``name``, oldest first: those that made
         the versions between it and the live one. Empty for the live version, and for a version that is
         no ancestor of it (one a since-reverted operation made holds nothing the live lineage forgot).
-        Raises ``NotFoundError`` for a version the node never had."""
-        current = self.live_version(name)
+        Raises ``NotFoundError`` for a version the node never had. ``current``: the live version, when the
+        caller has just read it under the same lock."""
+        if current is None:
+            current = self.live_version(name)
         if version == current:  # the common case (recorders, no @VERSION): nothing more to read
             return []
         self.version(name, version)
