@@ -16,8 +16,7 @@ same durability as umig:
    per node into a scratch table of the same database.
 
 What it leaves out is what umig adds around the update: the lock, planning (the nodes are
-given), snapshots of ancestors, task objects, hash checks on read, the unlearning FIMs kept for
-the audit trail, audit rows, and start-up. Its blobs are removed again by :meth:`Floor.undo`
+given), snapshots of ancestors, task objects, hash checks on read, audit rows, and start-up. Its blobs are removed again by :meth:`Floor.undo`
 (untimed) so that the next FIUn run writes its own.
 """
 

@@ -14,7 +14,7 @@ all in one run, on each node's training data (as the paper) and on held-out digi
 Cumulative unlearning time of a node = time until that node is unlearned when the nodes
 it inherits from must be done first: for retraining the sum over the retrained
 ancestors and itself; for FIUn the head updates of the affected ancestors and itself, each with
-its share of the operation's shared part (planning, unlearning FIMs, waiting for the durable
+its share of the operation's shared part (planning, waiting for the durable
 writes, the commit: the whole call less the head updates, split evenly over the affected nodes, so
 the deepest node pays for the whole operation); for the floor (``benchmarks/floor.py``, the least
 any implementation's operation on the same nodes can cost: reads, one element-wise pass, durable
@@ -124,7 +124,7 @@ def build_lineage(fw: str, store: Store, cfg: dict, arch: ArchSpec) -> tuple[lis
 def cumulative(g, nodes, per_node: dict[str, float], total_s: float, *, split: bool = True) -> dict[str, float]:
     """Per node of ``nodes``: the updates (``per_node``: seconds of each affected node's own update) of its
     affected ancestors and itself, plus the operation's shared part (``total_s`` less the updates: planning,
-    unlearning FIMs, waiting for durable writes, the commit). With ``split`` each of those updates carries
+    waiting for durable writes, the commit). With ``split`` each of those updates carries
     an even share of it, so the deepest node is charged the whole operation (FIUn and the floor are
     accounted alike); without, every node is charged all of it, the stricter accounting (a one-node
     ancestry still pays for every other node's durable write)."""

@@ -173,7 +173,7 @@ def rows(res: dict) -> list[tuple[str, str, str, str, str, str]]:
                     _verdict(s.get("speedup_every_min") is not None and s["speedup_every_min"] >= 0.99)))
         if s.get("speedup_every_whole_min") is not None:
             out.append((f"... at every node ({size}), stricter: each node charged the operation's whole shared part "
-                        "(planning, unlearning FIMs, every head's durable write, the commit): min", base, meas,
+                        "(planning, every head's durable write, the commit): min", base, meas,
                         _pct(s["speedup_every_whole_min"], 2), "- (information)", "-"))
     r18 = RESULTS / "resnet18" / "paper_results.json"
     if r18.exists():  # too slow for make bench (25 minutes on 2 cores): read from its own run, and said so

@@ -99,7 +99,7 @@ def test_superseded_parent_is_refused_then_caught_up_and_reverted_bit_exact(fl_s
     assert ev0["heldout"]["AD_f"] > 0.9  # what was added knew the labels
     assert ev["heldout"]["AD_f"] == 0.0 and ev["heldout"]["AD_r"] > 0.9  # retrain level: 0% held-out
     assert fl_store.version("fl/late").operation == op_id
-    assert fl_store.operation_blobs(op_id) == kept  # FIUn reused the operation's unlearning FIMs
+    assert fl_store.operation_blobs(op_id) == kept == []  # erase keeps nothing derived from the forgotten data
 
     [entry] = json.loads(cli_ok("history", "--json", store=root))
     [caught] = entry["caught_up"]
@@ -218,9 +218,11 @@ def test_client_forget_set_is_guarded_by_the_clients_data(fl_store: Store, tmp_p
         fl_store.add_node("again", fl_store.state_dict(GLOBAL), ARCH, data=TRAIN)
 
 
-def test_catch_up_after_purge_purges_what_was_added(fl_store: Store, tmp_path: Path):
+@pytest.mark.parametrize("mode", ["erase", "rows"])
+def test_catch_up_after_purge_purges_what_was_added(fl_store: Store, tmp_path: Path, mode: str):
     w0 = fl_store.state_dict(GLOBAL)
-    op_id = fl_store.unlearn([3], evaluate=False).operation
+    op_id = fl_store.unlearn([3], evaluate=False, params={"mode": mode}).operation
+    assert len(fl_store.operation_blobs(op_id)) == (0 if mode == "erase" else 3)  # rows: the unlearning FIMs
     fl_store.purge(op_id)
     info = fl_store.add_node("fl/late", w0, ARCH, parents=[(GLOBAL, None, 0)], catch_up=True)
     assert info.version == 1

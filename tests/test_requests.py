@@ -89,7 +89,7 @@ def test_request_export_report_and_purge_on_an_fl_lineage(fl_store: Store, tmp_p
             for e in rep["exports"]] == [("fl/r2/global", 0, str(pre.resolve()), True, True)]
     assert rep["verification"] is None and rep["caught_up"] == []
     assert rep["superseded_blobs"] > 0 and rep["superseded_blobs_gone"] is False
-    assert rep["operation_blobs"] and all(b["present"] for b in rep["operation_blobs"])
+    assert rep["operation_blobs"] == []  # erase keeps nothing computed from the forgotten data
     md = cli_ok("report", op, store=root)
     for text in ("# Deletion report: operation " + op, "dpo@example.org", "erasure request", "DSR-7",
                  "Labels: 1, 2", "`fl/r2/c1`", "Not purged", "Not verified", str(pre.resolve()),
@@ -101,7 +101,7 @@ def test_request_export_report_and_purge_on_an_fl_lineage(fl_store: Store, tmp_p
     rep = json.loads(cli_ok("report", op, "--json", store=root))
     assert rep["state"] == "purged" and rep["purged"] is True and rep["purged_at"] is not None
     assert rep["superseded_blobs_gone"] is True and rep["superseded_blobs_present"] == []
-    assert rep["operation_blobs"] == []  # purge deleted the unlearning FIMs with their rows
+    assert rep["operation_blobs"] == []
     # Every affected node's model FIM was cleaned of the forgotten labels, none kept as recorded.
     assert rep["model_fims"]["kept"] == 0 and rep["model_fims"]["replaced"] >= len(rep["nodes"])
     for n in rep["nodes"]:

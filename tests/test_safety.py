@@ -201,16 +201,17 @@ def test_sigkill_worker_fails_cleanly_and_changes_nothing(fl_store, tmp_path):
     fl_store.db = sqlite3.connect(":memory:")
 
 
-def test_failed_request_rolls_back_rows_and_blobs(fl_store):
-    # An inherited node's head is corrupted: phase 1 writes unlearning FIMs and phase 2 some heads,
-    # then the request fails; nothing of it may remain.
+@pytest.mark.parametrize("mode", ["erase", "rows"])
+def test_failed_request_rolls_back_rows_and_blobs(fl_store, mode):
+    # An inherited node's head is corrupted: some heads are written (and with rows, first the unlearning
+    # FIMs), then the request fails; nothing of it may remain.
     head = fl_store.blobs.path(fl_store.version("fl/r2/c1").head_blob)
     data = bytearray(head.read_bytes())
     data[-2] ^= 0x10
     head.write_bytes(bytes(data))
     before = store_state(fl_store.root)
     with pytest.raises(IntegrityError, match="node 'fl/r2/c1'"):
-        fl_store.unlearn([1, 2], evaluate=False)
+        fl_store.unlearn([1, 2], evaluate=False, params={"mode": mode})
     assert store_state(fl_store.root) == before
     assert fl_store.history() == []
 

@@ -16,7 +16,7 @@ from conftest import cli_run as run
 from umig.arch import ArchSpec
 from umig.data import resolve
 from umig.errors import UmigError, UnlearningError
-from umig.fisher import FIM, merge_max
+from umig.fisher import FIM, head_fisher, merge_max
 from umig.ingest import mean_parent_fim
 from umig.models import digits_cnn
 from umig.train import Recipe, train
@@ -59,16 +59,20 @@ def test_dry_run_json_lists_plan_and_changes_nothing(fl_store):
     assert plan["affected"] == AFFECTED
     groups = {tuple(g["discovery"]): g["nodes"] for g in plan["merge_groups"]}
     assert groups == {(d,): [d] for d in DISCOVERY} | {tuple(DISCOVERY): INHERITED}
-    assert [p["name"] for p in out["phases"]] == ["unlearning FIM", "merge + update"]
-    assert out["phases"][0]["nodes"] == DISCOVERY and out["phases"][1]["nodes"] == AFFECTED
-    assert out["phases"][1]["merge_groups"] == 4
+    # The default erase reads no unlearning FIM: one phase, every affected node's head update.
+    assert out["phases"] == [{"name": "update", "nodes": AFFECTED}]
+    rows = json.loads(umig_cli("unlearn", "--labels", "1,2", "--dry-run", "--json", "-p", "mode=rows",
+                               store=root).stdout)
+    assert [p["name"] for p in rows["phases"]] == ["unlearning FIM", "merge + update"]
+    assert rows["phases"][0]["nodes"] == DISCOVERY and rows["phases"][1]["nodes"] == AFFECTED
+    assert rows["phases"][1]["merge_groups"] == 4
     assert [(n["name"], n["role"], n["version_before"]) for n in out["nodes"]] == [
         (n, "discovery" if n in DISCOVERY else "inherited", 0) for n in AFFECTED]
     assert store_state(root) == before
 
     # The human view, and the policy/--from options.
     text = run("unlearn", "--labels", "1,2", "--dry-run", store=root)
-    assert text.exit_code == 0 and "unlearning FIM" in text.stdout and "3 discovery" in text.stdout
+    assert text.exit_code == 0 and "update" in text.stdout and "3 discovery" in text.stdout
     every = json.loads(run("unlearn", "-l", "1", "--dry-run", "--json", "--discovery", "all", store=root).stdout)
     assert every["plan"]["discovery"] == DISCOVERY + ["fl/r2/c0", "fl/r2/c1", "fl/r2/c2"]
     scoped = json.loads(run("unlearn", "-l", "1", "--dry-run", "--json", "--from", "fl/r2/c1", store=root).stdout)
@@ -105,7 +109,7 @@ def test_cli_unlearn_meets_targets_then_history_and_revert(fl_store):
     op = res["operation"]
     assert op.startswith("op-") and res["dry_run"] is False
     assert [n["name"] for n in res["nodes"]] == AFFECTED
-    assert [p["name"] for p in res["phases"]] == ["unlearning FIM", "merge + update"]
+    assert [p["name"] for p in res["phases"]] == ["update"]
     assert res["backend"]["backend"] == "inprocess"
     for n in res["nodes"]:
         assert n["version_before"] == 0 and n["version_after"] == 1
@@ -161,7 +165,7 @@ def test_python_api_unlearn_purge_and_revert_rules(fl_store):
     original = states(s)
     old = {n: s.version(n) for n in AFFECTED}
 
-    r1 = s.unlearn([3], evaluate=False)
+    r1 = s.unlearn([3], evaluate=False, params={"mode": "rows"})  # rows keeps its unlearning FIMs (purged below)
     j = r1.to_json()
     assert set(j) >= {"operation", "dry_run", "labels", "method", "params", "plan", "phases", "backend", "nodes",
                       "wall_s", "eval_s"}
@@ -285,8 +289,16 @@ def test_label_alignment_across_head_sizes_and_imbalanced_paths(fl_store):
     assert {i for i, c in enumerate(s.node("tl/five").classes) if c in forget} == {1, 2}
     assert {i for i, c in enumerate(s.node("il/twelve").classes) if c in forget} == {6, 7}
 
-    # The engine merged the discovery nodes' unlearning FIMs by label id: replaying Eq. 6 with
+    for n in ("tl/five", "il/twelve"):
+        after = evaluate_node(s, n, forget, data=HELDOUT)["heldout"]
+        assert ev_before[n]["AD_f"] > 0.5, (n, ev_before[n])
+        assert after["AD_f"] <= 0.02, (n, after)
+        assert after["AD_r"] >= ev_before[n]["AD_r"] - 0.03, (n, ev_before[n], after)
+
+    # mode=rows merges the discovery nodes' unlearning FIMs by label id: replaying Eq. 6 with
     # label-aligned FIMs reproduces each new head exactly; row-index alignment would not.
+    s.revert(res.operation)
+    res = s.unlearn(list(forget), evaluate=False, params={"mode": "rows"})
     digests = [r[0] for r in s.db.execute("SELECT digest FROM operation_blobs WHERE operation=?", (res.operation,))]
     fims = [FIM.from_tensors(*s.blobs.load_with_metadata(d)) for d in digests]
     assert len(fims) == 3 and all(f.classes == tuple(range(10)) for f in fims)
@@ -308,12 +320,6 @@ def test_label_alignment_across_head_sizes_and_imbalanced_paths(fl_store):
                           s.fim("tl/five"), by_row, forget, **{**params, "mode": "rows"})
     assert not torch.equal(w, w_rows)
 
-    for n in ("tl/five", "il/twelve"):
-        after = evaluate_node(s, n, forget, data=HELDOUT)["heldout"]
-        assert ev_before[n]["AD_f"] > 0.5, (n, ev_before[n])
-        assert after["AD_f"] <= 0.02, (n, after)
-        assert after["AD_r"] >= ev_before[n]["AD_r"] - 0.03, (n, ev_before[n], after)
-
     s.revert(res.operation)
     for name in plan.affected:
         sd = s.state_dict(name)
@@ -329,8 +335,19 @@ def test_forgetting_labels_with_stored_statistics_runs_no_forward_pass(fl_store,
         raise AssertionError("FIUn ran a forward pass over the forget data")
 
     monkeypatch.setattr(fiun, "head_fisher", no_pass)
+    # erase reads no unlearning FIM; rows sums the discovery nodes' stored per-label statistics into one.
     res = fl_store.unlearn([3], evaluate=False)
     assert res.nodes and all(n.version_after == n.version_before + 1 for n in res.nodes)
+    fl_store.revert(res.operation)
+    res = fl_store.unlearn([3], evaluate=False, params={"mode": "rows"})
+    assert len(fl_store.operation_blobs(res.operation)) == len(res.plan.discovery) > 0
+    monkeypatch.undo()  # the same request without statistics (an older store) does run the pass
+    fl_store.revert(res.operation)
+    calls = []
+    monkeypatch.setattr(fiun, "head_fisher", lambda *a, **k: calls.append(1) or head_fisher(*a, **k))
+    monkeypatch.setattr(fiun.FIM, "has_label_stats", property(lambda self: False))
+    fl_store.unlearn([3], evaluate=False, params={"mode": "rows"})
+    assert len(calls) == len(res.plan.discovery)
 
 
 def test_versions_after_a_revert_are_numbered_above_every_recorded_one(fl_store):

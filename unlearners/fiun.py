@@ -12,7 +12,9 @@ Modes (README "FIUn, and the modes"): ``erase`` (default) replaces each forgotte
 label's row by one built from the retained rows and the retained labels' Fisher
 only, so the head keeps nothing a white-box edit can turn back into the label;
 ``rows`` is Eq. 6 on the forgotten rows plus a bias floor (it masks: the rows keep
-their direction); ``paper`` is Eq. 6 exactly as published.
+their direction); ``paper`` is Eq. 6 exactly as published. ``erase`` reads no
+unlearning FIM, so it runs phase 2 alone: no forward pass, and nothing computed
+from the forgotten data is written beside the new heads.
 """
 
 from __future__ import annotations
@@ -252,6 +254,8 @@ class FIUn(Unlearner):
             raise UnlearningError(f"discovery node(s) {', '.join(nodata)} have no data reference")
 
     def describe_phases(self, job: Job) -> list[dict[str, Any]]:
+        if not _merges(job.params):
+            return [{"name": "update", "nodes": list(job.plan.affected)}]
         todo = [n for n in job.plan.discovery if ("unlearning_fim", n) not in job.reuse]
         return [
             *([{"name": "unlearning FIM", "nodes": todo}] if todo or not job.plan.discovery else []),
@@ -261,6 +265,15 @@ class FIUn(Unlearner):
 
     def schedule(self, job: Job) -> Generator[list[Task], list[Any], list[NodeResult]]:
         p = job.params
+        if not _merges(p):
+            # erase rebuilds each node's forgotten rows from its own head and model FIM: no unlearning
+            # FIM is read, so none is computed, and nothing derived from the forgotten data is kept.
+            results: list[NodeResult] = yield [
+                Task(fn="umig.unlearners.fiun:update_task", node=n, cost=0.01, payload={
+                    "snap": job.nodes[n], "discovery_fims": [], "labels": job.labels, "params": p,
+                    "role": job.plan.role(n)})
+                for n in job.plan.affected]
+            return results
         # A catch-up reuses its operation's unlearning FIMs: computed on the discovery nodes as they were
         # when the operation ran, what every other node's update was merged from.
         disc_fim = {n: job.reuse[("unlearning_fim", n)] for n in job.plan.discovery
@@ -282,8 +295,13 @@ class FIUn(Unlearner):
                 phase2.append(Task(fn="umig.unlearners.fiun:update_task", node=n, cost=0.01, payload={
                     "snap": job.nodes[n], "discovery_fims": digests, "labels": job.labels, "params": p,
                     "role": job.plan.role(n)}))
-        results: list[NodeResult] = yield phase2
+        results = yield phase2
         return results
+
+
+def _merges(params: Mapping[str, Any]) -> bool:
+    """Whether the mode reads the merged FIM (Eq. 5) of the discovery nodes' unlearning FIMs."""
+    return params["mode"] != "erase"
 
 
 def unlearning_fim_task(payload: dict[str, Any], env: Any) -> dict[str, Any]:
