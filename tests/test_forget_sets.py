@@ -129,14 +129,23 @@ def test_baselines_serve_a_client_whose_data_is_entirely_forgotten(fl_store, met
     if method == "finetune":
         # purge takes the client's samples out of the model FIMs: the client's own nodes keep none (no
         # data of their own is left), the other clients' FIMs hold none of it, and an aggregate whose
-        # client has no FIM any more cannot be rebuilt: it is reported as kept as recorded.
+        # FIM was its clients' mean becomes the mean of the clients that still have one.
+        from umig.ingest import mean_parent_fim
+
         before = {n.name: fl_store.version(n.name).fim_blob for n in res.nodes}
+        recorded = {n: fl_store.fim(n) for n in before}
         out = fl_store.purge(res.operation)
         after = {n: fl_store.version(n).fim_blob for n in before}
         assert after["fl/r1/c1"] is None and after["fl/r2/c1"] is None
         assert not fl_store.blobs.exists(before["fl/r1/c1"])
-        assert out["fims_replaced"] >= 2 and out["fims_kept"] == sum(
-            1 for n in before if n.endswith("global") and after[n] == before[n])
+        assert out["fims_kept"] == 0 and out["fims_replaced"] >= 2
+        for agg in ("fl/r1/global", "fl/r2/global"):
+            info = fl_store.node(agg)
+            rest = [(p, w) for p, _, w in info.parents if p != info.name.replace("global", "c1")]
+            want = mean_parent_fim(fl_store, rest, info.classes)  # the remaining clients' live (cleaned) FIMs
+            got = fl_store.fim(agg)
+            assert after[agg] != before[agg] and torch.allclose(got.weight, want.weight, rtol=1e-6, atol=0)
+            assert not torch.equal(got.weight, recorded[agg].weight)
 
 
 def test_forgotten_il_step_trains_only_on_labels_its_head_predicts(tmp_path):

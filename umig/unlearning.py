@@ -420,7 +420,8 @@ def purge(store: SqlStore, operation: str) -> dict[str, Any]:
       (:meth:`umig.fisher.FIM.without_labels`), no forward pass;
     * for a node with data of its own: the FIM of its live weights over its data minus the forget set
       (one forward pass; what a sample or client forget set needs);
-    * for an aggregate whose FIM is provably its parents' mean: the mean of their cleaned FIMs.
+    * for an aggregate whose FIM is provably its parents' mean: the mean of their cleaned FIMs, over the
+      parents that still have one (none: no FIM).
 
     The old FIM blobs are deleted with the superseded versions. A FIM none of these apply to is kept
     and counted in ``fims_kept``."""
@@ -446,7 +447,7 @@ def purge(store: SqlStore, operation: str) -> dict[str, Any]:
                 clean[digest] = fim
                 unchanged.add(digest)
                 continue
-            new = _clean_fim(store, node, version, fim, forget, positions.get(node), clean)
+            new = _clean_fim(store, node, version, fim, forget, positions, clean)
             if new is fim:
                 kept += 1
             else:
@@ -471,17 +472,19 @@ def _holds_none(store: SqlStore, node: str, fim: FIM, forget: ForgetSet, positio
 
 
 def _clean_fim(store: SqlStore, node: str, version: int, fim: FIM, forget: ForgetSet,
-               positions: np.ndarray | None, clean: Mapping[str, FIM | None]) -> FIM | None:
+               positions: Mapping[str, np.ndarray], clean: Mapping[str, FIM | None]) -> FIM | None:
     """``fim`` (the model FIM of ``node`` at ``version``, which holds some of the forgotten data) without it
-    (see :func:`purge`); ``fim`` itself when that cannot be done."""
+    (see :func:`purge`); ``fim`` itself when that cannot be done. ``positions``: each holder's forgotten
+    samples; ``clean``: the cleaned FIMs so far, by old digest (parents come first)."""
     if not forget.samples and fim.has_label_stats:
         return fim.without_labels(forget.labels)
     info = store.node(node)
+    own = positions.get(node)
     if info.data_ref is not None:
         data = store.node_data(node)
-        if positions is not None and positions.size:
+        if own is not None and own.size:
             keep = np.ones(len(data), dtype=bool)
-            keep[positions] = False
+            keep[own] = False
             data = data.select(np.flatnonzero(keep))
         if forget.labels:
             data = data.filter_labels(drop=forget.labels)
@@ -492,20 +495,31 @@ def _clean_fim(store: SqlStore, node: str, version: int, fim: FIM, forget: Forge
                            temperature=fim.temperature, per_label=fim.has_label_stats)
     if not info.parents:
         return fim
-    parent_fims = {}  # parent -> (the FIM the aggregate was recorded from, its cleaned form)
+    parent_fims = {}  # parent -> (the FIM the aggregate was recorded from, its cleaned form or None)
     for p, _relation, _weight in info.parents:
         v = info.parent_versions.get(p)
         d = store.version(p, v).fim_blob if v is not None else None
-        if d is None or d not in clean or clean[d] is None:
+        if d is None:
             return fim
-        parent_fims[p] = (store.fim(p, v), clean[d])
+        recorded = store.fim(p, v)
+        if d in clean:
+            parent_fims[p] = (recorded, clean[d])
+        elif _holds_none(store, p, recorded, forget, positions.get(p)):  # a parent the operation left alone
+            parent_fims[p] = (recorded, recorded)
+        else:
+            return fim
     weights = [(p, w) for p, _relation, w in info.parents]
     before = ingest.mean_parent_fim(store, weights, fim.classes, lambda p: parent_fims[p][0])
     if before is None or not torch.equal(before.weight, fim.weight) or (
             (before.bias is None) != (fim.bias is None)) or (
             before.bias is not None and not torch.equal(before.bias, fim.bias)):
         return fim  # not its parents' mean (captured or given): cannot be rebuilt from them
-    return ingest.mean_parent_fim(store, weights, fim.classes, lambda p: parent_fims[p][1])
+    # A parent left with no FIM (all its data forgotten) drops out of the mean, as a client with no
+    # data left drops out of FedAvg; with none left the aggregate keeps no FIM either.
+    remaining = [(p, w) for p, w in weights if parent_fims[p][1] is not None]
+    if not remaining:
+        return None
+    return ingest.mean_parent_fim(store, remaining, fim.classes, lambda p: parent_fims[p][1])
 
 
 def operation_forget_set(store: SqlStore, operation: str) -> ForgetSet:
