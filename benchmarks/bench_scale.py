@@ -16,8 +16,9 @@ Per size, in a fresh process (so peak memory is that size's own):
 * FIUn       - ``unlearn --labels L --no-eval`` per worker setting (``1``: in-process; ``2``: ``--workers 2``
                as users get it: the coordinator computes and spawns its helper only when the work pays
                for its start-up; ``2a``: a pool of two workers spawned at once, ``UMIG_POOL_START=always``),
-               each on a fresh copy of the store, with nodes/s over the whole call (planning, both phases,
-               commit), and the largest difference between the new heads of the settings
+               each on a fresh copy of the store, with nodes/s over the whole call (planning, the update,
+               commit; the median of ``--repeats`` runs, the settings interleaved in alternating order),
+               and the largest difference between the new heads of the settings
 * graph show - the CLI on the whole store: seconds and lines printed
 * peak RSS of the coordinator, of its pool workers (if any started) and of the CLI runs; store size
 
@@ -36,6 +37,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -196,29 +198,39 @@ def run_one(n_nodes: int, args: argparse.Namespace) -> dict:
         snapshot = work / "pristine"
         shutil.copytree(root, snapshot)
         heads: dict[str, dict[str, str]] = {}
-        for w in args.workers:
-            run_root = work / f"run-w{w}"
-            shutil.copytree(snapshot, run_root)
-            store = Store.open(run_root)
-            t0 = time.perf_counter()
-            n, start, device = _setting(w, args.device)
-            if start:  # a pool started one way or the other (make_backend(pool_start=...))
-                be = make_backend(store.blobs.url, workers=n, device=device, pool_start=start)
-                try:
-                    res = store.unlearn([args.label], backend=be, evaluate=False)
-                finally:
-                    be.close()
-            else:
-                res = store.unlearn([args.label], workers=n, device=device, evaluate=False)
-            out[f"fiun_w{w}_backend"] = res.backend
-            dt = time.perf_counter() - t0
-            store.close()
-            out[f"fiun_w{w}_s"] = dt
-            out[f"fiun_w{w}_engine_s"] = res.wall_s
-            out[f"fiun_w{w}_nps"] = len(res.nodes) / dt
-            heads[w] = head_digests(run_root)
-            out["store_mb"] = sum(p.stat().st_size for p in run_root.rglob("*") if p.is_file()) / 2**20
-            out["blobs"] = sum(1 for _ in (run_root / "blobs").glob("??/*.safetensors"))
+        runs: dict[str, list[float]] = {w: [] for w in args.workers}
+        # Interleaved, alternating order (w1, w2, w2, w1, ...): a shared machine's load drifts, and the
+        # settings' ratio should not depend on which one ran in the busier minute.
+        for i in range(args.repeats):
+            for w in (args.workers if i % 2 == 0 else args.workers[::-1]):
+                run_root = work / f"run-w{w}"
+                shutil.rmtree(run_root, ignore_errors=True)
+                shutil.copytree(snapshot, run_root)
+                os.sync()  # the copy's writeback (thousands of files) must not spill into the timed run's fsyncs
+                store = Store.open(run_root)
+                t0 = time.perf_counter()
+                n, start, device = _setting(w, args.device)
+                if start:  # a pool started one way or the other (make_backend(pool_start=...))
+                    be = make_backend(store.blobs.url, workers=n, device=device, pool_start=start)
+                    try:
+                        res = store.unlearn([args.label], backend=be, evaluate=False)
+                    finally:
+                        be.close()
+                else:
+                    res = store.unlearn([args.label], workers=n, device=device, evaluate=False)
+                dt = time.perf_counter() - t0
+                store.close()
+                runs[w].append(dt)
+                out[f"fiun_w{w}_backend"] = res.backend
+                out[f"fiun_w{w}_engine_s"] = res.wall_s
+                out[f"fiun_w{w}_nodes"] = len(res.nodes)
+                heads[w] = head_digests(run_root)
+                out["store_mb"] = sum(p.stat().st_size for p in run_root.rglob("*") if p.is_file()) / 2**20
+                out["blobs"] = sum(1 for _ in (run_root / "blobs").glob("??/*.safetensors"))
+        for w, times in runs.items():
+            out[f"fiun_w{w}_runs"] = times
+            out[f"fiun_w{w}_s"] = statistics.median(times)
+            out[f"fiun_w{w}_nps"] = out[f"fiun_w{w}_nodes"] / out[f"fiun_w{w}_s"]
         if len(heads) > 1:
             out["heads_max_diff"] = heads_max_diff(work, heads)
         out["store_before_mb"] = sum(p.stat().st_size for p in snapshot.rglob("*") if p.is_file()) / 2**20
@@ -295,6 +307,8 @@ def main() -> None:
                          "OpenMP threads make every tiny op cost milliseconds). Pool workers get cores // workers.")
     ap.add_argument("--dir", default=None, help="where to build the stores (default: system temp)")
     ap.add_argument("--no-cli", dest="cli", action="store_false", help="skip the CLI timings (dry run, graph show)")
+    ap.add_argument("--repeats", type=int, default=1, help="timed FIUn runs per worker setting, interleaved in "
+                    "alternating order, each on a fresh copy of the store; the median is reported")
     ap.add_argument("--keep", action="store_true", help="keep the stores")
     ap.add_argument("--json", dest="json_out", default=None, help="also write the figures to this JSON file")
     ap.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # internal: run one size here

@@ -40,7 +40,7 @@ def steps(quick: bool, tmp: Path) -> list[tuple[str, list[str]]]:
                     *js("fisher")]),
         ("unlearn", ["bench_unlearn.py", *(["--quick"] if quick else []), *js("unlearn")]),
         ("scale", ["bench_scale.py", "--sizes", "1000" if quick else "10000", "--workers", "1,2", "--no-cli",
-                   *js("scale")]),
+                   "--repeats", "1" if quick else "3", *js("scale")]),
         ("recording", ["bench_recording.py", *(["--quick"] if quick else ["--repeat", "5"]),
                        "--out", str(tmp / "recording.md"), *js("recording")]),
         ("paper", ["reproduce_paper.py", "--no-depth", "--out", str(tmp / "paper"),
@@ -118,7 +118,9 @@ def rows(res: dict) -> list[tuple[str, str, str, str, str, str]]:
         for w in ("1", "2"):
             nps = r.get(f"fiun_w{w}_nps")
             if nps is not None:
-                out.append((f"FIUn throughput, `--workers {w}`, {n:,}-node synthetic FL lineage (whole call)",
+                runs = len(r.get(f"fiun_w{w}_runs") or [1])
+                med = f", median of {runs} interleaved runs" if runs > 1 else ""
+                out.append((f"FIUn throughput, `--workers {w}`, {n:,}-node synthetic FL lineage (whole call{med})",
                             "-", f"{r[f'fiun_w{w}_s']:.2f} s", f"{nps:,.0f} nodes/s",
                             ">= 1,000 nodes/s" if n >= 10_000 else "-",
                             _verdict(nps >= 1000) if n >= 10_000 else "-"))
