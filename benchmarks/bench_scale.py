@@ -20,6 +20,8 @@ Per size, in a fresh process (so peak memory is that size's own):
                commit; the median of ``--repeats`` runs, the settings interleaved in alternating order),
                and the largest difference between the new heads of the settings
 * graph show - the CLI on the whole store: seconds and lines printed
+* floor      - ``benchmarks/floor.py`` on the same affected nodes of a fresh copy (``--no-floor`` skips it):
+               the least the same operation costs with umig's durability, timed in the same rounds
 * peak RSS of the coordinator, of its pool workers (if any started) and of the CLI runs; store size
 
 Targets (2 CPU cores): planning 50,000 nodes < 2 s (linear: 0.4 s at 10,000); FIUn >= 1,000 nodes/s
@@ -160,11 +162,25 @@ def heads_max_diff(work: Path, heads: dict[str, dict[str, str]]) -> float:
     return worst
 
 
+def _floor_run(root: Path, nodes: list[str], label: int) -> float:
+    """Seconds of the floor (``benchmarks/floor.py``) of the FIUn operation on ``nodes``: the least it can cost
+    on this store with umig's durability (the same reads, arithmetic, durable writes and one commit)."""
+    from floor import Floor
+
+    fl = Floor(root)
+    try:
+        t0 = time.perf_counter()
+        fl.run(nodes, [label])
+        return time.perf_counter() - t0
+    finally:
+        fl.close()
+
+
 def run_one(n_nodes: int, args: argparse.Namespace) -> dict:
     """Everything for one size, in this process."""
     import torch
 
-    from umig.execution import make_backend
+    from umig.execution import make_backend, shutdown_workers
     from umig.api import Store
 
     torch.set_num_threads(args.threads)
@@ -199,14 +215,20 @@ def run_one(n_nodes: int, args: argparse.Namespace) -> dict:
         shutil.copytree(root, snapshot)
         heads: dict[str, dict[str, str]] = {}
         runs: dict[str, list[float]] = {w: [] for w in args.workers}
-        # Interleaved, alternating order (w1, w2, w2, w1, ...): a shared machine's load drifts, and the
-        # settings' ratio should not depend on which one ran in the busier minute.
+        floor_runs: list[float] = []
+        workers_mb = 0.0
+        # Interleaved, alternating order (floor, w1, w2, w2, w1, floor, ...): a shared machine's load drifts,
+        # and the ratios should not depend on which setting ran in the busier minute.
+        settings = ["floor", *args.workers] if args.floor else list(args.workers)
         for i in range(args.repeats):
-            for w in (args.workers if i % 2 == 0 else args.workers[::-1]):
+            for w in (settings if i % 2 == 0 else settings[::-1]):
                 run_root = work / f"run-w{w}"
                 shutil.rmtree(run_root, ignore_errors=True)
                 shutil.copytree(snapshot, run_root)
                 os.sync()  # the copy's writeback (thousands of files) must not spill into the timed run's fsyncs
+                if w == "floor":
+                    floor_runs.append(_floor_run(run_root, plan.plan.affected, args.label))
+                    continue
                 store = Store.open(run_root)
                 t0 = time.perf_counter()
                 n, start, device = _setting(w, args.device)
@@ -227,15 +249,22 @@ def run_one(n_nodes: int, args: argparse.Namespace) -> dict:
                 heads[w] = head_digests(run_root)
                 out["store_mb"] = sum(p.stat().st_size for p in run_root.rglob("*") if p.is_file()) / 2**20
                 out["blobs"] = sum(1 for _ in (run_root / "blobs").glob("??/*.safetensors"))
+                # Every run starts as a fresh `umig unlearn` would: no worker left up by the one before.
+                workers_mb = max(workers_mb, _workers_peak_mb())
+                shutdown_workers()
         for w, times in runs.items():
             out[f"fiun_w{w}_runs"] = times
             out[f"fiun_w{w}_s"] = statistics.median(times)
             out[f"fiun_w{w}_nps"] = out[f"fiun_w{w}_nodes"] / out[f"fiun_w{w}_s"]
+        if floor_runs:
+            out["floor_runs"] = floor_runs
+            out["floor_s"] = statistics.median(floor_runs)
+            out["floor_nps"] = out["affected"] / out["floor_s"]
         if len(heads) > 1:
             out["heads_max_diff"] = heads_max_diff(work, heads)
         out["store_before_mb"] = sum(p.stat().st_size for p in snapshot.rglob("*") if p.is_file()) / 2**20
         out["peak_rss_mb"] = _rss_mb(resource.RUSAGE_SELF)
-        out["peak_rss_workers_mb"] = _workers_peak_mb()  # pool workers still alive (they outlive requests)
+        out["peak_rss_workers_mb"] = workers_mb  # the largest pool worker of any run (0: none started)
         out["peak_rss_cli_mb"] = _rss_mb(resource.RUSAGE_CHILDREN)  # the CLI subprocesses (waited for)
     finally:
         if not args.keep:
@@ -249,6 +278,7 @@ def report(rows: list[dict], workers: list[int]) -> None:
     cols = [("nodes", "nodes", "{:d}"), ("add_s", "add s", "{:.1f}"), ("add_nps", "add n/s", "{:.0f}"),
             ("open_graph_s", "open+graph s", "{:.2f}"), ("plan_s", "plan s", "{:.2f}"),
             ("plan_cli_s", "dry-run CLI s", "{:.2f}"), ("affected", "affected", "{:d}")]
+    cols += [("floor_s", "floor s", "{:.2f}"), ("floor_nps", "floor n/s", "{:.0f}")]
     for w in workers:
         cols += [(f"fiun_w{w}_s", f"FIUn w{w} s", "{:.2f}"), (f"fiun_w{w}_nps", f"w{w} n/s", "{:.0f}")]
     cols += [("graph_show_s", "graph show s", "{:.2f}"), ("graph_show_lines", "show lines", "{:d}"),
@@ -276,7 +306,8 @@ def report(rows: list[dict], workers: list[int]) -> None:
             judged = r["nodes"] >= 10_000
             good = nps >= FIUN_TARGET_NPS
             ok &= good or not judged
-            notes.append(f"FIUn w{w} {nps:.0f} n/s" + (f" {'>=' if good else '<'} {FIUN_TARGET_NPS:.0f}" if judged else ""))
+            notes.append(f"FIUn w{w} {nps:.0f} n/s" + (f" {'>=' if good else '<'} {FIUN_TARGET_NPS:.0f}" if judged else "")
+                         + (f" ({r[f'fiun_w{w}_s'] / r['floor_s']:.2f}x the floor's time)" if r.get("floor_s") else ""))
         if r.get("fiun_w1_s") and r.get("fiun_w2_s"):
             ratio = r["fiun_w2_s"] / r["fiun_w1_s"]
             ok &= ratio <= 1.1
@@ -307,6 +338,8 @@ def main() -> None:
                          "OpenMP threads make every tiny op cost milliseconds). Pool workers get cores // workers.")
     ap.add_argument("--dir", default=None, help="where to build the stores (default: system temp)")
     ap.add_argument("--no-cli", dest="cli", action="store_false", help="skip the CLI timings (dry run, graph show)")
+    ap.add_argument("--no-floor", dest="floor", action="store_false", help="do not time the floor of the same "
+                    "FIUn operation (benchmarks/floor.py) beside it")
     ap.add_argument("--repeats", type=int, default=1, help="timed FIUn runs per worker setting, interleaved in "
                     "alternating order, each on a fresh copy of the store; the median is reported")
     ap.add_argument("--keep", action="store_true", help="keep the stores")

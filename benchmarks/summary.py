@@ -120,8 +120,10 @@ def rows(res: dict) -> list[tuple[str, str, str, str, str, str]]:
             if nps is not None:
                 runs = len(r.get(f"fiun_w{w}_runs") or [1])
                 med = f", median of {runs} interleaved runs" if runs > 1 else ""
+                base = (f"floor {r['floor_s']:.2f} s ({r['floor_nps']:,.0f} nodes/s; FIUn takes "
+                        f"{r[f'fiun_w{w}_s'] / r['floor_s']:.2f}x its time)" if r.get("floor_s") else "-")
                 out.append((f"FIUn throughput, `--workers {w}`, {n:,}-node synthetic FL lineage (whole call{med})",
-                            "-", f"{r[f'fiun_w{w}_s']:.2f} s", f"{nps:,.0f} nodes/s",
+                            base, f"{r[f'fiun_w{w}_s']:.2f} s", f"{nps:,.0f} nodes/s",
                             ">= 1,000 nodes/s" if n >= 10_000 else "-",
                             _verdict(nps >= 1000) if n >= 10_000 else "-"))
         if r.get("fiun_w1_s") and r.get("fiun_w2_s"):

@@ -541,7 +541,7 @@ def catch_up_node(store: SqlStore, node: str, superseded: Sequence[ingest.Supers
 
     Each operation runs again with its own forget set, method, parameters and discovery policy,
     restricted to the node (``from_nodes=[node]``); the blobs it kept are handed to the method
-    (FIUn reuses its unlearning FIMs). The new version is attached to the operation
+    (FIUn's rows and paper modes reuse their unlearning FIMs). The new version is attached to the operation
     (``SqlStore.commit_catch_up``), which then lists the node as caught up. Returns the catch-ups.
     """
     reasons: dict[str, list[str]] = {}
