@@ -268,11 +268,7 @@ class FIUn(Unlearner):
         if not _merges(p):
             # erase rebuilds each node's forgotten rows from its own head and model FIM: no unlearning
             # FIM is read, so none is computed, and nothing derived from the forgotten data is kept.
-            results: list[NodeResult] = yield [
-                Task(fn="umig.unlearners.fiun:update_task", node=n, cost=0.01, payload={
-                    "snap": job.nodes[n], "discovery_fims": [], "labels": job.labels, "params": p,
-                    "role": job.plan.role(n)})
-                for n in job.plan.affected]
+            results: list[NodeResult] = yield [_update(job, n, []) for n in job.plan.affected]
             return results
         # A catch-up reuses its operation's unlearning FIMs: computed on the discovery nodes as they were
         # when the operation ran, what every other node's update was merged from.
@@ -291,12 +287,16 @@ class FIUn(Unlearner):
         phase2 = []
         for key, nodes in job.plan.groups:
             digests = sorted(disc_fim[d] for d in key)
-            for n in nodes:
-                phase2.append(Task(fn="umig.unlearners.fiun:update_task", node=n, cost=0.01, payload={
-                    "snap": job.nodes[n], "discovery_fims": digests, "labels": job.labels, "params": p,
-                    "role": job.plan.role(n)}))
+            phase2.extend(_update(job, n, digests) for n in nodes)
         results = yield phase2
         return results
+
+
+def _update(job: Job, node: str, discovery_fims: list[str]) -> Task:
+    """The phase-2 task of ``node``: its head update, merged from ``discovery_fims`` where the mode merges."""
+    return Task(fn="umig.unlearners.fiun:update_task", node=node, cost=0.01, payload={
+        "snap": job.nodes[node], "discovery_fims": discovery_fims, "labels": job.labels, "params": job.params,
+        "role": job.plan.role(node)})
 
 
 def _merges(params: Mapping[str, Any]) -> bool:
