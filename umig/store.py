@@ -746,12 +746,10 @@ class SqlStore:
 
     def live_versions(self, names: Iterable[str]) -> dict[str, int]:
         """``{name: live version}`` for those of ``names`` that are nodes, in one query per 500 names."""
-        wanted = list(dict.fromkeys(names))
         out: dict[str, int] = {}
-        for i in range(0, len(wanted), 500):
-            part = wanted[i : i + 500]
+        for part, marks in _in_lists(list(dict.fromkeys(names))):
             out.update((r[0], int(r[1])) for r in self.db.execute(
-                f"SELECT name, version FROM nodes WHERE name IN ({','.join('?' * len(part))})", part))
+                f"SELECT name, version FROM nodes WHERE name IN ({marks})", part))
         return out
 
     def versions(self, name: str) -> list[Version]:
@@ -1031,9 +1029,8 @@ class SqlStore:
         # (positional: a third of the cost of keywords on 50,000 nodes). For most of the store (a
         # request on a federation) every row in one query beats sending the names, 500 per query.
         everything = 2 * len(names) >= len(self)
-        for i in range(0, 1 if everything else len(names), 500):
-            part = [] if everything else names[i : i + 500]
-            where = "" if everything else f" WHERE {{}}.name IN ({','.join('?' * len(part))})"
+        for part, marks in ([([], "")] if everything else _in_lists(names)):
+            where = "" if everything else f" WHERE {{}}.name IN ({marks})"
             for child, parent, relation, weight in self.db.tuples(
                 "SELECT c.name, p.name, e.relation, e.weight FROM edges e JOIN nodes c ON c.id=e.child "
                 "JOIN nodes p ON p.id=e.parent" + where.format("c") + " ORDER BY p.name", part):
@@ -1327,14 +1324,12 @@ class SqlStore:
     def label_forgets(self, labels: Iterable[int]) -> list[tuple[OperationRef, int]]:
         """``(operation, label)`` for each of ``labels`` that a live (applied or purged, not reverted)
         operation forgot, oldest operation first."""
-        wanted = sorted({int(x) for x in labels})
         out: list[tuple[OperationRef, int]] = []
-        for i in range(0, len(wanted), 500):
-            part = wanted[i : i + 500]
+        for part, marks in _in_lists(sorted({int(x) for x in labels})):
             out += [(OperationRef(id=r["id"], ticket=r["ticket"], created=r["created"]), int(r["label"]))
                     for r in self.db.execute(
                         f"SELECT o.id, o.ticket, o.created, l.label FROM operation_labels l "
-                        f"JOIN operations o ON o.id=l.operation WHERE l.label IN ({','.join('?' * len(part))}) "
+                        f"JOIN operations o ON o.id=l.operation WHERE l.label IN ({marks}) "
                         f"AND o.state!='reverted'", part)]
         return sorted(out, key=lambda t: (t[0].created, t[0].id, t[1]))
 
@@ -1529,6 +1524,20 @@ def split_head(state: Mapping[str, torch.Tensor], head: str) -> tuple[dict[str, 
 # Every table, parents before children (foreign keys), for ``copy_to``.
 _COPY_TABLES = ("meta", "nodes", "edges", "versions", "operations", "operation_nodes", "operation_blobs",
                 "operation_references", "operation_labels", "operation_samples", "caught_up", "exports")
+
+
+_IN_MAX = 500  # values per IN (...) list: far below every backend's limit on bound parameters
+
+
+def _in_lists(values: Sequence[Any]) -> Iterator[tuple[Sequence[Any], str]]:
+    """``values`` in slices of at most ``_IN_MAX``, each with its ``?,?,...`` placeholders.
+
+    >>> [(list(p), m) for p, m in _in_lists(range(3))]
+    [([0, 1, 2], '?,?,?')]
+    """
+    for i in range(0, len(values), _IN_MAX):
+        part = values[i : i + _IN_MAX]
+        yield part, ",".join("?" * len(part))
 
 
 def _split_sql(script: str) -> list[str]:
