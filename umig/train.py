@@ -321,8 +321,8 @@ def fit(model: nn.Module, data: Any, recipe: Recipe | Mapping[str, Any], classes
         try:
             fim = cap.fim()
         except FisherDataError:  # the loop changed the head's outputs in place: recording runs the FIM pass
-            fim = None
-        if fim is not None:
+            pass
+        else:
             keep_fim(model, fim, head=cap.head, data=data, seconds=cap.seconds)
     return out
 
