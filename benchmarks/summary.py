@@ -41,7 +41,7 @@ def steps(quick: bool, tmp: Path) -> list[tuple[str, list[str]]]:
         ("unlearn", ["bench_unlearn.py", *(["--quick"] if quick else []), *js("unlearn")]),
         ("scale", ["bench_scale.py", "--sizes", "1000" if quick else "10000", "--workers", "1,2", "--no-cli",
                    "--repeats", "1" if quick else "3", *js("scale")]),
-        ("recording", ["bench_recording.py", *(["--quick"] if quick else ["--repeat", "5"]),
+        ("recording", ["bench_recording.py", *(["--quick"] if quick else ["--repeat", "9"]),
                        "--out", str(tmp / "recording.md"), *js("recording")]),
         ("paper", ["reproduce_paper.py", "--no-depth", "--out", str(tmp / "paper"),
                    *(["--quick", "--frameworks", "il", "--cf", "1"] if quick else [])]),
@@ -71,6 +71,11 @@ def _s(v: float | None) -> str:
     if v is None:
         return "-"
     return f"{1000 * v:.1f} ms" if v < 1 else f"{v:.2f} s"
+
+
+def _e2e(m: dict) -> str:
+    lo, hi = m["end_to_end_iqr"]
+    return f"{100 * m['end_to_end']:+.1f}%, {100 * lo:+.0f}..{100 * hi:+.0f}%"
 
 
 def _verdict(ok: bool | None) -> str:
@@ -144,16 +149,19 @@ def rows(res: dict) -> list[tuple[str, str, str, str, str, str]]:
                     _x(f["fim_over_inference"]), "<= 1.2x", _verdict(f["fim_over_inference"] <= 1.2)))
     rec = res.get("recording")
     if rec:
+        rounds = rec.get("repeat", 1)
         for lin in rec["lineages"]:
             name = lin["lineage"].split(" (")[0]
-            d, e = lin["default"], lin["exact"]
-            out.append((f"Recording / training without recording, {lin['lineage']} (default settings: model FIMs "
-                        "captured from the last training epoch; the capture counted as recording)",
-                        f"training {_s(d['train'])}", f"recording {_s(d['record'])} (capture {_s(d['capture'])})",
-                        _pct(lin["overhead_default"]), "<= 5%", _verdict(lin["overhead_default"] <= 0.05)))
+            d, e, n = lin["default"], lin["exact"], lin["none"]
+            out.append((f"Recording / training, {lin['lineage']} (default settings: model FIMs captured from the last "
+                        "training epoch, the capture counted as recording; in brackets, end to end: the recorded "
+                        f"build's wall time / the unrecorded one's, median and quartiles of {rounds} round{'s' if rounds != 1 else ''})",
+                        f"training {_s(d['train'])} (not recorded: {_s(n['train'])})",
+                        f"recording {_s(d['record'])} (capture {_s(d['capture'])}) (end to end {_e2e(d)})",
+                        _pct(d["overhead"]), "<= 5%", _verdict(d["overhead"] <= 0.05)))
             out.append((f"... {name} with the exact FIM pass (`exact_fim=True`: one extra forward pass per node)",
-                        f"training {_s(e['train'])}", f"recording {_s(e['record'])}", _pct(lin["overhead_exact"]),
-                        "-", "-"))
+                        f"training {_s(e['train'])}", f"recording {_s(e['record'])} (end to end {_e2e(e)})",
+                        _pct(e["overhead"]), "-", "-"))
     for key in ("paper", "paper100"):
         p = res.get(key)
         if not p:
