@@ -189,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# Recording overhead on the digits examples",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores (shared with other "
+        f"{time.strftime('%Y-%m-%d %H:%M %Z')}. Machine: {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPU cores (shared with other "
         f"jobs), torch {torch.__version__}, {args.threads} thread(s); {repeat} round(s) per lineage"
         f"{' (--quick sizes)' if args.quick else ''}, each round building the lineage three times back to back "
         "(recorded with default settings, recorded with the exact FIM pass, not recorded), in a different order "
