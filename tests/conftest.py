@@ -17,7 +17,7 @@ from umig.cli.main import app
 from umig.demo import build_fl_digits
 from umig.train import Recipe
 
-from postgres import pg_url, postgres_server  # noqa: F401  (fixtures: a real PostgreSQL server)
+from postgres import pg_url, postgres_server, postgres_servers  # noqa: F401  (fixtures: real PostgreSQL servers)
 from servers import s3_server, s3_url  # noqa: F401  (fixtures: an S3 server, moto in server mode)
 
 REPO = Path(__file__).resolve().parents[1]

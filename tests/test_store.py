@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import umig.store as store_mod
 from conftest import corrupt_blob, delete_blob_file, store_state
+from postgres import VERSIONS, database
 from umig.arch import ArchSpec
 from umig.data import digits_client_split, save_subset
 from umig.errors import ArchError, DataError, GraphError, IntegrityError, NotFoundError, UmigError
@@ -23,17 +24,18 @@ CNN = ArchSpec("umig.models:digits_cnn", {"num_classes": 10})
 CNN5 = ArchSpec("umig.models:digits_cnn", {"num_classes": 5})
 
 
-@pytest.fixture(params=["local", "server"], ids=["local", "postgres+s3"])
+@pytest.fixture(params=["local", *VERSIONS], ids=["local", *(f"{v}+s3" for v in VERSIONS)])
 def small(request, tmp_path, monkeypatch):
     """A fresh store with untrained models: root 'a' (digits shard), children added by tests.
 
-    Once embedded (a directory: SQLite + blob files), once shared (PostgreSQL + S3)."""
+    Once embedded (a directory: SQLite + blob files), and shared (PostgreSQL + S3) once per PostgreSQL
+    version the tests found."""
     torch.manual_seed(0)
     if request.param == "local":
         store = Store.init(tmp_path / "s")
     else:
         monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # a server store's local side files
-        store = Store.init(request.getfixturevalue("pg_url"), blobs=request.getfixturevalue("s3_url"))
+        store = Store.init(database(request, request.param), blobs=request.getfixturevalue("s3_url"))
     idx = digits_client_split(3, split="train", seed=0)[0]
     subset = save_subset(tmp_path / "a.npy", idx)
     model = digits_cnn()
