@@ -13,7 +13,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -q -e '.[all]'
 	# tests/test_ui.py drives the system's Chromium (Playwright never downloads one), and the shared-store
-	# tests start a PostgreSQL server from Debian's binaries (tests/postgres.py); CI runs as root.
+	# tests start PostgreSQL servers from Debian's binaries and from the pgserver wheel's (tests/postgres.py,
+	# one per major version); CI runs as root.
 	command -v chromium >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1 || \
 		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1 || \
@@ -28,7 +29,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-# Every headline ratio of the README against its baseline, measured in one run (~10 min on 2 cores):
+# Every headline ratio of the README against its baseline, measured in one run (~17 min on 2 cores):
 # writes benchmarks/results/summary.md. BENCH_ARGS=--quick for a smoke run.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/summary.py $(BENCH_ARGS)
