@@ -117,14 +117,14 @@ def _run(index: int, mode: str, quick: bool) -> dict:
         store = Store.init(Path(tmp) / "store")
         build = cases(quick, mode != "default")[index][1]
         with unrecorded(store) if mode == "none" else contextlib.nullcontext():
-            t0, c0 = time.perf_counter(), time.process_time()
+            t0 = time.perf_counter()
             run = build(store)
-            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            wall = time.perf_counter() - t0
         rec = run["recorder"]
         cap = rec.capture_seconds  # inside the training loop: a recording cost, not training
         trained = sum(1 for n in rec.nodes if store.node(n).data_size) if mode != "none" else 0
         store.close()
-        return {"wall": wall, "cpu": cpu, "train": run["train_s"] - cap, "record": rec.seconds + cap, "capture": cap,
+        return {"wall": wall, "train": run["train_s"] - cap, "record": rec.seconds + cap, "capture": cap,
                 "recorder": rec.seconds, "nodes": len(rec.nodes), "trained": trained}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -136,7 +136,7 @@ def measure(index: int, quick: bool, repeat: int) -> dict:
     Per recorded mode, from the median run by ``record / train`` of that same run: ``overhead`` (the target),
     what the recorder's own calls and the capture cost next to the loop they ran in. ``end_to_end``: the
     median over rounds of the recorded build's wall time over the unrecorded one's in the same round, less
-    1, with the quartiles of those ratios (``end_to_end_iqr``). It also holds what recording costs the loop
+    1, with the quartiles of those ratios (``end_to_end_iqr``; the least and the most, with under 4 rounds). It also holds what recording costs the loop
     around it (the blob writers' fsyncs sharing the cores, caches), which ``overhead`` cannot see, and
     everything else the machine did meanwhile: on a shared machine its rounds spread far wider than 5%.
     """
