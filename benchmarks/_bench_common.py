@@ -100,6 +100,13 @@ def pct(x: float | None, fmt: str = ".1f") -> str:
     return "-" if x is None else format(100 * x, fmt)
 
 
+def change_with_spread(median: float, spread: Sequence[float]) -> str:
+    """A relative change and its spread, e.g. ``+5.8% (-7..+11%)``: ``median`` and ``spread`` (low, high)
+    as fractions (bench_recording's end-to-end figure, also printed by summary.py)."""
+    lo, hi = spread
+    return f"{100 * median:+.1f}% ({100 * lo:+.0f}..{100 * hi:+.0f}%)"
+
+
 # ------------------------------------------------------------------ tables
 LEFT_COLUMNS = ("lineage", "kind", "method")  # the label columns; every other column is right-aligned
 

@@ -58,6 +58,7 @@ import incremental  # noqa: E402
 import transfer  # noqa: E402
 
 import bench_integrations  # noqa: E402  (benchmarks/, the script's own folder)
+from _bench_common import change_with_spread  # noqa: E402  (benchmarks/, the script's own folder)
 
 from umig import unlearning  # noqa: E402
 from umig.api import Store  # noqa: E402
@@ -122,10 +123,9 @@ def _run(index: int, mode: str, quick: bool) -> dict:
             wall = time.perf_counter() - t0
         rec = run["recorder"]
         cap = rec.capture_seconds  # inside the training loop: a recording cost, not training
-        trained = sum(1 for n in rec.nodes if store.node(n).data_size) if mode != "none" else 0
         store.close()
         return {"wall": wall, "train": run["train_s"] - cap, "record": rec.seconds + cap, "capture": cap,
-                "recorder": rec.seconds, "nodes": len(rec.nodes), "trained": trained}
+                "recorder": rec.seconds, "nodes": len(rec.nodes)}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -162,9 +162,8 @@ def measure(index: int, quick: bool, repeat: int) -> dict:
     return out
 
 
-def _e2e(m: dict) -> str:
-    lo, hi = m["end_to_end_iqr"]
-    return f"{100 * m['end_to_end']:+.1f}% ({100 * lo:+.0f}..{100 * hi:+.0f})"
+def _end_to_end(m: dict) -> str:
+    return change_with_spread(m["end_to_end"], m["end_to_end_iqr"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,8 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         for k in ("default", "exact"):
             worst[k] = max(worst[k], r[k]["overhead"])
         row = (f"| {name} | {d['nodes']} | {r['none']['train']:.2f} | {d['record']:.3f} | {d['capture']:.3f} | "
-               f"{1000 * d['record'] / d['nodes']:.1f} | **{100 * d['overhead']:.1f}%** | {_e2e(d)} | "
-               f"{100 * e['overhead']:.1f}% | {_e2e(e)} |")
+               f"{1000 * d['record'] / d['nodes']:.1f} | **{100 * d['overhead']:.1f}%** | {_end_to_end(d)} | "
+               f"{100 * e['overhead']:.1f}% | {_end_to_end(e)} |")
         print(row, flush=True)
         lines.append(row)
     lines += [

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 # _bench_common: this script's own folder, benchmarks/ (first on sys.path when it runs)
-from _bench_common import cpu_model, usable_cores
+from _bench_common import change_with_spread, cpu_model, usable_cores
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
@@ -72,11 +72,6 @@ def _s(v: float | None) -> str:
     if v is None:
         return "-"
     return f"{1000 * v:.1f} ms" if v < 1 else f"{v:.2f} s"
-
-
-def _e2e(m: dict) -> str:
-    lo, hi = m["end_to_end_iqr"]
-    return f"{100 * m['end_to_end']:+.1f}%, {100 * lo:+.0f}..{100 * hi:+.0f}%"
 
 
 def _verdict(ok: bool | None) -> str:
@@ -154,14 +149,15 @@ def rows(res: dict) -> list[tuple[str, str, str, str, str, str]]:
         for lin in rec["lineages"]:
             name = lin["lineage"].split(" (")[0]
             d, e, n = lin["default"], lin["exact"], lin["none"]
+            d_e2e, e_e2e = (change_with_spread(m["end_to_end"], m["end_to_end_iqr"]) for m in (d, e))
             out.append((f"Recording / training, {lin['lineage']} (default settings: model FIMs captured from the last "
                         "training epoch, the capture counted as recording; in brackets, end to end: the recorded "
                         f"build's wall time / the unrecorded one's, median and quartiles of {rounds} round{'s' if rounds != 1 else ''})",
                         f"training {_s(d['train'])} (not recorded: {_s(n['train'])})",
-                        f"recording {_s(d['record'])} (capture {_s(d['capture'])}) (end to end {_e2e(d)})",
+                        f"recording {_s(d['record'])} (capture {_s(d['capture'])}) (end to end {d_e2e})",
                         _pct(d["overhead"]), "<= 5%", _verdict(d["overhead"] <= 0.05)))
             out.append((f"... {name} with the exact FIM pass (`exact_fim=True`: one extra forward pass per node)",
-                        f"training {_s(e['train'])}", f"recording {_s(e['record'])} (end to end {_e2e(e)})",
+                        f"training {_s(e['train'])}", f"recording {_s(e['record'])} (end to end {e_e2e})",
                         _pct(e["overhead"]), "-", "-"))
     for key in ("paper", "paper100"):
         p = res.get(key)
